@@ -1,0 +1,1 @@
+"""An example opsd plugin: the total-variation divergence."""

@@ -1,0 +1,61 @@
+"""The ``opsd`` command line (click).
+
+Owns: the top-level group, plugin-added commands, and turning framework errors into one
+clear line with a non-zero exit.
+Does not know: torch or model code at import time; commands import what they need when run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from opsd_core.errors import OpsdError
+
+
+class _OpsdGroup(click.Group):
+    """Adds plugin commands on first use and prints framework errors without a traceback."""
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from opsd_core.plugins import get_plugin_manager
+
+        get_plugin_manager().hook.register_commands(cli=self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OpsdError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=_OpsdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="opsd-core", prog_name="opsd")
+def cli() -> None:
+    """Cross-modal on-policy self-distillation (Visual-OPSD) for unified multimodal models.
+
+    Run `opsd run` for the embedded default, `opsd list backends` to see what is installed.
+    Set OPSD_LOAD_PLUGINS='' to start without external plugins (e.g. when one is broken).
+    """
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli.main(standalone_mode=True)
+    except OpsdError as error:  # raised while building the command list, before invoke
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(1)

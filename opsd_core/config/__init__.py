@@ -1,0 +1,46 @@
+"""Typed run configuration (pydantic v2, TOML). Importing this package never imports torch."""
+
+from opsd_core.config.base import PluginParams, Section
+from opsd_core.config.loader import (
+    apply_overrides,
+    load_config,
+    parse_override,
+    read_toml,
+    to_toml,
+    validate_config,
+)
+from opsd_core.config.model import PLUGIN_SECTIONS, RunConfig, config_model
+from opsd_core.config.sections import (
+    DiagnosticsSection,
+    EvalSection,
+    ExperimentSection,
+    OptimSection,
+    PluginSection,
+    RunSection,
+    SamplingSection,
+    ScheduleSection,
+    TrainSection,
+)
+
+__all__ = [
+    "PLUGIN_SECTIONS",
+    "DiagnosticsSection",
+    "EvalSection",
+    "ExperimentSection",
+    "OptimSection",
+    "PluginParams",
+    "PluginSection",
+    "RunConfig",
+    "RunSection",
+    "SamplingSection",
+    "ScheduleSection",
+    "Section",
+    "TrainSection",
+    "apply_overrides",
+    "config_model",
+    "load_config",
+    "parse_override",
+    "read_toml",
+    "to_toml",
+    "validate_config",
+]

@@ -1,0 +1,115 @@
+"""The complete run configuration model, with plugin sections typed by the registries.
+
+Owns: building the ``RunConfig`` class whose ``backend``, ``task``, ``divergence`` and
+``teacher`` sections are a discriminated union, keyed by ``name``, over the params models the
+loaded plugins registered.
+Does not know: torch or what any plugin does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, create_model
+
+from opsd_core.config.base import PluginParams, Section
+from opsd_core.config.sections import (
+    DiagnosticsSection,
+    EvalSection,
+    ExperimentSection,
+    OptimSection,
+    PluginSection,
+    RunSection,
+    SamplingSection,
+    ScheduleSection,
+    TrainSection,
+)
+
+if TYPE_CHECKING:
+    from opsd_core.plugins import Registries
+
+# Plugin sections of the run config: section name -> (registry kind, default entry name).
+PLUGIN_SECTIONS: dict[str, str] = {
+    "backend": "tiny-umm",
+    "task": "frozen-lake",
+    "divergence": "jsd",
+    "teacher": "ema",
+}
+
+
+class RunConfig(Section):
+    """Everything a run needs. Plugin sections select a registered entry by ``name``."""
+
+    plugin_names: ClassVar[dict[str, list[str]]] = {}
+
+    run: RunSection = Field(default_factory=RunSection, description="Run name, output and seed.")
+    backend: PluginSection = Field(
+        default_factory=lambda: PluginSection(name=PLUGIN_SECTIONS["backend"]),
+        description="The UMM backend and its params.",
+    )
+    task: PluginSection = Field(
+        default_factory=lambda: PluginSection(name=PLUGIN_SECTIONS["task"]),
+        description="The task (problems and scorer) and its params.",
+    )
+    divergence: PluginSection = Field(
+        default_factory=lambda: PluginSection(name=PLUGIN_SECTIONS["divergence"]),
+        description="The per-token divergence and its params.",
+    )
+    teacher: PluginSection = Field(
+        default_factory=lambda: PluginSection(name=PLUGIN_SECTIONS["teacher"]),
+        description="How the teacher follows the student (EMA, frozen).",
+    )
+    sampling: SamplingSection = Field(default_factory=SamplingSection, description="On-policy sampling.")
+    optim: OptimSection = Field(default_factory=OptimSection, description="Optimizer.")
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection, description="Learning-rate schedule.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Training loop.")
+    eval: EvalSection = Field(default_factory=EvalSection, description="Greedy evaluation.")
+    diagnostics: DiagnosticsSection = Field(default_factory=DiagnosticsSection, description="KL diagnostic.")
+    experiment: ExperimentSection = Field(
+        default_factory=ExperimentSection, description="Phases of `opsd run`: OPSD and the controls."
+    )
+
+
+def _section_class_name(section: str, entry_name: str) -> str:
+    words = re.split(r"[-_]", entry_name) + [section]
+    return "".join(word.capitalize() for word in words)
+
+
+def _name_of(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("name")
+    return getattr(value, "name", None)
+
+
+def _plugin_union(section: str, registries: Registries) -> Any:
+    members = []
+    for entry in registries.of(section):
+        params = entry.params or PluginParams
+        model = create_model(
+            _section_class_name(section, entry.name),
+            __base__=params,
+            __doc__=f"The {section} {entry.name!r} ({entry.plugin}). {params.__doc__ or ''}".strip(),
+            name=(Literal[entry.name], Field(description=f"Selects the {section} {entry.name!r}.")),
+        )
+        members.append(Annotated[model, Tag(entry.name)])
+    if not members:
+        return PluginSection
+    return Annotated[Union[tuple(members)], Discriminator(_name_of)]
+
+
+def config_model(registries: Registries) -> type[RunConfig]:
+    """``RunConfig`` with each plugin section validated by the registered params models."""
+    fields: dict[str, Any] = {}
+    for section, default_name in PLUGIN_SECTIONS.items():
+        fields[section] = (
+            _plugin_union(section, registries),
+            Field(
+                default={"name": default_name},
+                validate_default=True,
+                description=RunConfig.model_fields[section].description,
+            ),
+        )
+    model = create_model("RunConfig", __base__=RunConfig, **fields)
+    model.plugin_names = {section: registries.of(section).names() for section in PLUGIN_SECTIONS}
+    return model

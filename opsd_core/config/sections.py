@@ -1,0 +1,134 @@
+"""The run configuration's fixed sections (plugin sections are added in ``model.py``).
+
+Owns: every training, sampling and output setting, with its default, constraint and
+description. Defaults are the paper's recipe (DESIGN.md section 5) except where a field says
+otherwise; the shipped example configs override them for the embedded default.
+Does not know: torch, plugins, or how the values are used.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from opsd_core.config.base import Section
+
+
+class RunSection(Section):
+    """Where a run writes and how it is seeded."""
+
+    name: str = Field("opsd-run", description="Run name; the run directory is output_dir/name.", min_length=1)
+    output_dir: str = Field("runs", description="Parent directory of run directories.")
+    seed: int = Field(0, description="Seed of the problem stream, sampling and noise.", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device to run on; 'auto' picks CUDA when available."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Autocast precision of forwards; master weights stay fp32."
+    )
+    threads: int | None = Field(
+        None, description="CPU threads for torch (None leaves torch's default).", ge=1
+    )
+
+
+class PluginSection(Section):
+    """A section that selects a registered plugin by ``name``; its other keys are that
+    plugin's params, validated by the params model the plugin registered."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="Registered name of the plugin entry (see `opsd list`).")
+
+
+class SamplingSection(Section):
+    """On-policy sampling of student completions."""
+
+    temperature: float = Field(1.0, description="Sampling temperature of on-policy completions.", gt=0)
+    max_completion_tokens: int = Field(
+        1024, description="Most tokens in one completion (injected image-skip tokens count).", ge=1
+    )
+    max_forward_tokens: int = Field(
+        10240,
+        description="Most positions in one teacher forward; longer completions are cut to fit, "
+        "and the student uses the same cut.",
+        ge=2,
+    )
+    max_image_skips: int = Field(
+        1, description="Rounds that may be continued after the model asks for an image.", ge=0
+    )
+
+
+class OptimSection(Section):
+    """AdamW and gradient clipping."""
+
+    lr: float = Field(1e-5, description="Peak learning rate.", gt=0)
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-15, description="AdamW epsilon.", gt=0)
+    weight_decay: float = Field(0.0, description="AdamW decoupled weight decay.", ge=0)
+    grad_clip: float | None = Field(1.0, description="Max global gradient norm (None: no clipping).", gt=0)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimSection:
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class ScheduleSection(Section):
+    """Learning-rate schedule: linear warm-up, then cosine decay to ``min_lr``."""
+
+    warmup_steps: int = Field(200, description="Optimizer steps of linear warm-up from 0.", ge=0)
+    total_steps: int = Field(1000, description="Optimizer steps of the whole run.", ge=1)
+    min_lr: float = Field(1e-7, description="Learning rate at the end of the cosine decay.", ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> ScheduleSection:
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must not exceed total_steps ({self.total_steps})"
+            )
+        return self
+
+
+class TrainSection(Section):
+    """The optimisation loop."""
+
+    samples_per_step: int = Field(
+        1, description="Problems per micro-batch (one completion each).", ge=1
+    )
+    grad_accum: int = Field(2, description="Micro-batches per optimizer step.", ge=1)
+    noise_vt: bool = Field(
+        False, description="Noise control: replace the teacher's VT pixels by N(0, 1) noise, fresh each step."
+    )
+    sft: bool = Field(
+        False, description="SFT control: cross-entropy on reference answers in the student context instead of OPSD."
+    )
+    checkpoint_every: int = Field(500, description="Optimizer steps between checkpoints (0: only the last).", ge=0)
+    keep_checkpoints: int = Field(2, description="Newest checkpoints to keep; older ones are deleted.", ge=1)
+    log_every: int = Field(10, description="Optimizer steps between metric lines.", ge=1)
+
+
+class EvalSection(Section):
+    """Greedy evaluation of the student, teacher and noise-VT contexts."""
+
+    limit: int | None = Field(None, description="Evaluate on the task's first `limit` problems (None: all).", ge=1)
+    batch_size: int = Field(64, description="Problems decoded together.", ge=1)
+    max_completion_tokens: int | None = Field(
+        None, description="Completion cap at evaluation (None: sampling.max_completion_tokens).", ge=1
+    )
+
+
+class DiagnosticsSection(Section):
+    """The KL diagnostic of the paper's Eq. 4 and gap closure (Eq. 9)."""
+
+    kl_samples: int = Field(256, description="On-policy student samples the KL is averaged over.", ge=1)
+    batch_size: int = Field(64, description="Samples scored together.", ge=1)
+    seed: int = Field(0, description="Seed of the diagnostic's problems, samples and noise.", ge=0)
+
+
+class ExperimentSection(Section):
+    """What `opsd run` does after the KL diagnostic: OPSD, then the controls, from the same start."""
+
+    noise_control: bool = Field(True, description="Also train the Gaussian-noise-VT control and evaluate it.")
+    sft_control: bool = Field(False, description="Also train the SFT control on reference answers and evaluate it.")

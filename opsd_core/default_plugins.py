@@ -1,0 +1,58 @@
+"""The built-in components, registered through the same hooks as any plugin.
+
+Owns: the names of the built-ins. Everything heavy is named as a lazy ``"module:attr"``
+string so that listing names imports no torch.
+"""
+
+from __future__ import annotations
+
+from opsd_core.divergences.params import JsdParams, KlParams
+from opsd_core.hookspecs import hookimpl
+from opsd_core.teachers.params import EmaParams, FrozenParams
+
+
+@hookimpl
+def register_divergences(registry):
+    registry.add(
+        "jsd",
+        "opsd_core.divergences.classes:JsdDivergence",
+        JsdParams,
+        description="Generalized JSD_beta over the teacher's top-K, with clipping (the paper's loss).",
+    )
+    registry.add(
+        "kl",
+        "opsd_core.divergences.classes:ForwardKlDivergence",
+        KlParams,
+        description="Forward KL(teacher || student).",
+    )
+    registry.add(
+        "reverse-kl",
+        "opsd_core.divergences.classes:ReverseKlDivergence",
+        KlParams,
+        description="Reverse KL(student || teacher).",
+    )
+
+
+@hookimpl
+def register_teacher_updates(registry):
+    registry.add(
+        "ema",
+        "opsd_core.teachers.ema:EmaTeacher",
+        EmaParams,
+        description="EMA of the student, updated after every optimizer step (paper: decay 0.995).",
+    )
+    registry.add(
+        "frozen",
+        "opsd_core.teachers.frozen:FrozenTeacher",
+        FrozenParams,
+        description="The starting weights, never updated.",
+    )
+
+
+@hookimpl
+def register_commands(cli):
+    from opsd_core.cli.builtin import add_builtin_commands
+    from opsd_core.cli.run import add_run_commands
+
+    add_builtin_commands(cli)
+    add_run_commands(cli)

@@ -1,0 +1,152 @@
+"""The run report: a results table (markdown and terminal) and PNG plots.
+
+Owns: turning ``results.json`` and ``metrics.jsonl`` into ``report.md``, ``accuracy.png``,
+``loss.png`` and ``kl.png``.
+Does not know: how the figures were produced.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PHASE_TITLES = {"opsd": "Visual-OPSD", "noise": "Noise-VT control", "sft": "SFT control"}
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def results_table(results: dict[str, Any]) -> list[list[str]]:
+    """Rows of the results table: header first."""
+    start = results["start"]
+    before = start["eval"]["student"]["accuracy"]
+    rows = [["phase", "student acc before", "student acc after", "gain (points)", "teacher-ctx acc", "EMA-teacher acc",
+             "KL(T||S) before", "KL to start teacher after", "gap closure", "train s", "eval s"]]
+    rows.append([
+        "start checkpoint", _percent(before), "-", "-", _percent(start["eval"]["teacher"]["accuracy"]), "-",
+        f"{start['kl']:.3f}", "-", "-", "-", f"{start['wall_s']:.0f}",
+    ])
+    for phase, title in PHASE_TITLES.items():
+        record = results.get(phase)
+        if record is None:
+            continue
+        after = record["eval"]["student"]["accuracy"]
+        rows.append([
+            title,
+            _percent(before),
+            _percent(after),
+            f"{100 * (after - before):+.1f}",
+            _percent(record["eval"]["teacher"]["accuracy"]),
+            _percent(record["teacher_eval"]["teacher"]["accuracy"]),
+            f"{start['kl']:.3f}",
+            f"{record['kl_t0']:.3f}",
+            f"{100 * record['gap_closure']:.1f}%" if "gap_closure" in record else "-",
+            f"{record['train_s']:.0f}",
+            f"{record['eval_s']:.0f}",
+        ])
+    return rows
+
+
+def format_markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def format_terminal(rows: list[list[str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_plots(directory: Path, results: dict[str, Any]) -> list[str]:
+    """Accuracy bars, loss curves and KL bars as PNG files; returns their names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    start = results["start"]
+    phases = [phase for phase in PHASE_TITLES if phase in results]
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    labels = ["start (student ctx)", "start (teacher ctx)"] + [f"{PHASE_TITLES[p]}\n(student ctx)" for p in phases]
+    values = [start["eval"]["student"]["accuracy"], start["eval"]["teacher"]["accuracy"]]
+    values += [results[p]["eval"]["student"]["accuracy"] for p in phases]
+    bars = axis.bar(range(len(values)), [100 * v for v in values], color=["#888", "#446"] + ["#c63", "#39c", "#6a4"][: len(phases)])
+    axis.bar_label(bars, fmt="%.1f")
+    axis.set_xticks(range(len(values)), labels, fontsize=8)
+    axis.set_ylabel("greedy accuracy (%)")
+    axis.set_ylim(0, 105)
+    axis.set_title("Accuracy before and after training")
+    figure.tight_layout()
+    figure.savefig(directory / "accuracy.png", dpi=110)
+    plt.close(figure)
+    written.append("accuracy.png")
+
+    metrics = _read_metrics(directory / "metrics.jsonl")
+    if metrics:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for phase in phases:
+            points = [(m["step"], m["loss"]) for m in metrics if m.get("phase") == phase]
+            if points:
+                axis.plot(*zip(*points), label=PHASE_TITLES[phase])
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("training loss")
+        axis.set_title("Training loss")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(directory / "loss.png", dpi=110)
+        plt.close(figure)
+        written.append("loss.png")
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    labels = ["start: KL(T||S)", "start: KL(noise-T||S)"] + [f"{PHASE_TITLES[p]}:\nKL(T0||S) after" for p in phases]
+    values = [start["kl"], start["kl_noise"]] + [results[p]["kl_t0"] for p in phases]
+    bars = axis.bar(range(len(values)), values, color=["#446", "#888"] + ["#c63", "#39c", "#6a4"][: len(phases)])
+    axis.bar_label(bars, fmt="%.3f")
+    axis.set_xticks(range(len(values)), labels, fontsize=8)
+    axis.set_ylabel("nats per completion token")
+    axis.set_title("KL gap before and after")
+    figure.tight_layout()
+    figure.savefig(directory / "kl.png", dpi=110)
+    plt.close(figure)
+    written.append("kl.png")
+    return written
+
+
+def write_report(directory: Path, results: dict[str, Any], config: Any) -> Path:
+    """Write ``report.md`` and the plots; returns the report's path."""
+    rows = results_table(results)
+    plots = write_plots(directory, results)
+    start = results["start"]["eval"]
+    lines = [
+        f"# Visual-OPSD run `{config.run.name}`",
+        "",
+        f"Backend `{config.backend.name}`, task `{config.task.name}`, divergence `{config.divergence.name}`, "
+        f"teacher `{config.teacher.name}`; {config.schedule.total_steps} optimizer steps per phase; "
+        f"{start['student']['count']} evaluation problems, greedy decoding.",
+        "",
+        format_markdown(rows),
+        "",
+        f"Start checkpoint, noise-VT context accuracy: {_percent(start['noise']['accuracy'])}%; "
+        f"KL(noise-VT teacher || student): {results['start']['kl_noise']:.3f} nats/token.",
+        f"Total wall time: {results.get('total_wall_s', 0.0):.0f} s.",
+        "",
+        "KL values are nats per completion row, on position-aligned rows of on-policy student samples "
+        "(paper Eq. 4); gap closure is 1 - KL(start teacher || trained student) / KL(start teacher || start "
+        "student) (Eq. 9).",
+        "",
+    ]
+    lines += [f"![{name}]({name})" for name in plots]
+    path = directory / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

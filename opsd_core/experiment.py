@@ -1,0 +1,188 @@
+"""The whole method as one experiment: what `opsd run` does.
+
+Owns: the phases and their order (KL diagnostic and evaluation of the start checkpoint ->
+OPSD -> evaluation -> noise control from the same start -> evaluation -> optional SFT
+control), the run directory (resolved ``config.toml``, ``metrics.jsonl``, ``results.json``,
+``report.md``, plots), and resuming an interrupted run phase by phase.
+Does not know: any model family; it uses the roles and the trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_core.components import Components, build_components
+from opsd_core.config import RunConfig, to_toml
+from opsd_core.diagnostics.kl import gap_closure, kl_gap
+from opsd_core.errors import ConfigError
+from opsd_core.evaluation import evaluate
+from opsd_core.trainer.trainer import Mode, Trainer, resolve_device
+
+RESULTS = "results.json"
+CONFIG = "config.toml"
+
+
+def run_directory(config: RunConfig) -> Path:
+    return Path(config.run.output_dir) / config.run.name
+
+
+def prepare_run_directory(config: RunConfig, resume: bool) -> Path:
+    """Create the run directory and write the resolved config; refuse to overwrite a
+    different run's directory unless resuming it."""
+    directory = run_directory(config)
+    config_path = directory / CONFIG
+    if config_path.exists() and not resume:
+        raise ConfigError(
+            f"run.name: {str(directory)!r} already holds a run (got {config.run.name!r}); resume it with "
+            f"`opsd run --resume {directory}` or choose another run.name"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    if not config_path.exists():
+        temporary = config_path.with_suffix(".tmp")
+        temporary.write_text(to_toml(config))
+        os.replace(temporary, config_path)
+    return directory
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def phases(config: RunConfig) -> list[Mode]:
+    """The training phases ``opsd run`` performs, in order."""
+    modes = [Mode("opsd")]
+    if config.experiment.noise_control:
+        modes.append(Mode("noise", noise_vt=True))
+    if config.experiment.sft_control:
+        modes.append(Mode("sft", sft=True))
+    return modes
+
+
+class Experiment:
+    """One run of the method from a start checkpoint; every phase result is saved as soon as
+    it exists, so an interrupted run resumes where it stopped."""
+
+    def __init__(self, config: RunConfig, directory: Path, echo: Callable[[str], None] = print, progress: bool = True):
+        self.config, self.directory, self.echo, self.progress = config, directory, echo, progress
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
+        self.device = resolve_device(config.run.device)
+        self.components: Components = build_components(config)
+        self.backend = self.components.backend
+        self.start = self.backend.build_model().to(self.device)
+        self.start.requires_grad_(False)
+        self.eval_problems = list(self.components.task.eval_problems(config.eval.limit))
+        self.results_path = directory / RESULTS
+        self.results: dict[str, Any] = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+
+    def _save(self) -> None:
+        _write_json_atomic(self.results_path, self.results)
+
+    def _max_tokens(self) -> int:
+        return self.config.eval.max_completion_tokens or self.config.sampling.max_completion_tokens
+
+    def evaluate(self, model: torch.nn.Module, modes: tuple[str, ...]) -> dict[str, dict]:
+        results = evaluate(
+            self.backend,
+            model,
+            self.components.task,
+            self.eval_problems,
+            modes=modes,
+            batch_size=self.config.eval.batch_size,
+            max_tokens=self._max_tokens(),
+            seed=self.config.run.seed,
+        )
+        return {mode: result.summary() for mode, result in results.items()}
+
+    def kl(self, sampler: torch.nn.Module, teacher: torch.nn.Module, student: torch.nn.Module, noise: bool = False) -> float:
+        diagnostics = self.config.diagnostics
+        count = diagnostics.kl_samples
+        problems = (self.eval_problems * (count // max(len(self.eval_problems), 1) + 1))[:count]
+        return kl_gap(
+            self.backend,
+            sampler,
+            teacher,
+            student,
+            problems,
+            noise=noise,
+            batch_size=diagnostics.batch_size,
+            max_tokens=self.config.sampling.max_completion_tokens,
+            temperature=self.config.sampling.temperature,
+            seed=diagnostics.seed,
+        )
+
+    def diagnose_start(self) -> dict[str, Any]:
+        """KL diagnostic and three-context evaluation of the start checkpoint."""
+        if "start" in self.results:
+            return self.results["start"]
+        self.echo("Diagnosing the start checkpoint: KL(teacher || student) and greedy accuracy...")
+        started = time.perf_counter()
+        start = self.start
+        record = {
+            "kl": self.kl(start, start, start),
+            "kl_noise": self.kl(start, start, start, noise=True),
+            "eval": self.evaluate(start, ("student", "teacher", "noise")),
+        }
+        record["wall_s"] = time.perf_counter() - started
+        self.results["start"] = record
+        self._save()
+        return record
+
+    def train_phase(self, mode: Mode) -> dict[str, Any]:
+        """Train ``mode`` from the start checkpoint, then evaluate it."""
+        if mode.name in self.results:
+            return self.results[mode.name]
+        self.echo(f"Phase {mode.name!r}: training {self.config.schedule.total_steps} steps from the start checkpoint...")
+        student = copy.deepcopy(self.start).requires_grad_(True)
+        components = self.components
+        trainer = Trainer(
+            self.config,
+            self.backend,
+            components.task,
+            components.divergence,
+            components.teacher_update,
+            student,
+            self.directory / mode.name,
+            self.directory / "metrics.jsonl",
+            mode,
+        )
+        started = time.perf_counter()
+        trainer.fit(progress=self.progress)
+        train_s = time.perf_counter() - started
+        started = time.perf_counter()
+        record = {
+            "eval": self.evaluate(student, ("student", "teacher")),
+            "teacher_eval": self.evaluate(trainer.teacher, ("teacher",)),
+            "kl_t0": self.kl(student, self.start, student),
+            "kl": self.kl(student, student, student),
+            "train_s": train_s,
+        }
+        record["eval_s"] = time.perf_counter() - started
+        self.results[mode.name] = record
+        self._save()
+        del trainer, student
+        return record
+
+    def run(self) -> dict[str, Any]:
+        """All phases, then the report; returns the results."""
+        from opsd_core.diagnostics.report import write_report
+
+        started = time.perf_counter()
+        start = self.diagnose_start()
+        for mode in phases(self.config):
+            record = self.train_phase(mode)
+            record["gap_closure"] = gap_closure(start["kl"], record["kl_t0"])
+        self.results["total_wall_s"] = self.results.get("total_wall_s", 0.0) + time.perf_counter() - started
+        self._save()
+        write_report(self.directory, self.results, self.config)
+        return self.results

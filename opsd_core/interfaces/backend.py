@@ -1,0 +1,122 @@
+"""The Backend role: one unified multimodal model family.
+
+Owns: turning contexts (text and image segments) into model inputs, the logits at completion
+rows, incremental KV-cached decoding, visual-thought generation, parallelisation and the
+on-disk weight layout.
+Does not know: losses, teachers, optimizers or sampling policy. The same backend serves the
+student and the teacher: every model-running method takes the ``model`` to run, so the
+teacher is simply another module built by :meth:`Backend.build_model` or a copy of the student.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opsd_core.errors import CapabilityError
+
+if TYPE_CHECKING:
+    import torch
+
+    from opsd_core.interfaces.context import PrivilegedContextBuilder
+    from opsd_core.types import CompletionBatch, CompletionLogits, Context, Image, Problem, Vocabulary
+
+
+class DecodeState(ABC):
+    """A backend's incremental decoding state for a batch (KV cache, positions, ...).
+
+    Attributes read by the sampler:
+        logits: float (B, V), the next-token logits after the last step.
+    """
+
+    logits: torch.Tensor
+
+
+class Backend(ABC):
+    """One UMM family behind the interface the trainer, sampler and evaluator use."""
+
+    @property
+    @abstractmethod
+    def vocabulary(self) -> Vocabulary:
+        """Vocabulary size, EOS/pad ids and named special tokens."""
+
+    @abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """The model with its initial weights (loaded from the configured local path)."""
+
+    def context_builder(self) -> PrivilegedContextBuilder:
+        """The student/teacher context builder with this model family's prompt texts."""
+        raise CapabilityError(f"{type(self).__name__} defines no context builder")
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids``; ids with no token string are skipped."""
+
+    @abstractmethod
+    def preprocess_image(self, image: Image) -> torch.Tensor:
+        """float32 (3, H, W): ``image`` in the model's normalised pixel space."""
+
+    @abstractmethod
+    def context_length(self, context: Context) -> int:
+        """Number of positions ``context`` occupies, including the completion-opening tokens."""
+
+    @abstractmethod
+    def completion_logits(
+        self, model: torch.nn.Module, contexts: Sequence[Context], completions: CompletionBatch
+    ) -> CompletionLogits:
+        """Logits at the N + 1 completion rows of each context followed by its completion.
+
+        Row i predicts completion token i; row N (the completion's length) predicts EOS.
+        Gradients flow when called with grad enabled; the caller decides.
+        """
+
+    @abstractmethod
+    def start_decoding(
+        self, model: torch.nn.Module, contexts: Sequence[Context], max_new_tokens: int
+    ) -> DecodeState:
+        """Prefill the contexts (and completion-opening tokens) into a fresh cache.
+
+        The state has room for ``max_new_tokens`` more tokens per row and its ``logits``
+        predict the first completion token.
+        """
+
+    @abstractmethod
+    def decode_step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Append int64 (B,) ``tokens`` to the cache; return float (B, V) next-token logits.
+
+        Rows the sampler has finished still receive a (pad) token; their logits are ignored.
+        """
+
+    def image_skip_tokens(self, completion: Sequence[int]) -> list[int] | None:
+        """Tokens to inject when a round ended by EOS while asking for an image.
+
+        The paper's sampler: a round whose text contains ``<image_start>`` gets its EOS
+        replaced by ``<|im_end|>`` and a fresh ``<|im_start|>``, and sampling continues. Return
+        the injected tokens (they are fed, not trained on), or None to let the EOS stand.
+        ``completion`` is the round's tokens so far, without the EOS.
+        """
+        return None
+
+    def generate_visual_thought(
+        self, model: torch.nn.Module, problems: Sequence[Problem], generator: torch.Generator | None = None
+    ) -> list[Image]:
+        """Draw one visual thought per problem with the model's own image generator."""
+        raise CapabilityError(f"{type(self).__name__} cannot generate images; use a task with stored VTs")
+
+    def parallelize(self, model: torch.nn.Module, mesh: Any, config: Any) -> torch.nn.Module:
+        """Shard ``model`` over ``mesh`` (FSDP2); single-device backends need not override."""
+        raise CapabilityError(f"{type(self).__name__} does not support multi-device training")
+
+    @abstractmethod
+    def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:
+        """Write ``model`` as a self-contained checkpoint directory (weights, config, tokenizer)."""
+
+    @abstractmethod
+    def load_weights(self, model: torch.nn.Module, directory: Path) -> None:
+        """Load weights written by :meth:`save_pretrained` (or the official layout) into ``model``."""

@@ -1,0 +1,5 @@
+"""Batched on-policy sampling, written only against the Backend interface."""
+
+from opsd_core.sampling.sampler import BatchedSampler, choose_tokens
+
+__all__ = ["BatchedSampler", "choose_tokens"]

@@ -1,0 +1,1 @@
+"""The OPSD training loop, checkpoints and the step-loss reduction."""

@@ -1,0 +1,142 @@
+"""Atomic, verifiable training checkpoints.
+
+Owns: the checkpoint directory layout (``step-NNNNNNN/`` with ``student/`` and ``teacher/``
+written by the backend, ``trainer_state.pt`` and ``manifest.json``), writing it through a
+temporary directory and a rename so a crash never leaves a half-written checkpoint under its
+final name, and verifying every file's size and SHA-256 before anything is loaded.
+Does not know: what the trainer state means; the backend writes and reads the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_core.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d{7})$")
+_FORMAT = 1
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    write_weights: Callable[[Path], None],
+    trainer_state: dict[str, Any],
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint ``step`` atomically and return its directory.
+
+    Args:
+        checkpoints_dir: parent of the ``step-NNNNNNN`` directories.
+        step: number of optimizer steps taken.
+        write_weights: writes the model files (e.g. ``student/``, ``teacher/``) into the
+            directory it is given.
+        trainer_state: tensors and plain Python values only (loaded back with
+            ``weights_only=True``).
+        keep: if set, delete all but the newest ``keep`` complete checkpoints afterwards.
+    """
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / step_dir_name(step)
+    temporary = checkpoints_dir / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    try:
+        write_weights(temporary)
+        torch.save(trainer_state, temporary / TRAINER_STATE)
+        files = {
+            str(path.relative_to(temporary)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            for path in sorted(temporary.rglob("*"))
+            if path.is_file()
+        }
+        manifest = {"format": _FORMAT, "step": step, "files": files}
+        (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_tree(temporary)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old in list_checkpoints(checkpoints_dir)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Checkpoint directories under ``checkpoints_dir`` by step (temporary ones excluded)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [path for path in checkpoints_dir.iterdir() if path.is_dir() and _STEP_DIR.match(path.name)]
+    return sorted(found, key=lambda path: int(_STEP_DIR.match(path.name).group(1)))
+
+
+def verify_checkpoint(directory: Path) -> dict[str, Any]:
+    """The manifest of ``directory`` after checking every file; CheckpointError otherwise."""
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {str(directory)!r} does not exist")
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} has no {MANIFEST}: it is partial (interrupted while "
+            "being written) or not a checkpoint"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {str(directory)!r}: unreadable {MANIFEST} ({error})") from None
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(directory)!r} is missing {name}")
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {str(directory)!r}: {name} is corrupt (checksum mismatch)")
+    return manifest
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    """The verified trainer state of a checkpoint (tensors and plain values, no pickled code)."""
+    verify_checkpoint(directory)
+    return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None. A newest one that fails verification is an
+    error, never skipped silently."""
+    checkpoints = list_checkpoints(checkpoints_dir)
+    if not checkpoints:
+        return None
+    verify_checkpoint(checkpoints[-1])
+    return checkpoints[-1]

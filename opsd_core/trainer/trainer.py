@@ -1,0 +1,329 @@
+"""The Visual-OPSD training loop.
+
+Owns: one optimizer step, read top to bottom: sample on-policy in the student context ->
+teacher forward in the privileged context under no_grad -> student forward -> divergence ->
+backward; then clipping, AdamW, the schedule and the teacher update. Also the noise and SFT
+controls (flags of the same loop), metrics lines and resumable checkpoints.
+Does not know: any model, task or divergence; everything goes through the role interfaces.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_core.config import RunConfig
+from opsd_core.diagnostics.noise import with_noise_visual_thought
+from opsd_core.divergences import kl_divergence
+from opsd_core.errors import ConfigError
+from opsd_core.interfaces import Backend, Divergence, Task, TeacherUpdate
+from opsd_core.sampling import BatchedSampler
+from opsd_core.trainer import checkpoint
+from opsd_core.trainer.loss import micro_batch_loss, token_cross_entropy
+from opsd_core.trainer.schedule import build_scheduler
+from opsd_core.types import CompletionBatch, CompletionLogits, Context, Problem
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a training phase optimises.
+
+    Attributes:
+        name: the phase name in metrics and directories (``opsd``, ``noise``, ``sft``).
+        noise_vt: the teacher sees N(0, 1) noise instead of the visual thought.
+        sft: cross-entropy on reference answers instead of distillation.
+    """
+
+    name: str
+    noise_vt: bool = False
+    sft: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device: 'cuda' requested but no CUDA device is available (got 'cuda')")
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains ``student`` with OPSD (or a control) and writes metrics and checkpoints.
+
+    Args:
+        config: the resolved run config.
+        backend, task, divergence, teacher_update: the roles.
+        student: the model to train (its weights are updated in place).
+        phase_dir: where this phase writes ``checkpoints/``.
+        metrics_path: the run's ``metrics.jsonl`` (shared by phases; lines carry the phase).
+        mode: OPSD, or the noise or SFT control.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        backend: Backend,
+        task: Task,
+        divergence: Divergence,
+        teacher_update: TeacherUpdate,
+        student: torch.nn.Module,
+        phase_dir: Path,
+        metrics_path: Path,
+        mode: Mode = Mode("opsd"),
+    ):
+        self.config, self.backend, self.task = config, backend, task
+        self.divergence, self.teacher_update, self.mode = divergence, teacher_update, mode
+        self.student = student
+        self.teacher = teacher_update.create(student)
+        self.device = next(student.parameters()).device
+        self.builder = backend.context_builder()
+        sampling = config.sampling
+        self.sampler = BatchedSampler(
+            backend, sampling.temperature, sampling.max_completion_tokens, sampling.max_image_skips
+        )
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(
+            [p for p in student.parameters() if p.requires_grad],
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        schedule = config.schedule
+        self.scheduler = build_scheduler(
+            self.optimizer, schedule.warmup_steps, schedule.total_steps, optim.lr, schedule.min_lr
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed)
+        self.checkpoints_dir = phase_dir / "checkpoints"
+        self.metrics_path = metrics_path
+        self.step = 0
+        self.position = 0
+        self._problems: Iterator[Problem] | None = None
+        self._autocast = config.run.precision == "bf16"
+
+    # ----------------------------------------------------------------- one optimizer step
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        train = self.config.train
+        samples_per_step = train.samples_per_step * train.grad_accum
+        timings = {"sample_s": 0.0, "teacher_s": 0.0, "student_s": 0.0}
+        loss_total, kl_total, tokens, finished = 0.0, 0.0, 0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for _ in range(train.grad_accum):
+            problems = self._next_problems(train.samples_per_step)
+            pairs = [self.builder.build(problem) for problem in problems]
+            students = [pair.student for pair in pairs]
+            if self.mode.sft:
+                started = time.perf_counter()
+                loss = self._sft_loss(students, problems, samples_per_step)
+                timings["student_s"] += time.perf_counter() - started
+            else:
+                teachers = [self._teacher_context(pair.teacher) for pair in pairs]
+
+                started = time.perf_counter()
+                self.student.eval()
+                completions = self.sampler.sample(self.student, students, self.generator)
+                completions = self._fit_forward_cap(teachers, completions)
+                self.student.train()
+                timings["sample_s"] += time.perf_counter() - started
+
+                started = time.perf_counter()
+                with torch.no_grad(), self._precision():
+                    teacher_rows = self.backend.completion_logits(self.teacher, teachers, completions)
+                timings["teacher_s"] += time.perf_counter() - started
+
+                started = time.perf_counter()
+                with self._precision():
+                    student_rows = self.backend.completion_logits(self.student, students, completions)
+                per_row = self.divergence.per_token(student_rows.logits, teacher_rows.logits, student_rows.mask)
+                loss = micro_batch_loss(per_row, student_rows.mask, samples_per_step)
+                timings["student_s"] += time.perf_counter() - started
+                kl_total += self._kl_share(student_rows, teacher_rows, samples_per_step)
+                tokens += int(completions.lengths.sum())
+                finished += int(completions.finished.sum())
+            started = time.perf_counter()
+            loss.backward()
+            timings["student_s"] += time.perf_counter() - started
+            loss_total += float(loss.detach())
+
+        grad_norm = self._clip_gradients()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.teacher_update.update(self.teacher, self.student)
+        self.step += 1
+        metrics = {"loss": loss_total, "grad_norm": grad_norm, "lr": lr}
+        if not self.mode.sft:
+            metrics["kl"] = kl_total
+            metrics["completion_tokens"] = tokens / samples_per_step
+            metrics["finished"] = finished / samples_per_step
+        return metrics | timings
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self, progress: bool = True) -> None:
+        """Train to ``schedule.total_steps``, resuming from this phase's last checkpoint."""
+        from tqdm.auto import tqdm
+
+        self.resume()
+        total = self.config.schedule.total_steps
+        bar = tqdm(total=total, initial=self.step, desc=self.mode.name, disable=not progress, dynamic_ncols=True)
+        with bar:
+            while self.step < total:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                metrics["step_s"] = time.perf_counter() - started
+                self._log(metrics)
+                bar.update(1)
+                shown = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
+                if "kl" in metrics:
+                    shown["kl"] = f"{metrics['kl']:.3f}"
+                bar.set_postfix(shown)
+                every = self.config.train.checkpoint_every
+                if self.step == total or (every and self.step % every == 0):
+                    self.save()
+
+    # ----------------------------------------------------------------- pieces of a step
+    def _next_problems(self, count: int) -> list[Problem]:
+        if self._problems is None:
+            self._problems = self.task.train_problems(self.config.run.seed, start=self.position)
+        problems = [next(self._problems) for _ in range(count)]
+        self.position += count
+        return problems
+
+    def _teacher_context(self, context: Context) -> Context:
+        if self.mode.noise_vt:
+            return with_noise_visual_thought(context, self.backend, self.generator)
+        return context
+
+    def _fit_forward_cap(self, teachers: Sequence[Context], completions: CompletionBatch) -> CompletionBatch:
+        """Cut completions so each teacher sequence (context + completion + close) fits
+        ``max_forward_tokens``; the student scores the same cut completion."""
+        cap = self.config.sampling.max_forward_tokens
+        room = []
+        for context in teachers:
+            length = self.backend.context_length(context)
+            if length + 2 > cap:
+                raise ConfigError(
+                    f"sampling.max_forward_tokens: a teacher context is {length} positions long, so no "
+                    f"completion fits in {cap} (got {cap}); raise it above {length + 1}"
+                )
+            room.append(cap - length - 1)
+        limits = torch.tensor(room, dtype=torch.long, device=completions.lengths.device)
+        if bool((completions.lengths <= limits).all()):
+            return completions
+        return completions.truncated(limits, self.backend.vocabulary.pad_id)
+
+    def _sft_loss(self, students: Sequence[Context], problems: Sequence[Problem], samples_per_step: int) -> torch.Tensor:
+        """The SFT control: cross-entropy on each problem's reference answer + EOS."""
+        vocabulary = self.backend.vocabulary
+        answers = []
+        for problem in problems:
+            if problem.reference_answer is None:
+                raise ConfigError(f"train.sft: problem {problem.id!r} has no reference answer (got sft = true)")
+            answers.append(self.backend.encode(problem.reference_answer)[: self.config.sampling.max_completion_tokens])
+        width = max(len(answer) for answer in answers)
+        tokens = torch.full((len(answers), width), vocabulary.pad_id, dtype=torch.long, device=self.device)
+        for row, answer in enumerate(answers):
+            tokens[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+        lengths = torch.tensor([len(a) for a in answers], dtype=torch.long, device=self.device)
+        valid = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, N)
+        batch = CompletionBatch(tokens, lengths, valid, torch.ones_like(lengths, dtype=torch.bool))
+        with self._precision():
+            rows = self.backend.completion_logits(self.student, students, batch)
+        targets = torch.cat([tokens, torch.full_like(tokens[:, :1], vocabulary.pad_id)], dim=1)  # (B, N+1)
+        targets.scatter_(1, lengths.unsqueeze(1), vocabulary.eos_id)
+        per_row = token_cross_entropy(rows.logits, targets)
+        return micro_batch_loss(per_row, rows.mask, samples_per_step)
+
+    @staticmethod
+    @torch.no_grad()
+    def _kl_share(student_rows: CompletionLogits, teacher_rows: CompletionLogits, samples_per_step: int) -> float:
+        """This micro-batch's share of the step's mean KL(teacher || student) (a diagnostic)."""
+        per_row = kl_divergence(student_rows.logits, teacher_rows.logits, mask=student_rows.mask, reduction="none")
+        return float(micro_batch_loss(per_row, student_rows.mask, samples_per_step))
+
+    def _clip_gradients(self) -> float:
+        parameters = [p for p in self.student.parameters() if p.grad is not None]
+        clip = self.config.optim.grad_clip
+        if clip is None:
+            norms = [p.grad.detach().norm() for p in parameters]
+            return float(torch.stack(norms).norm()) if norms else 0.0
+        return float(torch.nn.utils.clip_grad_norm_(parameters, clip))
+
+    def _precision(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast)
+
+    # ----------------------------------------------------------------- metrics and checkpoints
+    def _log(self, metrics: dict[str, float]) -> None:
+        every = self.config.train.log_every
+        if self.step % every and self.step != self.config.schedule.total_steps:
+            return
+        line = {"phase": self.mode.name, "step": self.step} | {k: round(float(v), 8) for k, v in metrics.items()}
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    def _trainer_state(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "position": self.position,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": [list(part) if isinstance(part, tuple) else part for part in random.getstate()],
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (atomic)."""
+
+        def write_weights(directory: Path) -> None:
+            self.backend.save_pretrained(self.student, directory / "student")
+            self.backend.save_pretrained(self.teacher, directory / "teacher")
+
+        return checkpoint.save_checkpoint(
+            self.checkpoints_dir, self.step, write_weights, self._trainer_state(), keep=self.config.train.keep_checkpoints
+        )
+
+    def resume(self) -> bool:
+        """Load this phase's newest checkpoint, if any; True when one was loaded."""
+        directory = checkpoint.latest_checkpoint(self.checkpoints_dir)
+        if directory is None:
+            return False
+        state = checkpoint.load_trainer_state(directory)
+        self.backend.load_weights(self.student, directory / "student")
+        self.backend.load_weights(self.teacher, directory / "teacher")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(tuple(tuple(part) if isinstance(part, list) else part for part in state["python_rng"]))
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.position = int(state["step"]), int(state["position"])
+        self._problems = None
+        self._truncate_metrics()
+        return True
+
+    def _truncate_metrics(self) -> None:
+        """Drop this phase's metric lines written after the checkpoint being resumed."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("phase") == self.mode.name and record.get("step", 0) > self.step:
+                continue
+            kept.append(line)
+        self.metrics_path.write_text("".join(f"{line}\n" for line in kept))
+

@@ -1,0 +1,151 @@
+"""Training-loop mechanics on the embedded tiny UMM: gradients, EMA, accumulation, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from opsd_core.components import build_components
+from opsd_core.config import load_config
+from opsd_core.diagnostics.noise import with_noise_visual_thought
+from opsd_core.errors import CheckpointError
+from opsd_core.sampling import BatchedSampler
+from opsd_core.trainer.checkpoint import list_checkpoints
+from opsd_core.trainer.trainer import Mode, Trainer
+from opsd_core.types import VISUAL_THOUGHT, ImageSegment
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
+SMALL = [
+    "train.samples_per_step=4",
+    "train.grad_accum=1",
+    "schedule.total_steps=4",
+    "schedule.warmup_steps=1",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "sampling.max_completion_tokens=12",
+]
+
+
+def _setup(tmp_path, *overrides, mode=Mode("opsd"), name="run"):
+    config = load_config(QUICKSTART, [*SMALL, *overrides])
+    components = build_components(config)
+    torch.manual_seed(0)
+    student = components.backend.build_model()
+    trainer = Trainer(
+        config,
+        components.backend,
+        components.task,
+        components.divergence,
+        components.teacher_update,
+        student,
+        tmp_path / name,
+        tmp_path / f"{name}-metrics.jsonl",
+        mode,
+    )
+    return trainer
+
+
+def _greedy(trainer):
+    trainer.sampler = BatchedSampler(trainer.backend, 0.0, trainer.config.sampling.max_completion_tokens)
+    return trainer
+
+
+def test_teacher_gets_no_gradient_and_ema_follows_by_the_decay(tmp_path):
+    trainer = _setup(tmp_path)
+    before_teacher = {n: p.clone() for n, p in trainer.teacher.named_parameters()}
+    trainer.train_step()
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    decay = trainer.teacher_update.decay
+    for name, student_parameter in trainer.student.named_parameters():
+        expected = decay * before_teacher[name] + (1 - decay) * student_parameter.detach()
+        torch.testing.assert_close(dict(trainer.teacher.named_parameters())[name], expected, rtol=0, atol=1e-6)
+    moved = sum(not torch.equal(before_teacher[n], p) for n, p in trainer.teacher.named_parameters())
+    assert moved > 0
+
+
+def test_micro_batch_times_accumulation_is_invariant(tmp_path):
+    whole = _greedy(_setup(tmp_path, "train.samples_per_step=4", "train.grad_accum=1", name="a"))
+    split = _greedy(_setup(tmp_path, "train.samples_per_step=2", "train.grad_accum=2", name="b"))
+    metrics_whole = whole.train_step()
+    metrics_split = split.train_step()
+    assert metrics_whole["loss"] == pytest.approx(metrics_split["loss"], rel=1e-5, abs=1e-7)
+    for (name, a), (_, b) in zip(whole.student.named_parameters(), split.student.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    straight = _setup(tmp_path, name="straight")
+    straight.fit(progress=False)
+
+    interrupted = _setup(tmp_path, name="interrupted")
+    interrupted.resume()
+    while interrupted.step < 3:  # past the step-2 checkpoint, then "crash"
+        interrupted._log(interrupted.train_step())
+        if interrupted.step == 2:
+            interrupted.save()
+    resumed = _setup(tmp_path, name="interrupted")
+    resumed.fit(progress=False)
+    assert resumed.step == 4
+    for left, right in ((straight.student, resumed.student), (straight.teacher, resumed.teacher)):
+        for (name, a), (_, b) in zip(left.state_dict().items(), right.state_dict().items()):
+            assert torch.equal(a, b), name
+
+    def lines(path):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+    assert lines(tmp_path / "straight-metrics.jsonl") == lines(tmp_path / "interrupted-metrics.jsonl")
+
+
+def test_corrupt_checkpoint_is_refused_on_resume(tmp_path):
+    trainer = _setup(tmp_path)
+    trainer.train_step()
+    path = trainer.save()
+    (path / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        _setup(tmp_path).resume()
+    assert list_checkpoints(tmp_path / "run") == [path]
+
+
+def test_noise_control_touches_only_the_visual_thought(tmp_path):
+    trainer = _setup(tmp_path, mode=Mode("noise", noise_vt=True))
+    problem = next(trainer.task.train_problems(0))
+    teacher = trainer.builder.build(problem).teacher
+    noisy = trainer._teacher_context(teacher)
+    again = trainer._teacher_context(teacher)
+    for original, replaced, second in zip(teacher.segments, noisy.segments, again.segments):
+        if original.name == VISUAL_THOUGHT:
+            assert isinstance(replaced, ImageSegment) and replaced.pixels is not None
+            shape = trainer.backend.preprocess_image(original.image).shape
+            assert replaced.pixels.shape == shape
+            assert abs(float(replaced.pixels.mean())) < 0.5 and 0.5 < float(replaced.pixels.std()) < 1.5
+            assert not torch.equal(replaced.pixels, second.pixels), "noise must be fresh each time"
+        else:
+            assert replaced is original
+    student = trainer.builder.build(problem).student
+    with pytest.raises(ValueError, match="visual_thought"):
+        with_noise_visual_thought(student, trainer.backend, None)
+
+
+def test_sft_control_trains_on_reference_answers(tmp_path):
+    trainer = _setup(tmp_path, mode=Mode("sft", sft=True))
+    metrics = trainer.train_step()
+    assert metrics["loss"] > 0 and "kl" not in metrics
+    assert torch.isfinite(torch.tensor(metrics["grad_norm"]))
+
+
+def test_forward_cap_cuts_completions_to_fit_the_teacher(tmp_path):
+    trainer = _setup(tmp_path)
+    problems = list(trainer.task.eval_problems(3))
+    pairs = [trainer.builder.build(p) for p in problems]
+    teachers = [p.teacher for p in pairs]
+    length = trainer.backend.context_length(teachers[0])
+    trainer.config.sampling.max_forward_tokens = length + 4
+    completions = trainer.sampler.sample(trainer.student, [p.student for p in pairs])
+    cut = trainer._fit_forward_cap(teachers, completions)
+    assert int(cut.lengths.max()) <= 3
+    trainer.config.sampling.max_forward_tokens = length + 1
+    with pytest.raises(Exception, match="max_forward_tokens"):
+        trainer._fit_forward_cap(teachers, completions)
