@@ -166,12 +166,24 @@ class Experiment:
             "kl_t0": self.kl(student, self.start, student),
             "kl": self.kl(student, student, student),
             "train_s": train_s,
+            "sampler_tokens_per_s": self._sampler_throughput(mode.name),
         }
         record["eval_s"] = time.perf_counter() - started
         self.results[mode.name] = record
         self._save()
         del trainer, student
         return record
+
+    def _sampler_throughput(self, phase: str) -> float | None:
+        """Completion tokens sampled per second of sampling, over the phase's logged steps."""
+        path = self.directory / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        records = [r for r in records if r.get("phase") == phase and r.get("sample_s")]
+        seconds = sum(r["sample_s"] for r in records)
+        if not seconds:
+            return None
+        samples = self.config.train.samples_per_step * self.config.train.grad_accum
+        return sum(r["completion_tokens"] * samples for r in records) / seconds
 
     def run(self) -> dict[str, Any]:
         """All phases, then the report; returns the results."""

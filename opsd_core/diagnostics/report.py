@@ -140,6 +140,8 @@ def write_report(directory: Path, results: dict[str, Any], config: Any) -> Path:
         f"Start checkpoint, noise-VT context accuracy: {_percent(start['noise']['accuracy'])}%; "
         f"KL(noise-VT teacher || student): {results['start']['kl_noise']:.3f} nats/token.",
         f"Total wall time: {results.get('total_wall_s', 0.0):.0f} s.",
+        *[f"{PHASE_TITLES[p]}: on-policy sampler {results[p]['sampler_tokens_per_s']:.0f} completion tokens/s."
+          for p in PHASE_TITLES if results.get(p, {}).get("sampler_tokens_per_s")],
         "",
         "KL values are nats per completion row, on position-aligned rows of on-policy student samples "
         "(paper Eq. 4); gap closure is 1 - KL(start teacher || trained student) / KL(start teacher || start "

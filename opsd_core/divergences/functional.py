@@ -18,8 +18,9 @@ import torch
 _REDUCTIONS = ("none", "sum", "mean")
 _CLIP_MODES = ("entry", "token")
 _DIRECTIONS = ("forward", "reverse")
-# Rows per chunk are chosen so one float32 (rows, V) buffer is about this many elements; the
-# row computation holds a handful of such buffers at once.
+# Above this many float32 elements of working width (rows x V, or rows x K with top-K), rows are
+# processed in chunks of about this size, and the backward pass recomputes each chunk: the row
+# computation holds a handful of such buffers at once.
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -84,7 +85,8 @@ class _ChunkedRows(torch.autograd.Function):
             _row_losses(student[i : i + chunk], teacher[i : i + chunk], **options)
             for i in range(0, student.shape[0], chunk)
         ]
-        return torch.cat(rows) if rows else student.new_zeros(0, dtype=torch.float32)
+        dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        return torch.cat(rows) if rows else student.new_zeros(0, dtype=dtype)
 
     @staticmethod
     def backward(ctx, grad_rows):
@@ -131,8 +133,14 @@ def _divergence(student, teacher, mask, reduction, chunk_size, options) -> torch
     batch_shape, vocabulary = student.shape[:-1], student.shape[-1]
     flat_student = student.reshape(-1, vocabulary)  # (N, V)
     flat_teacher = teacher.detach().reshape(-1, vocabulary)  # (N, V)
-    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // vocabulary)
-    rows = _ChunkedRows.apply(flat_student, flat_teacher, chunk, options)  # (N,)
+    top_k = options["top_k"]
+    width = top_k if top_k is not None and top_k < vocabulary else vocabulary
+    if chunk_size is None and flat_student.shape[0] * width <= _CHUNK_ELEMENTS:
+        # Small enough (e.g. any top-K over the teacher's K entries): plain autograd, no recompute.
+        rows = _row_losses(flat_student, flat_teacher, **options)  # (N,)
+    else:
+        chunk = chunk_size or max(1, _CHUNK_ELEMENTS // vocabulary)
+        rows = _ChunkedRows.apply(flat_student, flat_teacher, chunk, options)  # (N,)
     if mask is not None:
         valid = mask.reshape(-1)
         rows = torch.where(valid, rows, torch.zeros_like(rows))

@@ -33,13 +33,13 @@ GRID, CELL_PIXELS = 5, 8
 
 @dataclass
 class _Rendered:
-    """One context as model input rows: token ids, per-position patch pixels (or None),
-    patch cell and image block number."""
+    """One context as model input rows: token ids, patch cell and image block number per
+    position, and each image's patch pixels with the position of its first patch."""
 
     tokens: list[int]
-    patches: list[np.ndarray | None]
     cells: list[int]
     blocks: list[int]
+    images: list[tuple[int, torch.Tensor]]
 
 
 class TinyDecodeState(DecodeState):
@@ -89,7 +89,8 @@ class TinyBackend(Backend):
         return self.vocab.decode(token_ids)
 
     def preprocess_image(self, image) -> torch.Tensor:
-        """float32 (3, 40, 40) in [0, 1] (identity normalisation: the model was trained on it)."""
+        """float32 (3, 40, 40) in [-1, 1], the normalised pixel space the model reads (as in
+        BAGEL's ViT), so that an N(0, 1) noise image has the scale of a real one."""
         if isinstance(image, torch.Tensor):
             pixels = image.detach().float().cpu()
         else:
@@ -97,17 +98,16 @@ class TinyBackend(Backend):
         side = GRID * CELL_PIXELS
         if tuple(pixels.shape) != (3, side, side):
             raise ValueError(f"tiny-umm images must be (3, {side}, {side}), got {tuple(pixels.shape)}")
-        return pixels
+        return pixels * 2.0 - 1.0
 
     # ------------------------------------------------------------------ rendering
     def _render(self, context: Context) -> _Rendered:
-        rendered = _Rendered([self.vocab.id(BOS)], [None], [0], [0])
+        rendered = _Rendered([self.vocab.id(BOS)], [0], [0], [])
         block = 0
         for segment in context.segments:
             if isinstance(segment, TextSegment):
                 ids = self.encode(segment.text)
                 rendered.tokens += ids
-                rendered.patches += [None] * len(ids)
                 rendered.cells += [0] * len(ids)
                 rendered.blocks += [0] * len(ids)
                 continue
@@ -116,13 +116,12 @@ class TinyBackend(Backend):
             block += 1
             pixels = segment.pixels if segment.pixels is not None else self.preprocess_image(segment.image)
             patches = pixels.reshape(3, GRID, CELL_PIXELS, GRID, CELL_PIXELS).permute(1, 3, 0, 2, 4)
-            patches = patches.reshape(GRID * GRID, -1).numpy()  # (25, P)
+            patches = patches.reshape(GRID * GRID, -1)  # (25, P)
+            rendered.images.append((len(rendered.tokens) + 1, patches))
             rendered.tokens += [self.vocab.id(IMAGE_OPEN)] + [self.vocab.id(IMAGE_PATCH)] * len(patches) + [self.vocab.id(IMAGE_CLOSE)]
-            rendered.patches += [None] + list(patches) + [None]
             rendered.cells += [0] + list(range(len(patches))) + [0]
             rendered.blocks += [block] * (len(patches) + 2)
         rendered.tokens.append(self.vocab.id(ANSWER))
-        rendered.patches.append(None)
         rendered.cells.append(0)
         rendered.blocks.append(0)
         return rendered
@@ -150,9 +149,8 @@ class TinyBackend(Backend):
             cells[row, offset:width] = torch.tensor(item.cells)
             blocks[row, offset:width] = torch.tensor(item.blocks)
             valid[row, offset:width] = True
-            for index, patch in enumerate(item.patches):
-                if patch is not None:
-                    patches[row, offset + index] = torch.from_numpy(patch)
+            for first, pixels in item.images:
+                patches[row, offset + first : offset + first + len(pixels)] = pixels
         if completions is not None:
             tokens[:, width:] = completions.tokens.cpu()
             valid[:, width:] = torch.arange(extra).unsqueeze(0) < completions.lengths.cpu().unsqueeze(1)

@@ -39,7 +39,7 @@ PRETRAIN_STREAM = 1_000_000  # problem seeds of pretraining data, apart from tra
 class Recipe:
     """Pretraining hyperparameters (measured on 2 CPU cores to pass the gate)."""
 
-    steps: int = 1500
+    steps: int = 2500
     batch: int = 64
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)

@@ -1,0 +1,91 @@
+"""`opsd run`, `diagnose`, `eval` and `infer` end to end on a shortened quickstart."""
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from opsd_core.cli import cli
+
+QUICKSTART = str(Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml")
+
+
+def _short(tmp_path):
+    return [
+        "--set", f"run.output_dir='{tmp_path}'",
+        "--set", "schedule.total_steps=2",
+        "--set", "schedule.warmup_steps=1",
+        "--set", "train.samples_per_step=4",
+        "--set", "train.checkpoint_every=1",
+        "--set", "eval.limit=16",
+        "--set", "diagnostics.kl_samples=8",
+        "--set", "experiment.sft_control=true",
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("runs")
+    result = CliRunner().invoke(cli, ["run", QUICKSTART, "--no-progress", *_short(tmp_path)])
+    assert result.exit_code == 0, result.output
+    return tmp_path / "quickstart", result.output
+
+
+def test_run_writes_the_run_directory(finished_run):
+    directory, output = finished_run
+    for name in ("config.toml", "metrics.jsonl", "results.json", "report.md", "accuracy.png", "loss.png", "kl.png"):
+        assert (directory / name).is_file(), name
+    config = tomllib.loads((directory / "config.toml").read_text())
+    assert config["schedule"]["total_steps"] == 2 and config["backend"]["name"] == "tiny-umm"
+    phases = {json.loads(line)["phase"] for line in (directory / "metrics.jsonl").read_text().splitlines()}
+    assert phases == {"opsd", "noise", "sft"}
+    results = json.loads((directory / "results.json").read_text())
+    assert {"start", "opsd", "noise", "sft"} <= set(results)
+    assert "Visual-OPSD" in output and "Noise-VT control" in output and "SFT control" in output
+    assert (directory / "opsd" / "checkpoints" / "step-0000002" / "manifest.json").is_file()
+
+
+def test_a_second_run_into_the_same_directory_is_refused(finished_run, tmp_path):
+    directory, _ = finished_run
+    result = CliRunner().invoke(cli, ["run", QUICKSTART, *_short(directory.parent)])
+    assert result.exit_code != 0 and "--resume" in result.output
+
+
+def test_resume_of_a_finished_run_changes_nothing(finished_run):
+    directory, _ = finished_run
+    before = (directory / "results.json").read_text()
+    metrics = (directory / "metrics.jsonl").read_text()
+    result = CliRunner().invoke(cli, ["run", "--resume", str(directory), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    after = json.loads((directory / "results.json").read_text())
+    for phase in ("start", "opsd", "noise", "sft"):
+        assert after[phase] == json.loads(before)[phase]
+    assert (directory / "metrics.jsonl").read_text() == metrics
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    result = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path)])
+    assert result.exit_code != 0 and "not a run directory" in result.output
+
+
+def test_diagnose_eval_and_infer(finished_run, tmp_path):
+    directory, _ = finished_run
+    runner = CliRunner()
+    checkpoint = str(directory / "opsd" / "checkpoints" / "step-0000002")
+    common = [QUICKSTART, "--set", "eval.limit=8", "--set", "diagnostics.kl_samples=8"]
+    diagnosed = runner.invoke(cli, ["diagnose", *common, "--checkpoint", checkpoint])
+    assert diagnosed.exit_code == 0, diagnosed.output
+    figures = json.loads(diagnosed.output)
+    assert figures["kl"] > 0 and figures["samples"] == 8
+    evaluated = runner.invoke(cli, ["eval", *common, "--modes", "student,teacher"])
+    rows = json.loads(evaluated.output)
+    assert [row["mode"] for row in rows] == ["student", "teacher"] and rows[0]["count"] == 8
+    images = tmp_path / "images"
+    answered = runner.invoke(cli, ["infer", *common, "--index", "2", "--mode", "teacher", "--save-images", str(images)])
+    assert answered.exit_code == 0, answered.output
+    assert "response (teacher context)" in answered.output
+    assert len(list(images.glob("*.png"))) == 2
+    bad = runner.invoke(cli, ["eval", *common, "--modes", "student,oracle"])
+    assert bad.exit_code == 2 and "oracle" in bad.output
