@@ -71,8 +71,12 @@ def test_micro_batch_times_accumulation_is_invariant(tmp_path):
     metrics_whole = whole.train_step()
     metrics_split = split.train_step()
     assert metrics_whole["loss"] == pytest.approx(metrics_split["loss"], rel=1e-5, abs=1e-7)
+    assert metrics_whole["grad_norm"] == pytest.approx(metrics_split["grad_norm"], rel=1e-4)
+    # Compare the accumulated gradients, not the updated weights: Adam's first step is about
+    # lr * sign(gradient), which turns float noise on gradients that are zero in exact
+    # arithmetic (e.g. the key bias) into differences of a whole lr.
     for (name, a), (_, b) in zip(whole.student.named_parameters(), split.student.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
@@ -106,7 +110,7 @@ def test_corrupt_checkpoint_is_refused_on_resume(tmp_path):
     (path / "trainer_state.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         _setup(tmp_path).resume()
-    assert list_checkpoints(tmp_path / "run") == [path]
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == [path]
 
 
 def test_noise_control_touches_only_the_visual_thought(tmp_path):
