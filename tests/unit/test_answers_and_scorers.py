@@ -1,0 +1,158 @@
+"""Answer extraction and benchmark scorers on hand-made tricky strings."""
+
+import pytest
+
+from opsd_core.evaluation.answers import (
+    answer_tag,
+    boxed,
+    extract_choice,
+    infer_option_letter,
+    infer_option_text,
+    strip_round_markers,
+)
+from opsd_core.evaluation.scorers import (
+    circular_accuracy,
+    maze_moves,
+    mean_of_group_accuracies,
+    pair_accuracy,
+    relaxed_correct,
+    score_chartqa,
+    score_vsp,
+    simulate_maze,
+)
+
+OPTIONS = {"A": "red square", "B": "blue circle", "C": "green triangle", "D": "none"}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>x</think><answer> B </answer>", "B"),
+        ("<answer>A</answer> then <ANSWER>C</ANSWER>", "C"),
+        ("<answer>multi\nline</answer>", "multi\nline"),
+        ("no tag <answer>unclosed", None),
+    ],
+)
+def test_answer_tag(text, expected):
+    assert answer_tag(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so \boxed{42}", "42"),
+        (r"\boxed{1} and finally \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{L, R, D}", "L, R, D"),
+        (r"\boxed{unclosed", None),
+        ("nothing", None),
+    ],
+)
+def test_boxed(text, expected):
+    assert boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [
+        ("B", "B"),
+        ("(C)", "C"),
+        ("The answer is B.", "B"),
+        ("**Answer: D**", "D"),
+        ("A square is red, so the answer is B", None),  # A and B both standalone: ambiguous
+        ("A", "A"),
+        ("B or C", None),  # two letters
+        ("B is my guess because the shape has four sides and it is blue", None),  # not in the last four tokens
+        ("E", None),  # not an option
+        ("", None),
+    ],
+)
+def test_infer_option_letter(prediction, expected):
+    assert infer_option_letter(prediction, OPTIONS) == expected
+
+
+def test_infer_option_text():
+    assert infer_option_text("it is the Blue Circle", OPTIONS) == "B"
+    assert infer_option_text("red square or blue circle", OPTIONS) is None
+    assert infer_option_text("x" * 200 + " blue circle", OPTIONS) is None  # too long to trust
+
+
+def test_extract_choice_falls_back_to_tag_then_boxed():
+    assert extract_choice("<think>compare A and B carefully, then decide</think><answer>C</answer>", OPTIONS) == "C"
+    assert extract_choice(r"I pick \boxed{D}", OPTIONS) == "D"
+    assert extract_choice("I cannot tell", OPTIONS) is None
+
+
+def test_strip_round_markers():
+    assert strip_round_markers("Round_1: think Round_2: <answer>7</answer>").split() == ["think", "<answer>7</answer>"]
+
+
+MAZE = ["SFF", "FHF", "FFG"]
+
+
+@pytest.mark.parametrize(
+    "response, correct",
+    [
+        (r"\boxed{R, R, D, D}", True),
+        (r"\boxed{D D R R}", True),
+        (r"\boxed{r,r,d,d}", True),
+        (r"\boxed{R, D}", False),  # hole
+        (r"\boxed{U}", False),  # off the grid
+        (r"\boxed{R, R, D}", False),  # stops short
+        (r"\boxed{R, R, D, D, L}", False),  # ends off the goal
+        ("R, R, D, D", False),  # no boxed answer
+        (r"\boxed{R, R, X}", False),  # not a move
+    ],
+)
+def test_vsp(response, correct):
+    assert score_vsp(response, MAZE) is correct
+
+
+def test_maze_helpers():
+    assert maze_moves(r"\boxed{ L ,R }") == ["L", "R"]
+    assert simulate_maze(MAZE, []) is False
+
+
+@pytest.mark.parametrize(
+    "prediction, gold, swapped, correct",
+    [
+        ("104", "100", False, True),
+        ("105", "100", False, True),
+        ("106", "100", False, False),
+        ("95.2", "100", True, False),  # 4.8 / 95.2 = 0.0504 of the prediction
+        ("1,050", "1000", False, True),
+        ("45%", "0.45", False, True),
+        ("0", "0", False, True),
+        ("0.01", "0", False, False),
+        ("Yes", "yes", False, True),
+        ("blue", "red", False, False),
+    ],
+)
+def test_relaxed_correct(prediction, gold, swapped, correct):
+    assert relaxed_correct(prediction, gold, swapped=swapped) is correct
+
+
+def test_gold_relative_and_swapped_forms_differ():
+    # 4.9 % of the gold but 5.15 % of the prediction.
+    assert relaxed_correct("95.1", "100") is True
+    assert relaxed_correct("95.1", "100", swapped=True) is False
+
+
+def test_chartqa_uses_the_answer_tag_and_any_gold():
+    assert score_chartqa("Round_1: the bars... <answer>12</answer>", ["11.5", "x"]) is True
+    assert score_chartqa("<answer>Paris</answer>", "paris") is True
+    assert score_chartqa("about 20", "12") is False
+
+
+def test_circular_grouping_needs_every_rotation():
+    hits = {5: True, 1_000_005: True, 2_000_005: False, 7: True, 1_000_007: True}
+    assert circular_accuracy(hits) == 0.5
+
+
+def test_per_source_averaging_weights_sources_equally():
+    hits = {1: True, 2: True, 3: True, 4: False}
+    sources = {1: "ade", 2: "ade", 3: "ade", 4: "coco"}
+    assert mean_of_group_accuracies(hits, sources) == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_pair_accuracy():
+    assert pair_accuracy({1: True, 2: True, 3: True, 4: False}) == 0.5
