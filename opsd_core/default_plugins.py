@@ -15,19 +15,19 @@ from opsd_core.teachers.params import EmaParams, FrozenParams
 def register_divergences(registry):
     registry.add(
         "jsd",
-        "opsd_core.divergences.classes:JsdDivergence",
+        "opsd_core.divergences.jsd:JsdDivergence",
         JsdParams,
         description="Generalized JSD_beta over the teacher's top-K, with clipping (the paper's loss).",
     )
     registry.add(
         "kl",
-        "opsd_core.divergences.classes:ForwardKlDivergence",
+        "opsd_core.divergences.kl:ForwardKlDivergence",
         KlParams,
         description="Forward KL(teacher || student).",
     )
     registry.add(
         "reverse-kl",
-        "opsd_core.divergences.classes:ReverseKlDivergence",
+        "opsd_core.divergences.kl:ReverseKlDivergence",
         KlParams,
         description="Reverse KL(student || teacher).",
     )

@@ -1,20 +1,33 @@
-"""Divergences between student and teacher distributions.
+"""Divergences between the student's and the teacher's next-token distributions.
 
-``generalized_jsd`` and ``kl_divergence`` are the public functional API; the registered
-classes live in :mod:`opsd_core.divergences.classes`. Attributes are imported on first use so
-that the torch-free :mod:`opsd_core.divergences.params` can be imported alone.
+Owns: the public functional API (``generalized_jsd``, ``kl_divergence``), the registered
+classes (``JsdDivergence`` in :mod:`.jsd`; ``ForwardKlDivergence``, ``ReverseKlDivergence``
+in :mod:`.kl`) and their torch-free params (:mod:`.params`).
+Does not know: images, backends or contexts; a divergence sees logits and a mask.
+
+Names are resolved on first use so that importing :mod:`opsd_core.divergences.params`
+alone (config validation) never imports torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-__all__ = ["generalized_jsd", "kl_divergence"]
+_HOMES = {
+    "generalized_jsd": "functional",
+    "kl_divergence": "functional",
+    "JsdDivergence": "jsd",
+    "ForwardKlDivergence": "kl",
+    "ReverseKlDivergence": "kl",
+    "JsdParams": "params",
+    "KlParams": "params",
+}
+
+__all__ = list(_HOMES)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from opsd_core.divergences import functional
-
-        return getattr(functional, name)
-    raise AttributeError(f"module 'opsd_core.divergences' has no attribute {name!r}")
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,158 +1,120 @@
-"""Divergences between student and teacher next-token distributions, as plain functions.
+"""The public functional API: ``generalized_jsd`` and ``kl_divergence`` over logits.
 
-Owns: the numerics of the generalized JSD_beta and forward/reverse KL over logits rows:
-temperature (with tau^2 scaling), the teacher's top-K support with renormalisation, per-entry
-or per-row clipping, masks, reductions, and a row-chunked autograd path whose extra memory
-does not grow with the number of rows.
-Does not know: images, backends or contexts; it sees logits and a mask, nothing else.
+Owns: argument checking (every bad argument is a ValueError naming it), the compute dtype,
+flattening (..., V) to rows, the choice between the plain autograd path and the chunked
+path, masks, and reductions.
+Does not know: images, backends or contexts (it sees logits and a mask, nothing else), and
+not the formulas either (:mod:`._rows`) or the blocking (:mod:`._chunked`).
 
-Shapes: logits are (..., V); a mask is bool (...); K is top_k.
+Shapes: logits are float (..., V); a mask is bool (...); N is the number of rows of (...).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
+
+from opsd_core.divergences._chunked import ChunkedRowLosses
+from opsd_core.divergences._rows import RowSpec, narrow, row_losses, top_k_support
+
+__all__ = ["fit_top_k", "generalized_jsd", "kl_divergence"]
 
 _REDUCTIONS = ("none", "sum", "mean")
 _CLIP_MODES = ("entry", "token")
 _DIRECTIONS = ("forward", "reverse")
-# Above this many float32 elements of working width (rows x V, or rows x K with top-K), rows are
-# processed in chunks of about this size, and the backward pass recomputes each chunk: the row
-# computation holds a handful of such buffers at once.
-_CHUNK_ELEMENTS = 1 << 24
+# Above N x V = 2**23 the automatic choice is the chunked path, even with top-K: autograd's
+# own gather backward would allocate float32 (N, V) buffers. Its blocks hold 2**23 working
+# elements (K, or V without top-K, per row): 32 MiB per float32 buffer, fewer than ten
+# buffers alive at once, so the extra memory stays well below 1 GiB at any N and V.
+_BLOCK_ELEMENTS = 1 << 23
 
 
-def _row_losses(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    *,
-    kind: str,
-    beta: float,
-    top_k: int | None,
-    clip: float | None,
-    clip_mode: str,
-    temperature: float,
-) -> torch.Tensor:
-    """float (R,) divergence of each row of (R, V) logits; differentiable in ``student``.
+def fit_top_k(top_k: int | None, vocab: int) -> int | None:
+    """A configured top-K for a model of ``vocab`` entries: K >= V means the whole vocabulary.
 
-    ``kind`` is "jsd", "forward" (KL(p_T || p_S)) or "reverse" (KL(p_S || p_T)).
+    Registered divergences use it so that one config (the paper's K = 256) also runs on
+    models whose vocabulary is smaller than K.
     """
-    compute = torch.float64 if student.dtype == torch.float64 else torch.float32
-    teacher = teacher.detach()
-    if top_k is not None and top_k < student.shape[-1]:
-        support = teacher.topk(top_k, dim=-1).indices  # (R, K)
-        teacher = teacher.gather(-1, support)  # (R, K)
-        student = student.gather(-1, support)  # (R, K)
-    log_s = torch.log_softmax(student.to(compute) / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher.to(compute) / temperature, dim=-1)
-    if kind == "jsd" and beta == 0.0:
-        kind = "forward"
-    elif kind == "jsd" and beta == 1.0:
-        kind = "reverse"
-    if kind == "forward":
-        terms = _plogp_ratio(log_t, log_s)
-    elif kind == "reverse":
-        terms = _plogp_ratio(log_s, log_t)
-    else:
-        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
-        terms = beta * _plogp_ratio(log_t, log_m) + (1.0 - beta) * _plogp_ratio(log_s, log_m)
-    if clip is not None and clip_mode == "entry":
-        terms = terms.clamp(max=clip)
-    rows = terms.sum(dim=-1)
-    if clip is not None and clip_mode == "token":
-        rows = rows.clamp(max=clip)
-    return rows * temperature**2
+    return None if top_k is None or top_k >= vocab else top_k
 
 
-def _plogp_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Elementwise p * (log p - log q), with 0 where p = 0 (so -inf logits are harmless)."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-class _ChunkedRows(torch.autograd.Function):
-    """Row losses computed ``chunk`` rows at a time; backward recomputes each chunk and writes
-    its gradient into one preallocated tensor of the input's dtype, so no float32 copy of the
-    whole (N, V) input is ever held."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, chunk, options):
-        ctx.save_for_backward(student, teacher)
-        ctx.chunk, ctx.options = chunk, options
-        rows = [
-            _row_losses(student[i : i + chunk], teacher[i : i + chunk], **options)
-            for i in range(0, student.shape[0], chunk)
-        ]
-        dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-        return torch.cat(rows) if rows else student.new_zeros(0, dtype=dtype)
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        student, teacher = ctx.saved_tensors
-        grad = torch.empty_like(student)
-        for i in range(0, student.shape[0], ctx.chunk):
-            piece = student[i : i + ctx.chunk].detach().requires_grad_(True)
-            with torch.enable_grad():
-                rows = _row_losses(piece, teacher[i : i + ctx.chunk], **ctx.options)
-            (grad[i : i + ctx.chunk],) = torch.autograd.grad(rows, piece, grad_rows[i : i + ctx.chunk].to(rows.dtype))
-        return grad, None, None, None
-
-
-def _check(student, teacher, mask, top_k, temperature, reduction, chunk_size) -> None:
-    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
-        raise ValueError("student_logits and teacher_logits must be tensors")
-    if not student.is_floating_point() or not teacher.is_floating_point():
+def _check_common(student, teacher, mask, top_k, temperature, reduction, chunk_size) -> None:
+    for name, logits in (("student_logits", student), ("teacher_logits", teacher)):
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+        if not logits.is_floating_point():
+            raise ValueError(f"{name} must have a floating point dtype, got {logits.dtype}")
+        if logits.dim() < 1 or logits.shape[-1] < 1:
+            raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
+    if teacher.shape != student.shape:
         raise ValueError(
-            f"student_logits and teacher_logits must be floating point, got {student.dtype} and {teacher.dtype}"
+            f"teacher_logits must have the same shape as student_logits, got {tuple(teacher.shape)} "
+            f"and {tuple(student.shape)}"
         )
-    if student.dim() < 1 or student.shape != teacher.shape:
-        raise ValueError(
-            f"student_logits and teacher_logits must have the same shape (..., V), got "
-            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
-        )
-    vocabulary = student.shape[-1]
-    if vocabulary < 1:
-        raise ValueError("student_logits: the vocabulary dimension V must be at least 1")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
+    batch_shape, vocab = tuple(student.shape[:-1]), student.shape[-1]
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != student.shape[:-1]:
-            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(student.shape[:-1])}, got {got}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocabulary):
-        raise ValueError(f"top_k must be an integer in [1, {vocabulary}] or None, got {top_k!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a bool tensor of shape {batch_shape}, got {got}")
+        if tuple(mask.shape) != batch_shape:
+            raise ValueError(f"mask must have shape {batch_shape} (the logits without V), got {tuple(mask.shape)}")
+        if mask.device != student.device:
+            raise ValueError(f"mask is on {mask.device} but student_logits is on {student.device}")
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool)):
+        raise ValueError(f"top_k must be an integer in [1, V] or None, got {top_k!r}")
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [1, V] = [1, {vocab}] or None, got {top_k}")
+    if not (_is_real(temperature) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    if chunk_size is not None and not (
+        isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size >= 1
+    ):
+        raise ValueError(f"chunk_size must be an integer >= 1 or None (automatic), got {chunk_size!r}")
 
 
-def _divergence(student, teacher, mask, reduction, chunk_size, options) -> torch.Tensor:
-    batch_shape, vocabulary = student.shape[:-1], student.shape[-1]
-    flat_student = student.reshape(-1, vocabulary)  # (N, V)
-    flat_teacher = teacher.detach().reshape(-1, vocabulary)  # (N, V)
-    top_k = options["top_k"]
-    width = top_k if top_k is not None and top_k < vocabulary else vocabulary
-    if chunk_size is None and flat_student.shape[0] * width <= _CHUNK_ELEMENTS:
-        # Small enough (e.g. any top-K over the teacher's K entries): plain autograd, no recompute.
-        rows = _row_losses(flat_student, flat_teacher, **options)  # (N,)
+def _divergence(student, teacher, mask, top_k, reduction, chunk_size, spec: RowSpec) -> torch.Tensor:
+    """Row losses of float (..., V) logits under a bool (...) mask (or None), reduced.
+
+    Returns float (...) for reduction "none", else a scalar, in ``spec.compute_dtype``.
+    """
+    batch_shape, vocab = student.shape[:-1], student.shape[-1]
+    student = student.reshape(-1, vocab)  # (N, V)
+    teacher = teacher.detach().reshape(-1, vocab)  # (N, V)
+    valid = torch.ones(student.shape[0], dtype=torch.bool, device=student.device) if mask is None else mask.reshape(-1)
+    top_k = None if top_k is None or top_k == vocab else int(top_k)
+    if chunk_size is None and student.shape[0] * vocab <= _BLOCK_ELEMENTS:
+        # Plain autograd: cheapest for small inputs, and the reference the chunked path's
+        # closed-form gradient is tested against.
+        keep = valid.nonzero().squeeze(-1)  # (N',)
+        kept_student, kept_teacher = narrow(student, teacher, keep, top_k_support(teacher, top_k))  # (N', W)
+        losses = torch.zeros(student.shape[0], dtype=spec.compute_dtype, device=student.device)
+        losses = losses.index_copy(0, keep, row_losses(kept_student, kept_teacher, spec))  # (N,)
     else:
-        chunk = chunk_size or max(1, _CHUNK_ELEMENTS // vocabulary)
-        rows = _ChunkedRows.apply(flat_student, flat_teacher, chunk, options)  # (N,)
-    if mask is not None:
-        valid = mask.reshape(-1)
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
-        count = valid.sum()
-    else:
-        count = torch.tensor(rows.shape[0], device=rows.device)
+        # Blocks are sized by the float32 working width; with top-K a block's rows are only
+        # scanned in place by topk and gathered, so many rows fit in one block.
+        width = vocab if top_k is None else top_k
+        block_rows = chunk_size or max(1, _BLOCK_ELEMENTS // width)
+        losses = ChunkedRowLosses.apply(student, teacher, valid, top_k, spec, block_rows)  # (N,)
     if reduction == "none":
-        return rows.reshape(batch_shape)
-    total = rows.sum()
+        return losses.reshape(batch_shape)
+    total = losses.sum()
     if reduction == "sum":
         return total
-    return total / count.clamp(min=1).to(total.dtype)
+    return total / valid.sum().clamp(min=1)
+
+
+def _compute_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
 
 
 def generalized_jsd(
@@ -168,42 +130,58 @@ def generalized_jsd(
     reduction: str = "mean",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Generalized Jensen-Shannon divergence JSD_beta per row of logits.
+    """Generalized Jensen-Shannon divergence JSD_beta between teacher and student, per row.
 
     With p_T = softmax(teacher / tau), p_S = softmax(student / tau) and
     m = beta * p_T + (1 - beta) * p_S, a row's loss is
-    beta * KL(p_T || m) + (1 - beta) * KL(p_S || m), times tau^2. beta = 0 is exactly forward
-    KL(p_T || p_S), beta = 1 exactly reverse KL(p_S || p_T).
+    tau^2 * (beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)), at most tau^2 times the binary
+    entropy of beta. beta = 0 is exactly forward KL(p_T || p_S) and beta = 1 exactly reverse
+    KL(p_S || p_T) (TRL's convention).
 
     Args:
-        student_logits: float (..., V); gradients flow into it.
-        teacher_logits: float (..., V); detached, never receives gradient.
+        student_logits: float (..., V), any float dtype; gradients flow into it.
+        teacher_logits: float (..., V); detached here, never receives gradient.
         beta: mixture weight in [0, 1].
-        top_k: restrict both distributions to the teacher's K largest logits per row and
-            renormalise over them (student logits outside get no gradient); None = all of V.
-        clip: cap (> 0) on each vocabulary entry's term ("entry") or on the row sum ("token");
-            capped terms pass no gradient.
-        clip_mode: "entry" or "token".
+        top_k: K in [1, V]: both distributions are renormalised over the teacher's K largest
+            logits of each row, and student logits outside that support get no gradient.
+            None (or V) is the whole vocabulary.
+        clip: c > 0 caps the terms before tau^2 scaling; capped terms pass no gradient.
+            None: no cap.
+        clip_mode: "entry" caps each vocabulary entry's term before the row sum (the paper's
+            code, with c = 0.05; a row can still reach K * c); "token" caps the row sum. At
+            beta 0 or 1 the entry terms are KL terms, which take both signs, so "entry"
+            clipping can make a row negative (JsdParams rejects that combination).
         temperature: tau > 0.
-        mask: bool (...), the rows that count.
+        mask: bool (...), the rows that count; None: all rows.
         reduction: "none" -> (...) with masked rows 0; "sum" over valid rows; "mean" over
             valid rows (0 when none is valid).
-        chunk_size: rows processed at a time (None: sized from V to bound memory).
+        chunk_size: rows per block of the memory-bounded chunked path; None chooses
+            automatically (the plain autograd path for small inputs, blocks of about 2**23
+            working elements otherwise).
 
     Returns:
-        float32 (float64 for float64 inputs), shape (...) or a scalar.
+        float32 ((...) or a scalar); float64 when either input is float64.
+
+    Raises:
+        ValueError: an argument is invalid; the message names it.
     """
-    _check(student_logits, teacher_logits, mask, top_k, temperature, reduction, chunk_size)
-    if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-    if clip is not None and (not isinstance(clip, (int, float)) or not clip > 0):
-        raise ValueError(f"clip must be > 0 or None, got {clip!r}")
+    _check_common(student_logits, teacher_logits, mask, top_k, temperature, reduction, chunk_size)
+    if not (_is_real(beta) and 0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if clip is not None and not (_is_real(clip) and clip > 0):
+        raise ValueError(f"clip must be a number > 0 or None, got {clip!r}")
     if clip_mode not in _CLIP_MODES:
-        raise ValueError(f"clip_mode must be one of {_CLIP_MODES}, got {clip_mode!r}")
-    options = dict(
-        kind="jsd", beta=float(beta), top_k=top_k, clip=clip, clip_mode=clip_mode, temperature=float(temperature)
+        raise ValueError(f"clip_mode must be one of {', '.join(_CLIP_MODES)}, got {clip_mode!r}")
+    kind = "forward" if beta == 0 else "reverse" if beta == 1 else "jsd"
+    spec = RowSpec(
+        kind=kind,
+        beta=float(beta),
+        clip=None if clip is None else float(clip),
+        clip_mode=clip_mode,
+        temperature=float(temperature),
+        compute_dtype=_compute_dtype(student_logits, teacher_logits),
     )
-    return _divergence(student_logits, teacher_logits, mask, reduction, chunk_size, options)
+    return _divergence(student_logits, teacher_logits, mask, top_k, reduction, chunk_size, spec)
 
 
 def kl_divergence(
@@ -217,13 +195,33 @@ def kl_divergence(
     reduction: str = "mean",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """KL divergence per row of logits: "forward" = KL(p_T || p_S), "reverse" = KL(p_S || p_T).
+    """KL divergence per row: "forward" is KL(p_T || p_S), "reverse" is KL(p_S || p_T).
 
-    Same conventions as :func:`generalized_jsd` (temperature with tau^2 scaling, teacher
-    top-K support, mask, reductions, chunking, no gradient into the teacher).
+    Same conventions as :func:`generalized_jsd`: p = softmax(logits / tau), result times
+    tau^2, optional renormalised teacher top-K support, mask, reductions, chunking, and no
+    gradient into the teacher.
+
+    Args:
+        student_logits: float (..., V); gradients flow into it.
+        teacher_logits: float (..., V); never receives gradient.
+        direction: "forward" or "reverse".
+        top_k, temperature, mask, reduction, chunk_size: as in :func:`generalized_jsd`.
+
+    Returns:
+        float32 ((...) or a scalar); float64 when either input is float64.
+
+    Raises:
+        ValueError: an argument is invalid; the message names it.
     """
-    _check(student_logits, teacher_logits, mask, top_k, temperature, reduction, chunk_size)
+    _check_common(student_logits, teacher_logits, mask, top_k, temperature, reduction, chunk_size)
     if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
-    options = dict(kind=direction, beta=0.0, top_k=top_k, clip=None, clip_mode="entry", temperature=float(temperature))
-    return _divergence(student_logits, teacher_logits, mask, reduction, chunk_size, options)
+        raise ValueError(f"direction must be one of {', '.join(_DIRECTIONS)}, got {direction!r}")
+    spec = RowSpec(
+        kind=direction,
+        beta=0.0 if direction == "forward" else 1.0,
+        clip=None,
+        clip_mode="entry",
+        temperature=float(temperature),
+        compute_dtype=_compute_dtype(student_logits, teacher_logits),
+    )
+    return _divergence(student_logits, teacher_logits, mask, top_k, reduction, chunk_size, spec)

@@ -1,4 +1,8 @@
-"""Params of the total-variation divergence (torch-free)."""
+"""Params of the ``total-variation`` divergence, validated from the ``[divergence]`` section.
+
+Owns: the fields, defaults and constraints of total-variation.
+Does not know: torch; configs are validated without importing it.
+"""
 
 from pydantic import Field
 
@@ -8,4 +12,11 @@ from opsd_core.config import PluginParams
 class TotalVariationParams(PluginParams):
     """Total-variation distance between the teacher's and the student's distributions."""
 
-    top_k: int | None = Field(None, description="Teacher top-K support (None: the full vocabulary).", ge=1)
+    top_k: int | None = Field(
+        None,
+        description=(
+            "Size K of the teacher's top-K support over which both distributions are renormalised; "
+            "None, or K >= the vocabulary size, uses the whole vocabulary."
+        ),
+        ge=1,
+    )

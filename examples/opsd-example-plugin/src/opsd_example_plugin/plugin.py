@@ -1,7 +1,11 @@
-"""Hook implementations of the example plugin (nothing heavy imported here)."""
+"""Hook implementations of the example plugin, found through its ``opsd`` entry point.
+
+Owns: the name ``total-variation`` and its params model.
+Does not know: torch; the divergence class is registered as a lazy ``"module:attr"`` string
+so that ``opsd list`` imports nothing heavy.
+"""
 
 from opsd_core.hookspecs import hookimpl
-
 from opsd_example_plugin.config import TotalVariationParams
 
 
@@ -11,5 +15,5 @@ def register_divergences(registry):
         "total-variation",
         "opsd_example_plugin.divergence:TotalVariation",
         TotalVariationParams,
-        description="Total-variation distance over the teacher's top-K (example plugin).",
+        description="Total-variation distance over the teacher's top-K support (example plugin).",
     )
