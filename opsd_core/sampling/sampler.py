@@ -30,6 +30,9 @@ def choose_tokens(
     if temperature == 0:
         return logits.argmax(dim=-1)
     probabilities = torch.softmax(logits / temperature, dim=-1)
+    if generator is not None and generator.device != probabilities.device:
+        # A generator draws only on its own device; sample there so seeded runs stay reproducible.
+        return torch.multinomial(probabilities.to(generator.device), 1, generator=generator).squeeze(1).to(logits.device)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
 
 

@@ -1,0 +1,1 @@
+"""opsd backend ``thinkmorph``: ThinkMorph / BAGEL-7B-MoT re-implemented on torch."""

@@ -1,0 +1,271 @@
+"""The ``thinkmorph`` backend: the Backend interface over the BAGEL re-implementation.
+
+Owns: rendering contexts as BAGEL turns (each text segment a ``<|im_start|>…<|im_end|>`` turn,
+each image a ViT block, the completion a turn opened by ``<|im_start|>``), completion-row
+logits, batched KV-cached decoding, the image-skip rule, visual-thought generation (VAE
+context blocks, three-context guidance, rectified flow), and checkpoints on disk.
+Does not know: losses, teachers, optimizers or sampling policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
+from opsd_core.types import (
+    CompletionBatch,
+    CompletionLogits,
+    Context,
+    ImageSegment,
+    Problem,
+    TextSegment,
+    Vocabulary,
+)
+from opsd_thinkmorph import architecture, prompts, state_dict
+from opsd_thinkmorph.config import CHECKPOINT, DEBUG, ThinkMorphParams
+from opsd_thinkmorph.images import ImageTransform
+from opsd_thinkmorph.model import Bagel, KVCache
+from opsd_thinkmorph.packing import LatentItem, TextItem, ViTItem, lay_out, pack_rows
+from opsd_thinkmorph.runtime import forward_rows
+from opsd_thinkmorph.tokenizer import load_tokenizer
+
+# ThinkMorph asks for a visual thought with this plain-text tag, then closes its turn.
+IMAGE_REQUEST = "<image_start>"
+
+
+class ThinkMorphDecodeState(DecodeState):
+    """A batch being decoded.
+
+    Attributes:
+        logits: float (B, V) next-token logits.
+        cache: the KV cache of the prefilled contexts and decoded tokens.
+        next_positions: int64 (B,) RoPE id of each row's next token.
+    """
+
+    def __init__(self, model: Bagel, cache: KVCache, next_positions: torch.Tensor, logits: torch.Tensor):
+        self.model, self.cache, self.next_positions, self.logits = model, cache, next_positions, logits
+
+
+class ThinkMorphBackend(Backend):
+    """ThinkMorph-7B from a local directory, or the ``debug`` / ``7b-random`` flavours."""
+
+    def __init__(self, params: ThinkMorphParams | None = None):
+        self.params = params or ThinkMorphParams(flavour=DEBUG)
+        p = self.params
+        self.device = torch.device(p.device)
+        self.dtype = getattr(torch, p.dtype)
+        self.directory = Path(p.checkpoint) if p.flavour == CHECKPOINT else None
+        if self.directory is not None:
+            config = architecture.BagelConfig.from_directory(self.directory, visual_gen=p.generation)
+        elif p.flavour == DEBUG:
+            config = architecture.debug().with_visual_gen(p.generation)
+        else:
+            config = architecture.seven_b().with_visual_gen(p.generation)
+        self.tokenizer = load_tokenizer(self.directory, config.special)
+        if self.directory is not None and hasattr(self.tokenizer, "special"):
+            config = replace(config, special=self.tokenizer.special)
+        self.config = config
+        self.special = config.special
+        self.vit_transform = ImageTransform(p.vit_max_size, p.vit_min_size, config.vit.patch_size, p.vit_max_pixels)
+        self.vae_transform = ImageTransform(p.vae_max_size, p.vae_min_size, config.latent_downsample)
+        self._vae = None
+        if len(self.tokenizer) > config.llm.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(self.tokenizer)} tokens but the model only {config.llm.vocab_size} rows"
+            )
+        self._vocabulary = Vocabulary(
+            size=config.llm.vocab_size,
+            eos_id=self.special.im_end,
+            pad_id=self.special.endoftext,
+            valid_size=len(self.tokenizer),
+            special={
+                "im_start": self.special.im_start,
+                "im_end": self.special.im_end,
+                "image_start": self.special.vision_start,
+                "image_end": self.special.vision_end,
+            },
+        )
+
+    # ------------------------------------------------------------------ vocabulary and model
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self._vocabulary
+
+    def build_model(self) -> Bagel:
+        """The model on ``params.device`` in ``params.dtype``, with the checkpoint's weights or seeded random ones."""
+        if self.directory is not None:
+            with torch.device("meta"):
+                model = Bagel(self.config)
+            model = model.to_empty(device="cpu")
+            model.vit_pos_table = _table_like(model, "vit_pos_table")
+            if self.config.visual_gen:
+                model.latent_pos_table = _table_like(model, "latent_pos_table")
+            state_dict.load_into(model, self.directory, self.params.weights_file)
+        else:
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(self.params.seed)
+            model = Bagel(self.config)
+            _init_weights(model)
+            torch.random.set_rng_state(generator_state)
+        return model.to(device=self.device, dtype=self.dtype)
+
+    def context_builder(self) -> PrivilegedContextBuilder:
+        return prompts.context_builder()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(t) for t in token_ids])
+
+    def preprocess_image(self, image: Any) -> torch.Tensor:
+        """float32 (3, H, W) in [-1, 1], sides multiples of 14 (the ViT transform)."""
+        return self.vit_transform(image)
+
+    # ------------------------------------------------------------------ rendering
+    def items(self, context: Context) -> list:
+        """BAGEL items of ``context``: text turns and ViT blocks, in order."""
+        result = []
+        for segment in context.segments:
+            if isinstance(segment, TextSegment):
+                result.append(TextItem(self.encode(segment.text)))
+            elif isinstance(segment, ImageSegment):
+                pixels = segment.pixels if segment.pixels is not None else self.preprocess_image(segment.image)
+                result.append(ViTItem(pixels.float()))
+            else:
+                raise TypeError(f"thinkmorph cannot render a segment of type {type(segment).__name__}")
+        return result
+
+    def context_length(self, context: Context) -> int:
+        return len(lay_out([*self.items(context), TextItem([], open=True)], self.config))
+
+    def _rows(self, contexts: Sequence[Context], completions: Sequence[Sequence[int]] | None):
+        sequences = []
+        for row, context in enumerate(contexts):
+            tail = TextItem([], open=True) if completions is None else TextItem(completions[row], loss=True)
+            sequences.append(lay_out([*self.items(context), tail], self.config))
+        return pack_rows(sequences, self.special.endoftext)
+
+    # ------------------------------------------------------------------ running the model
+    def completion_logits(
+        self, model: Bagel, contexts: Sequence[Context], completions: CompletionBatch
+    ) -> CompletionLogits:
+        """float (B, N + 1, V) at each completion's ``<|im_start|>`` and token slots, and the row mask."""
+        rows = self._rows(contexts, completions.token_lists())
+        hidden = forward_rows(model, rows)  # (B, T, D)
+        width = int(completions.tokens.shape[1]) + 1
+        index = torch.zeros(len(contexts), width, dtype=torch.long)
+        for row, positions in enumerate(rows.logit_rows):
+            index[row, : len(positions)] = torch.tensor(positions)
+        index = index.to(hidden.device)
+        gathered = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, N + 1, D)
+        return CompletionLogits(model.lm_logits(gathered), completions.row_mask().to(hidden.device))
+
+    @torch.no_grad()
+    def start_decoding(self, model: Bagel, contexts: Sequence[Context], max_new_tokens: int) -> ThinkMorphDecodeState:
+        rows = self._rows(contexts, None)
+        parameter = next(model.parameters())
+        width = rows.token_ids.shape[1]
+        cache = KVCache(self.config.llm, len(contexts), width + max_new_tokens, parameter.device, parameter.dtype)
+        hidden = forward_rows(model, rows, cache)  # (B, T, D)
+        last = (rows.lengths - 1).to(hidden.device)
+        logits = model.lm_logits(hidden[torch.arange(len(contexts), device=hidden.device), last])  # (B, V)
+        return ThinkMorphDecodeState(model, cache, rows.next_positions.to(parameter.device), logits)
+
+    @torch.no_grad()
+    def decode_step(self, state: ThinkMorphDecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed int64 (B,) ``tokens``; return float (B, V) next-token logits."""
+        cache, model = state.cache, state.model
+        batch, start = tokens.shape[0], cache.length
+        device = state.next_positions.device
+        cache.valid[:, start] = True
+        mask = cache.valid[:, : start + 1].unsqueeze(1)  # (B, 1, S)
+        h = model.language_model.model.embed_tokens(tokens.view(batch, 1).to(device))
+        hidden = model.llm_forward(h, state.next_positions.view(batch, 1), mask, None, cache)
+        state.next_positions = state.next_positions + 1
+        state.logits = model.lm_logits(hidden[:, -1])
+        return state.logits
+
+    def image_skip_tokens(self, completion: Sequence[int]) -> list[int] | None:
+        """``<|im_end|> <|im_start|>`` after a round that asked for an image (ThinkMorph's tag).
+
+        Unlike the paper's sampler, the two injected tokens stay in the completion, so the
+        tokens sampled after them are scored in the context they were sampled in.
+        """
+        if IMAGE_REQUEST in self.decode(completion):
+            return [self.special.im_end, self.special.im_start]
+        return None
+
+    # ------------------------------------------------------------------ visual thoughts
+    def vae(self):
+        """The FLUX autoencoder: ``ae.safetensors`` of the checkpoint, or seeded random for other flavours."""
+        if self._vae is None:
+            from opsd_thinkmorph import vae as vae_module
+
+            flavour = "debug" if self.params.flavour == DEBUG else "7b"
+            if self.directory is not None:
+                self._vae = vae_module.load_vae(self.directory / "ae.safetensors", flavour, self.device, self.dtype)
+            else:
+                from diffusers import AutoencoderKL
+
+                generator_state = torch.random.get_rng_state()
+                torch.manual_seed(self.params.seed + 1)
+                self._vae = AutoencoderKL(**vae_module.flux_vae_config(flavour)).to(self.device, self.dtype).eval()
+                torch.random.set_rng_state(generator_state)
+        return self._vae
+
+    @torch.no_grad()
+    def generate_visual_thought(
+        self, model: Bagel, problems: Sequence[Problem], generator: torch.Generator | None = None
+    ) -> list:
+        """One PIL image per problem, drawn by the model's rectified flow with three-context guidance."""
+        from opsd_thinkmorph.visual_thought import draw_visual_thoughts
+
+        return draw_visual_thoughts(self, model, problems, generator)
+
+    # ------------------------------------------------------------------ parallelism and weights on disk
+    def parallelize(self, model: Bagel, mesh: Any, config: Any) -> Bagel:
+        """FSDP2 over ``mesh`` (HSDP when it has a replicate dimension); see :mod:`opsd_thinkmorph.parallelize`."""
+        from opsd_thinkmorph.parallelize import parallelize_bagel
+
+        return parallelize_bagel(model, mesh, config)
+
+    # ------------------------------------------------------------------ weights on disk
+    def save_pretrained(self, model: Bagel, directory: Path) -> None:
+        """Weights, configs, tokenizer and the VAE: a directory that loads alone."""
+        directory = Path(directory)
+        state_dict.save_checkpoint(model, self.config, directory, source=self.directory)
+        self.tokenizer.save(directory)
+        if not (directory / "ae.safetensors").exists() and self.config.visual_gen and self.directory is None:
+            from opsd_thinkmorph import vae as vae_module
+
+            vae_module.save_vae(self.vae(), directory / "ae.safetensors")
+
+    def load_weights(self, model: Bagel, directory: Path) -> None:
+        state_dict.load_into(model, Path(directory))
+
+
+def _table_like(model: Bagel, name: str) -> torch.Tensor:
+    """Recompute a sin-cos buffer after a meta-device build (buffers are not in the state dict)."""
+    from opsd_thinkmorph.model import sincos_2d
+
+    side = model.config.vit_max_patches_per_side if name == "vit_pos_table" else model.config.max_latent_size
+    return sincos_2d(side, model.config.llm.hidden_size)
+
+
+def _init_weights(model: Bagel) -> None:
+    """Random weights for the random flavours: N(0, 0.02) linears and embeddings, unit norms.
+
+    Generation twins get their own draws (no copy of the understanding weights), so a mix-up
+    between experts shows in tests.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)

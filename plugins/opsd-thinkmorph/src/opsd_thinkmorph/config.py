@@ -1,0 +1,87 @@
+"""Params of the ``thinkmorph`` backend.
+
+Owns: the fields, defaults and constraints of the backend's config section: where the weights
+are, which flavour to build, devices and dtypes, image sizes, and visual-thought generation
+settings.
+Does not know: torch or models; importing this module stays light (``opsd list``,
+``opsd validate``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from opsd_core.config.base import PluginParams
+
+CHECKPOINT = "checkpoint"
+DEBUG = "debug"
+RANDOM_7B = "7b-random"
+
+
+class ThinkMorphParams(PluginParams):
+    """ThinkMorph-7B (BAGEL-7B-MoT architecture) from a local directory, or a random-weight flavour."""
+
+    flavour: Literal["checkpoint", "debug", "7b-random"] = Field(
+        CHECKPOINT,
+        description="'checkpoint' loads `checkpoint`; 'debug' builds the same architecture at tiny sizes "
+        "with seeded random weights and a byte tokenizer (CPU tests); '7b-random' builds the full-size "
+        "architecture with random weights (GPU benchmarks).",
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="Directory in the released layout: llm_config.json, vit_config.json, model.safetensors "
+        "or ema.safetensors (or shards with their index), ae.safetensors and the Qwen2 tokenizer files.",
+        min_length=1,
+    )
+    weights_file: Literal["auto", "model", "ema"] = Field(
+        "auto",
+        description="Which weights to read: model.safetensors, ema.safetensors, or 'auto' (model when "
+        "present, else ema). Student and teacher always start from the same file.",
+    )
+    generation: bool = Field(
+        True,
+        description="Build the image-generation modules (needed to draw visual thoughts); false loads "
+        "understanding-only checkpoints that lack them.",
+    )
+    device: str = Field(
+        "cpu", description="torch device, e.g. 'cpu' or 'cuda:0'.", pattern=r"^(cpu|cuda(:\d+)?)$"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Parameter dtype of models built for inference and as training masters (training "
+        "mixes precision through train.mixed_precision on GPUs).",
+    )
+    seed: int = Field(0, description="Seed of the random-weight flavours.", ge=0)
+    vit_max_size: int = Field(980, description="ViT transform: longest image side in pixels.", ge=14)
+    vit_min_size: int = Field(378, description="ViT transform: shortest image side in pixels.", ge=14)
+    vit_max_pixels: int = Field(2_007_040, description="ViT transform: cap on pixels per image.", ge=196)
+    vae_max_size: int = Field(1024, description="VAE transform: longest image side in pixels.", ge=16)
+    vae_min_size: int = Field(512, description="VAE transform: shortest image side in pixels.", ge=16)
+    vt_text_scale: float = Field(4.0, description="Visual thoughts: text CFG scale (<= 1 disables guidance).", ge=0)
+    vt_image_scale: float = Field(2.0, description="Visual thoughts: image CFG scale (<= 1 disables it).", ge=0)
+    vt_interval: tuple[float, float] = Field(
+        (0.0, 1.0), description="Visual thoughts: guidance applies for timesteps lo < t <= hi."
+    )
+    vt_renorm: Literal["global", "channel", "text_channel"] = Field(
+        "text_channel", description="Visual thoughts: how guided velocities are renormalised."
+    )
+    vt_renorm_min: float = Field(0.0, description="Visual thoughts: lower clamp of the renorm factor.", ge=0)
+    vt_timesteps: int = Field(50, description="Visual thoughts: points of the flow schedule.", ge=2, le=1000)
+    vt_shift: float = Field(3.0, description="Visual thoughts: timestep shift of the schedule.", gt=0)
+    vt_max_size: int = Field(1024, description="Visual thoughts: longest side of a drawn image.", ge=16)
+
+    @model_validator(mode="after")
+    def _checkpoint_for_flavour(self) -> ThinkMorphParams:
+        if self.flavour == CHECKPOINT and self.checkpoint is None:
+            raise ValueError(
+                "backend.params.checkpoint is required with flavour 'checkpoint': the local ThinkMorph-7B "
+                "directory (nothing is downloaded); or set flavour = 'debug' for the tiny random model"
+            )
+        lo, hi = self.vt_interval
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"vt_interval must satisfy 0 <= lo <= hi <= 1, got {self.vt_interval}")
+        if self.vit_min_size > self.vit_max_size or self.vae_min_size > self.vae_max_size:
+            raise ValueError("image transforms: min sizes must not exceed max sizes")
+        return self

@@ -1,0 +1,75 @@
+"""The prompt texts of the Visual-OPSD recipe for ThinkMorph, and ThinkMorph's reasoning format.
+
+Owns: the system prompts (training and inference variants), the teacher's two framing texts
+(paper Appendix E), the plain-text reasoning markers ThinkMorph emits, the two output texts of
+a ThinkMorph training sample (the SFT control's targets), and the context builder that puts the
+texts in the paper's layout.
+Does not know: tokens or turn markers (the backend renders every text segment as
+``<|im_start|>text<|im_end|>``), images, or where problems come from.
+"""
+
+from __future__ import annotations
+
+from opsd_core.interfaces import PaperContextBuilder
+
+# ThinkMorph's reasoning vocabulary. These are ordinary text (each several BPE tokens), not the
+# tokenizer's special ``<|vision_start|>``/``<|vision_end|>`` markers. A turn ending with
+# IMAGE_START asks for a visual thought; the turn after the image begins with IMAGE_END.
+THINK_START = "<think>"
+THINK_END = "</think>"
+IMAGE_START = "<image_start>"
+IMAGE_END = "<image_end>"
+ANSWER_START = "<answer>"
+ANSWER_END = "</answer>"
+
+# The paper does not print this text; it is the training copy of ThinkMorph's "think" prompt
+# as the paper's packer holds it (official-repo.md section 3.5): one line, no surrounding
+# newlines, a space in "i.e. <answer>". Its "</image_end>" (where the model emits "<image_end>")
+# is the wording the model was trained with, so it stays.
+SYSTEM_PROMPT = (
+    "Let's think step by step to answer the question. For text-based thinking, enclose the process within "
+    "<think> </think>, e.g. <think> thinking process here </think>. For visual thinking, enclose the content "
+    "within <image_start> </image_end>, e.g. <image_start> thinking image here </image_end>. Finally conclude "
+    "with the final answer wrapped in <answer></answer> tags, i.e. <answer> answer here </answer>."
+)
+"""The system segment of the student and teacher contexts in training, the KL diagnostic and our
+evaluation (the first segment of both)."""
+
+# bagel-architecture.md section 7.3: the same sentence wrapped in newlines, "i.e.<answer>" with
+# no space.
+INFERENCE_SYSTEM_PROMPT = "\n" + SYSTEM_PROMPT.replace("i.e. <answer>", "i.e.<answer>") + "\n"
+"""The system prompt as ThinkMorph's inferencer and the paper's evaluation harness send it: pass
+it to :func:`context_builder` to reproduce the harness's figures; training uses SYSTEM_PROMPT."""
+
+# Paper Appendix E, verbatim. The paper prints each inside typographic quotes on one line; the
+# quotes are not part of the prompt, and we add no newline before or after (each text is its own
+# segment, so the backend's turn markers already separate it from its neighbours).
+REF_INTRO = (
+    "The following images are privileged visual references that depict the intermediate visual thoughts on the "
+    "path to the correct answer. Use them silently as grounding context; do not describe or echo them."
+)
+"""Teacher context only: placed right before the privileged visual-thought image(s)."""
+
+TRANSITION = "Now, using your own independent reasoning, answer the problem above. Think step by step."
+"""Teacher context only: placed after the visual thought(s), right before the scored completion."""
+
+
+def context_builder(system_prompt: str = SYSTEM_PROMPT) -> PaperContextBuilder:
+    """The paper's layout with these texts.
+
+    student = [system, problem image, question];
+    teacher = student + [REF_INTRO, visual thought, TRANSITION].
+    """
+    return PaperContextBuilder(system_prompt=system_prompt, ref_intro=REF_INTRO, transition=TRANSITION)
+
+
+def thinkmorph_target(thought_0: str, thought_1: str, answer: str) -> tuple[str, str]:
+    """ThinkMorph's two output texts of a training row (the visual thought goes between them).
+
+    Returns ``("<think>{thought_0}</think><image_start>",
+    "<image_end><think>{thought_1}</think><answer>{answer}</answer>")``; the pieces are
+    inserted as given, without stripping.
+    """
+    first = f"{THINK_START}{thought_0}{THINK_END}{IMAGE_START}"
+    second = f"{IMAGE_END}{THINK_START}{thought_1}{THINK_END}{ANSWER_START}{answer}{ANSWER_END}"
+    return first, second

@@ -1,0 +1,76 @@
+"""The thinkmorph backend on its debug flavour: the backend contract, cached decoding, checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+from opsd_core.testing.backend_contract import check_backend_contract
+from opsd_core.types import Problem
+from opsd_thinkmorph.backend import ThinkMorphBackend
+from opsd_thinkmorph.config import ThinkMorphParams
+
+SMALL_IMAGES = dict(vit_max_size=56, vit_min_size=28, vae_max_size=64, vae_min_size=32)
+
+
+def debug_backend(**overrides) -> ThinkMorphBackend:
+    return ThinkMorphBackend(ThinkMorphParams(flavour="debug", **{**SMALL_IMAGES, **overrides}))
+
+
+def problems(count: int = 3) -> list[Problem]:
+    generator = torch.Generator().manual_seed(0)
+    sides = [(28, 42), (42, 28), (56, 56)]
+    return [
+        Problem(
+            id=f"p{i}",
+            image=torch.rand(3, *sides[i % 3], generator=generator),
+            question=f"which way to the goal {i}?",
+            visual_thought=torch.rand(3, 42, 42, generator=generator),
+        )
+        for i in range(count)
+    ]
+
+
+def test_backend_contract(tmp_path):
+    check_backend_contract(debug_backend(), problems(), tmp_path, max_tokens=8)
+
+
+def test_random_flavour_is_seeded():
+    first, second = debug_backend().build_model(), debug_backend().build_model()
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    other = debug_backend(seed=1).build_model()
+    assert not torch.equal(first.connector.fc1.weight, other.connector.fc1.weight)
+
+
+def test_saved_checkpoint_loads_alone(tmp_path):
+    backend = debug_backend()
+    model = backend.build_model()
+    backend.save_pretrained(model, tmp_path / "ckpt")
+    names = {path.name for path in (tmp_path / "ckpt").iterdir()}
+    assert {"model.safetensors", "llm_config.json", "vit_config.json", "ae.safetensors"} <= names
+    reloaded_backend = ThinkMorphBackend(ThinkMorphParams(checkpoint=str(tmp_path / "ckpt"), **SMALL_IMAGES))
+    reloaded = reloaded_backend.build_model()
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert reloaded_backend.vocabulary == backend.vocabulary
+    assert reloaded_backend.encode("move left") == backend.encode("move left")
+
+
+def test_image_skip_keeps_the_injected_turn_markers():
+    backend = debug_backend()
+    asks = backend.encode("<think>go</think><image_start>")
+    assert backend.image_skip_tokens(asks) == [backend.special.im_end, backend.special.im_start]
+    assert backend.image_skip_tokens(backend.encode("<answer>A</answer>")) is None
+
+
+def test_visual_thoughts_are_drawn_per_problem(tmp_path):
+    backend = debug_backend(vt_timesteps=4)
+    model = backend.build_model().eval()
+    batch = problems(3)
+    images = backend.generate_visual_thought(model, batch, torch.Generator().manual_seed(0))
+    assert len(images) == 3
+    for problem, image in zip(batch, images):
+        expected = backend.vae_transform.target_size(problem.image.shape[2], problem.image.shape[1])
+        assert image.size == expected
+    again = backend.generate_visual_thought(model, batch, torch.Generator().manual_seed(0))
+    assert all(list(a.getdata()) == list(b.getdata()) for a, b in zip(images, again))
