@@ -1,85 +1,109 @@
 """The ``tiny-umm`` backend: the Backend interface over the tiny UMM.
 
-Owns: rendering contexts into token and patch sequences (``<bos>``, text words, image blocks
-``<img> 25 patches </img>``, then ``<ans>`` opens the completion), batching with left-padded
-prompts so every row's completion starts in the same column, completion-row logits, KV-cached
-decoding, and the self-contained checkpoint directory (model.safetensors, config.json,
-vocab.json).
+Owns: rendering contexts into token and patch rows (``<bos>``; the system text after
+``<sys>``; other texts as plain words; each image as ``<img>``, one ``<imgp>`` patch per grid
+cell, ``</img>``; then ``<ans>`` opens the completion), the pixel normalisation, batching
+(prompts left-padded so every row's completion starts in the same column, completions
+right-padded, positions counted per row so a batched row equals the row alone), completion-row
+logits, KV-cached decoding, and saving/loading through :mod:`opsd_tiny.state_dict`.
 Does not know: losses, teachers or sampling policy.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from opsd_core.errors import CapabilityError, CheckpointError
-from opsd_core.interfaces import Backend, DecodeState
-from opsd_core.types import CompletionBatch, CompletionLogits, Context, ImageSegment, TextSegment, Vocabulary
+from opsd_core.errors import CapabilityError
+from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
+from opsd_core.types import SYSTEM, CompletionBatch, CompletionLogits, Context, ImageSegment, TextSegment, Vocabulary
 from opsd_tiny import context as prompts
-from opsd_tiny.config import SHIPPED_CHECKPOINT, TinyBackendParams
+from opsd_tiny import state_dict
+from opsd_tiny.config import RANDOM_WEIGHTS, SHIPPED_CHECKPOINT, TinyBackendParams
 from opsd_tiny.model import KVCache, ModelInputs, TinyConfig, TinyUMM
-from opsd_tiny.vocab import ANSWER, BOS, EOS, IMAGE_CLOSE, IMAGE_OPEN, IMAGE_PATCH, PAD, Vocab
+from opsd_tiny.vocab import ANSWER, BOS, EOS, IMAGE_CLOSE, IMAGE_OPEN, IMAGE_PATCH, PAD, SYSTEM_OPEN, Vocab
 
-WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
-GRID, CELL_PIXELS = 5, 8
+DEFAULT_GRID = 5
 
 
 @dataclass
-class _Rendered:
-    """One context as model input rows: token ids, patch cell and image block number per
-    position, and each image's patch pixels with the position of its first patch."""
+class RenderedContext:
+    """One context as model input: per position its token id, patch cell (-1: no patch) and
+    image block (0: none); ``images`` holds each image's float32 (cells, P) patch pixels with
+    the position of its first patch."""
 
-    tokens: list[int]
-    cells: list[int]
-    blocks: list[int]
-    images: list[tuple[int, torch.Tensor]]
+    tokens: list[int] = field(default_factory=list)
+    patch_cells: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    images: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+    def extend(self, tokens: Sequence[int], patch_cells: Sequence[int] | None = None, block: int = 0) -> None:
+        self.tokens += tokens
+        self.patch_cells += patch_cells if patch_cells is not None else [-1] * len(tokens)
+        self.blocks += [block] * len(tokens)
 
 
 class TinyDecodeState(DecodeState):
-    def __init__(self, cache: KVCache, next_positions: torch.Tensor, logits: torch.Tensor, model: TinyUMM):
-        self.cache, self.next_positions, self.logits, self.model = cache, next_positions, logits, model
+    """KV cache of a batch being decoded.
+
+    Attributes:
+        logits: float (B, V), the next-token logits after the last step.
+        next_positions: int64 (B,), the position id of each row's next token.
+    """
+
+    def __init__(self, model: TinyUMM, cache: KVCache, next_positions: torch.Tensor, logits: torch.Tensor):
+        self.model, self.cache, self.next_positions, self.logits = model, cache, next_positions, logits
 
 
 class TinyBackend(Backend):
-    """The embedded default's model family."""
+    """The embedded default's model family: :class:`TinyUMM` with its word vocabulary."""
 
     def __init__(self, params: TinyBackendParams | None = None):
         self.params = params or TinyBackendParams()
-        self.directory: Path | None = None
-        if self.params.checkpoint == "random":
-            self.vocab = Vocab.for_grid(GRID)
-            self.config = TinyConfig(vocab_size=len(self.vocab))
+        if self.params.threads is not None:
+            torch.set_num_threads(self.params.threads)
+        self.device = torch.device(self.params.device)
+        if self.params.checkpoint == RANDOM_WEIGHTS:
+            self.directory: Path | None = None
+            self.vocab = Vocab.for_grid(DEFAULT_GRID)
+            self.config = TinyConfig(vocab_size=len(self.vocab), grid_size=DEFAULT_GRID)
         else:
             self.directory = Path(self.params.checkpoint) if self.params.checkpoint else SHIPPED_CHECKPOINT
-            self.vocab, self.config = read_checkpoint_metadata(self.directory)
+            self.config, self.vocab, _ = state_dict.read_metadata(self.directory)
+        ids = self.vocab.ids
         self._vocabulary = Vocabulary(
             size=len(self.vocab),
-            eos_id=self.vocab.id(EOS),
-            pad_id=self.vocab.id(PAD),
+            eos_id=ids[EOS],
+            pad_id=ids[PAD],
             valid_size=len(self.vocab),
-            special={name: self.vocab.id(token) for name, token in
-                     (("bos", BOS), ("image_open", IMAGE_OPEN), ("image_close", IMAGE_CLOSE), ("answer", ANSWER))},
+            special={
+                "bos": ids[BOS],
+                "system": ids[SYSTEM_OPEN],
+                "image_start": ids[IMAGE_OPEN],
+                "image_end": ids[IMAGE_CLOSE],
+                "image_patch": ids[IMAGE_PATCH],
+                "answer": ids[ANSWER],
+            },
         )
 
-    # ------------------------------------------------------------------ identity
+    # ------------------------------------------------------------------ vocabulary and images
     @property
     def vocabulary(self) -> Vocabulary:
         return self._vocabulary
 
     def build_model(self) -> TinyUMM:
+        """A :class:`TinyUMM` on ``params.device``, with the checkpoint's weights (or random ones)."""
         model = TinyUMM(self.config)
         if self.directory is not None:
-            self.load_weights(model, self.directory)
-        return model
+            state_dict.load_state(model, self.directory)
+        return model.to(self.device)
 
-    def context_builder(self):
+    def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()
 
     def encode(self, text: str) -> list[int]:
@@ -88,65 +112,88 @@ class TinyBackend(Backend):
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.vocab.decode(token_ids)
 
-    def preprocess_image(self, image) -> torch.Tensor:
-        """float32 (3, 40, 40) in [-1, 1], the normalised pixel space the model reads (as in
-        BAGEL's ViT), so that an N(0, 1) noise image has the scale of a real one."""
-        if isinstance(image, torch.Tensor):
-            pixels = image.detach().float().cpu()
+    def preprocess_image(self, image: Any) -> torch.Tensor:
+        """float32 (3, side, side) in [-1, 1]: ``2 * pixels - 1`` of the [0, 1] image.
+
+        Centring matters: with raw [0, 1] pixels the common ice colour dominates every patch and
+        the model learns to read the image far later; it also puts the noise control's N(0, 1)
+        pixels on the scale of real ones, as BAGEL's ViT normalisation does. A PIL image of
+        another size is box-resized to side x side (undoing nearest-neighbour enlargement).
+        """
+        side = self.config.image_side
+        if hasattr(image, "convert"):
+            from PIL import Image
+
+            picture = image.convert("RGB")
+            if picture.size != (side, side):
+                picture = picture.resize((side, side), Image.BOX)
+            pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).transpose(2, 0, 1) / 255.0)
         else:
-            pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0)
-        side = GRID * CELL_PIXELS
+            pixels = torch.as_tensor(image).detach().to("cpu", torch.float32)
         if tuple(pixels.shape) != (3, side, side):
-            raise ValueError(f"tiny-umm images must be (3, {side}, {side}), got {tuple(pixels.shape)}")
+            raise ValueError(f"tiny-umm reads images of shape (3, {side}, {side}), got {tuple(pixels.shape)}")
         return pixels * 2.0 - 1.0
 
     # ------------------------------------------------------------------ rendering
-    def _render(self, context: Context) -> _Rendered:
-        rendered = _Rendered([self.vocab.id(BOS)], [0], [0], [])
-        block = 0
+    def render(self, context: Context) -> RenderedContext:
+        """The token, patch and block rows of ``context``, ending with ``<ans>``."""
+        ids, config = self.vocab.ids, self.config
+        rendered = RenderedContext()
+        rendered.extend([ids[BOS]])
+        images = 0
         for segment in context.segments:
             if isinstance(segment, TextSegment):
-                ids = self.encode(segment.text)
-                rendered.tokens += ids
-                rendered.cells += [0] * len(ids)
-                rendered.blocks += [0] * len(ids)
-                continue
-            if not isinstance(segment, ImageSegment):
-                raise TypeError(f"unknown segment type {type(segment).__name__}")
-            block += 1
-            pixels = segment.pixels if segment.pixels is not None else self.preprocess_image(segment.image)
-            patches = pixels.reshape(3, GRID, CELL_PIXELS, GRID, CELL_PIXELS).permute(1, 3, 0, 2, 4)
-            patches = patches.reshape(GRID * GRID, -1)  # (25, P)
-            rendered.images.append((len(rendered.tokens) + 1, patches))
-            rendered.tokens += [self.vocab.id(IMAGE_OPEN)] + [self.vocab.id(IMAGE_PATCH)] * len(patches) + [self.vocab.id(IMAGE_CLOSE)]
-            rendered.cells += [0] + list(range(len(patches))) + [0]
-            rendered.blocks += [block] * (len(patches) + 2)
-        rendered.tokens.append(self.vocab.id(ANSWER))
-        rendered.cells.append(0)
-        rendered.blocks.append(0)
+                opener = [ids[SYSTEM_OPEN]] if segment.name == SYSTEM else []
+                rendered.extend(opener + self.encode(segment.text))
+            elif isinstance(segment, ImageSegment):
+                images += 1
+                pixels = segment.pixels if segment.pixels is not None else self.preprocess_image(segment.image)
+                rendered.images.append((len(rendered.tokens) + 1, self._patches(pixels)))
+                cells = config.patches_per_image
+                rendered.extend(
+                    [ids[IMAGE_OPEN]] + [ids[IMAGE_PATCH]] * cells + [ids[IMAGE_CLOSE]],
+                    [-1, *range(cells), -1],
+                    block=images,
+                )
+            else:
+                raise TypeError(f"tiny-umm cannot render a segment of type {type(segment).__name__}")
+        rendered.extend([ids[ANSWER]])
         return rendered
 
-    def context_length(self, context: Context) -> int:
-        return len(self._render(context).tokens)
+    def _patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float32 (cells, P) row-major grid-cell patches of float (3, side, side) ``pixels``."""
+        grid, size = self.config.grid_size, self.config.cell_pixels
+        if tuple(pixels.shape) != (3, grid * size, grid * size):
+            raise ValueError(
+                f"image pixels must have shape (3, {grid * size}, {grid * size}), got {tuple(pixels.shape)}"
+            )
+        patches = pixels.detach().to("cpu", torch.float32).reshape(3, grid, size, grid, size)
+        return patches.permute(1, 3, 0, 2, 4).reshape(grid * grid, -1)  # (cells, 3 * size * size)
 
-    def _inputs(
-        self, contexts: Sequence[Context], completions: CompletionBatch | None, device: torch.device
+    def context_length(self, context: Context) -> int:
+        return len(self.render(context).tokens)
+
+    def model_inputs(
+        self, contexts: Sequence[Context], completions: CompletionBatch | None, device: torch.device, dtype: torch.dtype
     ) -> tuple[ModelInputs, int]:
-        """Left-padded prompts followed by right-padded completions; returns the inputs and the
-        prompt width (the column after each row's ``<ans>``)."""
-        rendered = [self._render(context) for context in contexts]
-        width = max(len(r.tokens) for r in rendered)
-        extra = 0 if completions is None else completions.tokens.shape[1]
+        """Left-padded prompts followed by right-padded completion tokens.
+
+        Returns the inputs (B, W + N) and W, the prompt width: column W - 1 holds every row's
+        ``<ans>``, so the completion rows of all contexts are columns W - 1 .. W - 1 + N.
+        """
+        rendered = [self.render(context) for context in contexts]
+        width = max(len(item.tokens) for item in rendered)
+        extra = 0 if completions is None else int(completions.tokens.shape[1])
         batch, total = len(rendered), width + extra
         tokens = torch.full((batch, total), self.vocabulary.pad_id, dtype=torch.long)
         patches = torch.zeros(batch, total, self.config.patch_dim)
-        cells = torch.zeros(batch, total, dtype=torch.long)
+        patch_cells = torch.full((batch, total), -1, dtype=torch.long)
         blocks = torch.zeros(batch, total, dtype=torch.long)
         valid = torch.zeros(batch, total, dtype=torch.bool)
         for row, item in enumerate(rendered):
             offset = width - len(item.tokens)
             tokens[row, offset:width] = torch.tensor(item.tokens)
-            cells[row, offset:width] = torch.tensor(item.cells)
+            patch_cells[row, offset:width] = torch.tensor(item.patch_cells)
             blocks[row, offset:width] = torch.tensor(item.blocks)
             valid[row, offset:width] = True
             for first, pixels in item.images:
@@ -154,46 +201,50 @@ class TinyBackend(Backend):
         if completions is not None:
             tokens[:, width:] = completions.tokens.cpu()
             valid[:, width:] = torch.arange(extra).unsqueeze(0) < completions.lengths.cpu().unsqueeze(1)
-        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        if int(positions.max()) >= self.config.max_positions:
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, W + N), per-row count
+        needed = int(positions.max()) + 1
+        if needed > self.config.max_positions:
             raise CapabilityError(
-                f"tiny-umm handles at most {self.config.max_positions} positions; this batch needs "
-                f"{int(positions.max()) + 1} (lower sampling.max_completion_tokens)"
+                f"tiny-umm handles {self.config.max_positions} positions; this batch needs {needed} "
+                "(lower sampling.max_completion_tokens)"
             )
-        inputs = ModelInputs(tokens, positions, patches, cells, blocks, valid)
-        return ModelInputs(*(getattr(inputs, name).to(device) for name in inputs.__dataclass_fields__)), width
+        inputs = ModelInputs(tokens, positions, patches.to(dtype), patch_cells, blocks, valid)
+        return inputs.to(device), width
 
-    # ------------------------------------------------------------------ model calls
-    def completion_logits(self, model: TinyUMM, contexts: Sequence[Context], completions: CompletionBatch) -> CompletionLogits:
-        device = next(model.parameters()).device
-        inputs, width = self._inputs(contexts, completions, device)
-        logits = model(inputs)  # (B, T, V)
-        rows = logits[:, width - 1 : width + completions.tokens.shape[1]]  # (B, N+1, V)
-        return CompletionLogits(rows, completions.row_mask().to(device))
+    # ------------------------------------------------------------------ running the model
+    def completion_logits(
+        self, model: TinyUMM, contexts: Sequence[Context], completions: CompletionBatch
+    ) -> CompletionLogits:
+        """float (B, N + 1, V) logits at each context's completion rows, and the row mask."""
+        parameter = next(model.parameters())
+        inputs, width = self.model_inputs(contexts, completions, parameter.device, parameter.dtype)
+        logits = model(inputs)  # (B, W + N, V)
+        rows = logits[:, width - 1 : width + completions.tokens.shape[1]]  # (B, N + 1, V)
+        return CompletionLogits(rows, completions.row_mask().to(parameter.device))
 
     def start_decoding(self, model: TinyUMM, contexts: Sequence[Context], max_new_tokens: int) -> TinyDecodeState:
-        device = next(model.parameters()).device
-        inputs, width = self._inputs(contexts, None, device)
-        longest = int(inputs.positions[:, -1].max()) + 1 + max_new_tokens
-        if longest > self.config.max_positions:
+        parameter = next(model.parameters())
+        inputs, width = self.model_inputs(contexts, None, parameter.device, parameter.dtype)
+        longest = int(inputs.positions[:, -1].max()) + 1
+        if longest + max_new_tokens > self.config.max_positions:
             raise CapabilityError(
-                f"tiny-umm handles at most {self.config.max_positions} positions; a {width}-position prompt "
-                f"plus {max_new_tokens} new tokens does not fit (lower the completion cap)"
+                f"tiny-umm handles {self.config.max_positions} positions; a {longest}-position prompt plus "
+                f"{max_new_tokens} new tokens does not fit (lower the completion cap)"
             )
-        cache = KVCache(len(contexts), self.config, width + max_new_tokens, device, next(model.parameters()).dtype)
+        cache = KVCache(len(contexts), self.config, width + max_new_tokens, parameter.device, parameter.dtype)
         logits = model(inputs, cache)[:, -1]  # (B, V)
-        return TinyDecodeState(cache, inputs.positions[:, -1] + 1, logits, model)
+        return TinyDecodeState(model, cache, inputs.positions[:, -1] + 1, logits)
 
     def decode_step(self, state: TinyDecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed int64 (B,) ``tokens``; return float (B, V) next-token logits."""
         batch = tokens.shape[0]
         device = state.next_positions.device
-        zeros = torch.zeros(batch, 1, dtype=torch.long, device=device)
         inputs = ModelInputs(
             tokens=tokens.view(batch, 1).to(device),
             positions=state.next_positions.view(batch, 1),
-            patches=torch.zeros(batch, 1, self.config.patch_dim, device=device),
-            patch_cells=zeros,
-            image_blocks=zeros,
+            patches=torch.zeros(batch, 1, self.config.patch_dim, device=device, dtype=state.cache.keys[0].dtype),
+            patch_cells=torch.full((batch, 1), -1, dtype=torch.long, device=device),
+            image_blocks=torch.zeros(batch, 1, dtype=torch.long, device=device),
             valid=torch.ones(batch, 1, dtype=torch.bool, device=device),
         )
         state.logits = state.model(inputs, state.cache)[:, -1]
@@ -201,52 +252,10 @@ class TinyBackend(Backend):
         return state.logits
 
     # ------------------------------------------------------------------ weights on disk
-    def save_pretrained(self, model: TinyUMM, directory: Path, metadata: dict | None = None) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: tensor.detach().float().contiguous().cpu() for name, tensor in model.state_dict().items()}
-        save_file(tensors, directory / WEIGHTS)
-        config = {"architecture": model.config.to_dict(), **(metadata or {})}
-        (directory / CONFIG).write_text(json.dumps(config, indent=2))
-        (directory / VOCAB).write_text(json.dumps(self.vocab.tokens))
+    def save_pretrained(self, model: TinyUMM, directory: Path, metadata: dict[str, Any] | None = None) -> None:
+        """Write ``model.safetensors`` (fp32), ``config.json`` (architecture plus ``metadata``)
+        and ``vocab.json`` to ``directory``."""
+        state_dict.write_checkpoint(model, model.config, self.vocab, Path(directory), metadata)
 
     def load_weights(self, model: TinyUMM, directory: Path) -> None:
-        directory = Path(directory)
-        path = directory / WEIGHTS
-        if not path.is_file():
-            raise CheckpointError(
-                f"{str(directory)!r} is not a tiny-umm checkpoint: expected {WEIGHTS}, {CONFIG} and {VOCAB} there"
-            )
-        try:
-            tensors = load_file(path)
-        except Exception as error:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
-        expected = model.state_dict()
-        missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-        for name, tensor in tensors.items():
-            if tensor.shape != expected[name].shape:
-                raise CheckpointError(
-                    f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
-                )
-        with torch.no_grad():
-            for name, target in expected.items():
-                target.copy_(tensors[name])
-
-
-def read_checkpoint_metadata(directory: Path) -> tuple[Vocab, TinyConfig]:
-    """The vocabulary and architecture of a checkpoint directory, with a clear error when
-    files are missing."""
-    missing = [name for name in (WEIGHTS, CONFIG, VOCAB) if not (directory / name).is_file()]
-    if missing:
-        raise CheckpointError(
-            f"{str(directory)!r} is not a tiny-umm checkpoint: missing {', '.join(missing)} (expected "
-            f"{WEIGHTS}, {CONFIG}, {VOCAB}; make one with `python -m opsd_tiny.pretrain --out DIR`)"
-        )
-    vocab = Vocab(json.loads((directory / VOCAB).read_text()))
-    architecture = json.loads((directory / CONFIG).read_text())["architecture"]
-    config = TinyConfig(**architecture)
-    if config.vocab_size != len(vocab):
-        raise CheckpointError(f"{directory}: config vocab_size {config.vocab_size} != {len(vocab)} tokens in {VOCAB}")
-    return vocab, config
+        state_dict.load_state(model, Path(directory))

@@ -1,4 +1,10 @@
-"""Params of the tiny backend and the frozen-lake task (torch-free)."""
+"""Params of the ``tiny-umm`` backend and the ``frozen-lake`` task.
+
+Owns: the fields, defaults and constraints of the plugin's config sections, and where the
+shipped checkpoint lives.
+Does not know: torch or models; importing this module stays light (``opsd list``,
+``opsd validate``).
+"""
 
 from __future__ import annotations
 
@@ -6,32 +12,55 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from opsd_core.config import PluginParams
+from opsd_core.config.base import PluginParams
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "frozen-lake"
+RANDOM_WEIGHTS = "random"
 
 
 class TinyBackendParams(PluginParams):
-    """The tiny UMM: where its weights are."""
+    """The tiny UMM: where its weights come from and where it runs."""
 
     checkpoint: str | None = Field(
         None,
-        description="Directory with model.safetensors, config.json and vocab.json (None: the shipped "
-        "pretrained frozen-lake checkpoint). Use `random` for fresh random weights of the default size.",
+        description="Checkpoint directory holding model.safetensors, config.json and vocab.json; None "
+        "loads the pretrained frozen-lake checkpoint shipped in the package; 'random' builds fresh "
+        "random weights of the default architecture (pretraining, tests).",
+        min_length=1,
+    )
+    device: str = Field(
+        "cpu",
+        description="torch device the model is built on, e.g. 'cpu' or 'cuda:0'.",
+        pattern=r"^(cpu|cuda(:\d+)?|mps)$",
+    )
+    threads: int | None = Field(
+        None,
+        description="torch CPU threads to use (torch.set_num_threads); None leaves torch's setting.",
+        ge=1,
+        le=512,
     )
 
 
 class FrozenLakeParams(PluginParams):
     """Procedural frozen-lake maps; the defaults are those the shipped checkpoint was trained on."""
 
-    size: int = Field(5, description="Grid side length (cells).", ge=3, le=8)
-    hole_probability: float = Field(0.3, description="Probability that a cell is a hole.", ge=0.0, lt=0.7)
-    min_path: int = Field(4, description="Shortest S-to-G path must have at least this many moves.", ge=1)
-    max_path: int = Field(10, description="Shortest S-to-G path must have at most this many moves.", ge=1)
-    cell_pixels: int = Field(8, description="Pixels per cell side in the rendered images.", ge=4)
-    pixel_noise: float = Field(0.03, description="Std of the Gaussian pixel noise added to rendered images.", ge=0.0)
-    eval_size: int = Field(1000, description="Number of fixed evaluation problems.", ge=1)
-    eval_seed: int = Field(12345, description="Seed of the evaluation problems.", ge=0)
+    size: int = Field(5, description="Grid side length in cells (tiny-umm reads 5x5 grids).", ge=3, le=8)
+    hole_probability: float = Field(0.3, description="Probability that a cell is a hole.", ge=0.0, le=0.6)
+    min_path: int = Field(4, description="Fewest moves of the shortest S-to-G path.", ge=1, le=40)
+    max_path: int = Field(10, description="Most moves of the shortest S-to-G path.", ge=1, le=40)
+    cell_pixels: int = Field(8, description="Pixels per cell side in the rendered images.", ge=4, le=32)
+    pixel_noise: float = Field(
+        0.03, description="Standard deviation of the Gaussian pixel noise of both images.", ge=0.0, le=0.5
+    )
+    eval_size: int = Field(1000, description="Number of fixed evaluation problems.", ge=1, le=100_000)
+    eval_seed: int = Field(12345, description="Seed of the fixed evaluation problems.", ge=0)
+    detour_probability: float = Field(
+        0.5,
+        description="Probability that a pretraining trace takes one random non-optimal move (not "
+        "trained on) and then the canonical path from where it landed; only pretraining data uses it.",
+        ge=0.0,
+        le=1.0,
+    )
 
     @model_validator(mode="after")
     def _path_bounds(self) -> FrozenLakeParams:

@@ -1,7 +1,10 @@
-"""The prompt texts of the tiny UMM's contexts, in its small vocabulary.
+"""The prompt texts of the tiny UMM's contexts, in its word vocabulary.
 
 Owns: the texts of the paper's segments at toy scale (system, question, ref_intro,
-transition); the layout itself is the core's PaperContextBuilder.
+transition).
+Does not know: the layout (the core's ``PaperContextBuilder``: student = system, problem
+image, question; teacher adds ref_intro, visual thought, transition) or how segments become
+tokens (the backend).
 """
 
 from opsd_core.interfaces import PaperContextBuilder
@@ -13,4 +16,5 @@ TRANSITION = "now answer :"
 
 
 def context_builder() -> PaperContextBuilder:
+    """The paper's student/teacher layout with the tiny prompt texts."""
     return PaperContextBuilder(system_prompt=SYSTEM, ref_intro=REF_INTRO, transition=TRANSITION)

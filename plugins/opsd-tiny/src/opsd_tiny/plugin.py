@@ -1,4 +1,9 @@
-"""Hook implementations of the tiny plugin (imports no torch)."""
+"""Hook implementations of the tiny plugin: backend ``tiny-umm`` and task ``frozen-lake``.
+
+Owns: the registry names, their params models and one-line descriptions.
+Does not know: torch or model code; factories are ``"module:attr"`` strings resolved on first
+use, so ``opsd list`` stays light.
+"""
 
 from opsd_core.hookspecs import hookimpl
 
@@ -11,7 +16,7 @@ def register_backends(registry):
         "tiny-umm",
         "opsd_tiny.backend:TinyBackend",
         TinyBackendParams,
-        description="~0.86M-parameter patch-token UMM with a shipped frozen-lake checkpoint (CPU).",
+        description="855k-parameter patch-token UMM with a shipped frozen-lake checkpoint (runs on a CPU).",
     )
 
 
@@ -21,5 +26,5 @@ def register_tasks(registry):
         "frozen-lake",
         "opsd_tiny.task:FrozenLakeTask",
         FrozenLakeParams,
-        description="Procedural 5x5 frozen-lake navigation; the visual thought is the drawn path.",
+        description="Procedural 5x5 frozen-lake navigation; the visual thought is the shortest path drawn.",
     )

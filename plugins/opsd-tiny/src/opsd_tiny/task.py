@@ -2,10 +2,11 @@
 reference traces and the scorer.
 
 Owns: map generation (holes, start S, goal G, shortest path within bounds), the canonical
-shortest path (first optimal move in the order R > D > L > U), rendering, the completion
-format ``R c7 D c12 ...`` (each move followed by the cell it reaches), and scoring a response
-by simulating its moves.
-Does not know: models, tokens or contexts.
+shortest path (the first optimal move in the order R > D > L > U), detour traces for
+pretraining, rendering, the completion format ``R c7 D c12 ...`` (each move followed by the
+cell it reaches) and scoring a response by walking its moves.
+Does not know: models, tokenizers or contexts. Problem i of a stream depends only on (seed, i),
+so a stream can restart at any position.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -24,141 +26,222 @@ from opsd_tiny.config import FrozenLakeParams
 from opsd_tiny.context import QUESTION
 from opsd_tiny.vocab import MOVES, cell_token
 
+Cell = tuple[int, int]
+Step = tuple[str, Cell]  # a move and the cell it reaches
+
 STEPS = {"R": (0, 1), "D": (1, 0), "L": (0, -1), "U": (-1, 0)}
-ICE, HOLE, START, GOAL, PATH = (0.85, 0.92, 1.0), (0.05, 0.10, 0.40), (0.10, 0.75, 0.20), (1.0, 0.85, 0.10), (0.90, 0.10, 0.10)
+ICE, HOLE = (0.85, 0.92, 1.0), (0.05, 0.10, 0.40)
+START, GOAL, PATH = (0.10, 0.75, 0.20), (1.0, 0.85, 0.10), (0.90, 0.10, 0.10)
+GRID_LINE_SHADE = 0.9
+# Stream tags keep the training, evaluation and pretraining problems of one seed apart.
+SPLITS = {"train": 0, "eval": 1, "pretrain": 2}
+MAX_MAP_ATTEMPTS = 10_000
 
 
-@dataclass(frozen=True)
+def neighbour(cell: Cell, move: str) -> Cell:
+    step = STEPS[move]
+    return (cell[0] + step[0], cell[1] + step[1])
+
+
+@dataclass(frozen=True, eq=False)
 class LakeMap:
-    """One map: ``holes`` is a (size, size) bool array; cells are (row, column)."""
+    """One map. ``holes`` is a bool (size, size) array; cells are (row, column)."""
 
     holes: np.ndarray
-    start: tuple[int, int]
-    goal: tuple[int, int]
+    start: Cell
+    goal: Cell
 
     @property
     def size(self) -> int:
         return int(self.holes.shape[0])
 
-    def free(self, cell: tuple[int, int]) -> bool:
+    def free(self, cell: Cell) -> bool:
+        """On the board and not a hole."""
         row, column = cell
         return 0 <= row < self.size and 0 <= column < self.size and not self.holes[row, column]
 
-    def cell_index(self, cell: tuple[int, int]) -> int:
+    def cell_index(self, cell: Cell) -> int:
         return cell[0] * self.size + cell[1]
+
+    def rows(self) -> tuple[str, ...]:
+        """The map as rows of S (start), G (goal), H (hole) and F (frozen), as in Gym's FrozenLake."""
+        letters = np.where(self.holes, "H", "F")
+        letters[self.start], letters[self.goal] = "S", "G"
+        return tuple("".join(row) for row in letters)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[str]) -> LakeMap:
+        letters = np.array([list(row) for row in rows])
+        start, goal = (tuple(int(v) for v in np.argwhere(letters == mark)[0]) for mark in "SG")
+        return cls(letters == "H", start, goal)
 
     @cached_property
     def distance_to_goal(self) -> np.ndarray:
-        """(size, size) int array: moves from each cell to G avoiding holes (-1: unreachable)."""
+        """int64 (size, size): moves from each cell to G around the holes; -1 where unreachable."""
         distance = np.full(self.holes.shape, -1, dtype=np.int64)
         distance[self.goal] = 0
         queue = deque([self.goal])
         while queue:
             cell = queue.popleft()
-            for step in STEPS.values():
-                neighbour = (cell[0] + step[0], cell[1] + step[1])
-                if self.free(neighbour) and distance[neighbour] < 0:
-                    distance[neighbour] = distance[cell] + 1
-                    queue.append(neighbour)
+            for move in MOVES:
+                nearer = neighbour(cell, move)
+                if self.free(nearer) and distance[nearer] < 0:
+                    distance[nearer] = distance[cell] + 1
+                    queue.append(nearer)
         return distance
 
-    def canonical_path(self, origin: tuple[int, int] | None = None) -> list[tuple[str, tuple[int, int]]]:
-        """The shortest path to G from ``origin`` (default S) as (move, cell reached) pairs,
-        taking the first optimal move in the order R, D, L, U."""
+    def optimal_moves(self, cell: Cell) -> list[str]:
+        """The moves from ``cell`` that start a shortest path to G, in canonical order."""
+        remaining = self.distance_to_goal[cell]
+        return [
+            move
+            for move in MOVES
+            if self.free(neighbour(cell, move)) and self.distance_to_goal[neighbour(cell, move)] == remaining - 1
+        ]
+
+    def canonical_path(self, origin: Cell | None = None) -> list[Step]:
+        """The shortest path from ``origin`` (default S) to G, taking the first optimal move in
+        the order R, D, L, U at every cell."""
         cell = self.start if origin is None else origin
         path = []
         while cell != self.goal:
-            for move in MOVES:
-                step = STEPS[move]
-                neighbour = (cell[0] + step[0], cell[1] + step[1])
-                if self.free(neighbour) and self.distance_to_goal[neighbour] == self.distance_to_goal[cell] - 1:
-                    path.append((move, neighbour))
-                    cell = neighbour
-                    break
+            move = self.optimal_moves(cell)[0]
+            cell = neighbour(cell, move)
+            path.append((move, cell))
         return path
 
 
-def trace_text(lake: LakeMap, path: Sequence[tuple[str, tuple[int, int]]]) -> str:
-    """``R c7 D c12 ...``: each move followed by the cell it reaches."""
+def trace_text(lake: LakeMap, path: Sequence[Step]) -> str:
+    """The completion text of ``path``: ``R c7 D c12 ...``, each move then the cell it reaches."""
     return " ".join(f"{move} {cell_token(lake.cell_index(cell))}" for move, cell in path)
 
 
+def detour_path(lake: LakeMap, rng: np.random.Generator, probability: float) -> tuple[list[Step], int | None]:
+    """The canonical path, or with ``probability`` one whose move k is a random non-optimal
+    move onto a free cell, followed by the canonical path from where it landed.
+
+    Returns the path and k (None without a detour). Pretraining leaves move k untrained and
+    trains its cell token and the recovery, so the model learns to track the position off the
+    drawn path (what on-policy samples need).
+    """
+    path = lake.canonical_path()
+    if rng.random() >= probability:
+        return path, None
+    cells = [lake.start] + [cell for _, cell in path[:-1]]
+    choices = [
+        (index, move)
+        for index, cell in enumerate(cells)
+        for move in MOVES
+        if lake.free(neighbour(cell, move)) and move not in lake.optimal_moves(cell)
+    ]
+    if not choices:
+        return path, None
+    index, move = choices[int(rng.integers(len(choices)))]
+    landed = neighbour(cells[index], move)
+    return path[:index] + [(move, landed)] + lake.canonical_path(landed), index
+
+
 def generate_map(rng: np.random.Generator, params: FrozenLakeParams) -> LakeMap:
-    """A random map whose shortest S-to-G path is within the configured bounds."""
-    size = params.size
-    while True:
-        holes = rng.random((size, size)) < params.hole_probability
+    """A random map whose shortest S-to-G path has ``min_path`` to ``max_path`` moves."""
+    for _ in range(MAX_MAP_ATTEMPTS):
+        holes = rng.random((params.size, params.size)) < params.hole_probability
         free = np.argwhere(~holes)
         if len(free) < 2:
             continue
-        start_index, goal_index = rng.choice(len(free), size=2, replace=False)
-        lake = LakeMap(holes, tuple(int(v) for v in free[start_index]), tuple(int(v) for v in free[goal_index]))
-        distance = lake.distance_to_goal[lake.start]
-        if params.min_path <= distance <= params.max_path:
+        start, goal = (tuple(int(v) for v in free[i]) for i in rng.choice(len(free), size=2, replace=False))
+        lake = LakeMap(holes, start, goal)
+        if params.min_path <= lake.distance_to_goal[start] <= params.max_path:
             return lake
-
-
-def render(lake: LakeMap, params: FrozenLakeParams, rng: np.random.Generator, path: Sequence | None = None) -> torch.Tensor:
-    """float32 (3, H, W) image in [0, 1] of the map; with ``path``, the path drawn in red."""
-    pixels = params.cell_pixels
-    side = lake.size * pixels
-    image = np.empty((side, side, 3), dtype=np.float32)
-    image[:] = ICE
-    for row, column in np.argwhere(lake.holes):
-        image[row * pixels : (row + 1) * pixels, column * pixels : (column + 1) * pixels] = HOLE
-    image[::pixels, :] *= 0.9
-    image[:, ::pixels] *= 0.9
-    margin = pixels // 4
-    for cell, colour in ((lake.start, START), (lake.goal, GOAL)):
-        top, left = cell[0] * pixels + margin, cell[1] * pixels + margin
-        image[top : top + pixels - 2 * margin, left : left + pixels - 2 * margin] = colour
-    if path:
-        centre = pixels // 2
-        points = [lake.start] + [cell for _, cell in path]
-        for (r0, c0), (r1, c1) in zip(points, points[1:]):
-            top, bottom = sorted((r0 * pixels + centre, r1 * pixels + centre))
-            left, right = sorted((c0 * pixels + centre, c1 * pixels + centre))
-            image[top - 1 : bottom + 1, left - 1 : right + 1] = PATH
-    image += rng.normal(0.0, params.pixel_noise, size=image.shape).astype(np.float32)
-    return torch.from_numpy(np.clip(image, 0.0, 1.0).transpose(2, 0, 1).copy())
-
-
-def make_problem(lake: LakeMap, params: FrozenLakeParams, rng: np.random.Generator, problem_id: str) -> Problem:
-    path = lake.canonical_path()
-    return Problem(
-        id=problem_id,
-        image=render(lake, params, rng),
-        question=QUESTION,
-        reference_answer=trace_text(lake, path),
-        visual_thought=render(lake, params, rng, path),
-        metadata={"map": lake, "optimal_moves": len(path)},
+    raise ValueError(
+        f"no {params.size}x{params.size} map with hole probability {params.hole_probability} and a shortest "
+        f"path of {params.min_path}..{params.max_path} moves in {MAX_MAP_ATTEMPTS} tries; widen the bounds"
     )
 
 
-def simulate(lake: LakeMap, response: str) -> tuple[bool, int]:
-    """(reaches G safely, number of moves) for the moves in ``response``; other words are
-    ignored, and the walk fails on leaving the board or entering a hole."""
-    cell, moves = lake.start, 0
-    for word in response.split():
-        if word not in STEPS:
-            continue
-        step = STEPS[word]
-        cell = (cell[0] + step[0], cell[1] + step[1])
-        moves += 1
-        if not lake.free(cell):
-            return False, moves
-    return moves > 0 and cell == lake.goal, moves
+def draw_scene(lake: LakeMap, cell_pixels: int) -> np.ndarray:
+    """float32 (H, W, 3) noise-free scene: ice, holes, faint grid lines, S and G markers."""
+    side = lake.size * cell_pixels
+    image = np.empty((side, side, 3), dtype=np.float32)
+    image[:] = ICE
+    for row, column in np.argwhere(lake.holes):
+        image[row * cell_pixels : (row + 1) * cell_pixels, column * cell_pixels : (column + 1) * cell_pixels] = HOLE
+    image[::cell_pixels, :] *= GRID_LINE_SHADE
+    image[:, ::cell_pixels] *= GRID_LINE_SHADE
+    margin = cell_pixels // 4
+    for (row, column), colour in ((lake.start, START), (lake.goal, GOAL)):
+        top, left = row * cell_pixels + margin, column * cell_pixels + margin
+        image[top : top + cell_pixels - 2 * margin, left : left + cell_pixels - 2 * margin] = colour
+    return image
+
+
+def draw_path(scene: np.ndarray, lake: LakeMap, path: Sequence[Step], cell_pixels: int) -> np.ndarray:
+    """A copy of ``scene`` with ``path`` drawn from S as a 2-px red line through cell centres."""
+    image = scene.copy()
+    centre = cell_pixels // 2
+    points = [lake.start] + [cell for _, cell in path]
+    for (r0, c0), (r1, c1) in pairwise(points):
+        top, bottom = sorted((r0 * cell_pixels + centre, r1 * cell_pixels + centre))
+        left, right = sorted((c0 * cell_pixels + centre, c1 * cell_pixels + centre))
+        image[top - 1 : bottom + 1, left - 1 : right + 1] = PATH
+    return image
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """float32 (3, H, W) in [0, 1] from a float (H, W, 3) array."""
+    return torch.from_numpy(np.ascontiguousarray(np.clip(image, 0.0, 1.0).transpose(2, 0, 1)))
+
+
+def make_problem(lake: LakeMap, params: FrozenLakeParams, rng: np.random.Generator, problem_id: str) -> Problem:
+    """The problem image, the VT (the same pixels, noise included, plus the canonical path) and
+    the canonical trace as reference answer."""
+    path = lake.canonical_path()
+    scene = draw_scene(lake, params.cell_pixels)
+    noise = rng.normal(0.0, params.pixel_noise, size=scene.shape).astype(np.float32)
+    return Problem(
+        id=problem_id,
+        image=to_tensor(scene + noise),
+        question=QUESTION,
+        reference_answer=trace_text(lake, path),
+        visual_thought=to_tensor(draw_path(scene, lake, path, params.cell_pixels) + noise),
+        metadata={"map": lake.rows(), "optimal_moves": len(path)},
+    )
+
+
+@dataclass(frozen=True)
+class Walk:
+    """Where a response's moves lead: ``failure`` is None when they end on G safely, else
+    ``"no moves"``, ``"off board"``, ``"hole"`` or ``"ends off goal"``."""
+
+    moves: tuple[str, ...]
+    failure: str | None
+
+
+def walk(lake: LakeMap, response: str) -> Walk:
+    """Follow the move words of ``response`` from S (cell words and others are ignored)."""
+    moves = tuple(word for word in response.split() if word in STEPS)
+    if not moves:
+        return Walk(moves, "no moves")
+    cell = lake.start
+    for move in moves:
+        cell = neighbour(cell, move)
+        row, column = cell
+        if not (0 <= row < lake.size and 0 <= column < lake.size):
+            return Walk(moves, "off board")
+        if lake.holes[cell]:
+            return Walk(moves, "hole")
+    return Walk(moves, None if cell == lake.goal else "ends off goal")
 
 
 class FrozenLakeTask(Task):
-    """Problems generated from (seed, index), so any stream position can be regenerated."""
+    """Frozen-lake problems generated from (seed, index); the evaluation set from ``eval_seed``."""
 
     def __init__(self, params: FrozenLakeParams | None = None):
         self.params = params or FrozenLakeParams()
-        self._eval: list[Problem] | None = None
+        self._eval: list[Problem] = []
 
     def problem(self, seed: int, index: int, split: str = "train") -> Problem:
-        rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
+        """Problem ``index`` of the ``split`` stream of ``seed`` (``train``, ``eval`` or ``pretrain``)."""
+        rng = np.random.default_rng([seed, index, SPLITS[split]])
         return make_problem(generate_map(rng, self.params), self.params, rng, f"{split}-{seed}-{index}")
 
     def train_problems(self, seed: int, start: int = 0) -> Iterator[Problem]:
@@ -168,12 +251,16 @@ class FrozenLakeTask(Task):
             index += 1
 
     def eval_problems(self, limit: int | None = None) -> Sequence[Problem]:
-        if self._eval is None:
-            self._eval = [self.problem(self.params.eval_seed, i, "eval") for i in range(self.params.eval_size)]
-        return self._eval if limit is None else self._eval[:limit]
+        count = self.params.eval_size if limit is None else min(limit, self.params.eval_size)
+        while len(self._eval) < count:
+            self._eval.append(self.problem(self.params.eval_seed, len(self._eval), "eval"))
+        return self._eval[:count]
 
     def score(self, problem: Problem, response: str) -> Score:
-        lake: LakeMap = problem.metadata["map"]
-        correct, moves = simulate(lake, response)
-        optimal = correct and moves == problem.metadata["optimal_moves"]
-        return Score(correct=correct, value=float(correct), extracted="optimal" if optimal else None)
+        """Correct when the moves stay on the board, avoid holes and end on G. ``extracted``
+        says ``optimal``, ``+k moves`` (correct but longer) or why it failed."""
+        result = walk(LakeMap.from_rows(problem.metadata["map"]), response)
+        if result.failure is not None:
+            return Score(correct=False, value=0.0, extracted=result.failure)
+        extra = len(result.moves) - problem.metadata["optimal_moves"]
+        return Score(correct=True, value=1.0, extracted="optimal" if extra == 0 else f"+{extra} moves")
