@@ -37,3 +37,12 @@ def build_components(config: RunConfig, registries: Any = None) -> Components:
         return registries.of(section).create(params.name, params)
 
     return Components(config, build("backend"), build("task"), build("divergence"), build("teacher"))
+
+
+def build_backend(config: RunConfig, registries: Any = None) -> Backend:
+    """Only the backend named by ``config`` (benchmark evaluation needs no task or loss)."""
+    if registries is None:
+        from opsd_core.plugins import get_registries
+
+        registries = get_registries()
+    return registries.of("backend").create(config.backend.name, config.backend)

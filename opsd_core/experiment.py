@@ -3,7 +3,9 @@
 Owns: the phases and their order (KL diagnostic and evaluation of the start checkpoint ->
 OPSD -> evaluation -> noise control from the same start -> evaluation -> optional SFT
 control), the run directory (resolved ``config.toml``, ``metrics.jsonl``, ``results.json``,
-``report.md``, plots), and resuming an interrupted run phase by phase.
+``report.md``, plots), and resuming an interrupted run phase by phase. In a multi-process run
+every rank runs every phase (training sharded, evaluation and diagnostics on gathered weights,
+the same on every rank) and rank 0 alone writes.
 Does not know: any model family; it uses the roles and the trainer.
 """
 
@@ -24,6 +26,7 @@ from opsd_core.config import RunConfig, to_toml
 from opsd_core.diagnostics.kl import gap_closure, kl_gap
 from opsd_core.errors import ConfigError
 from opsd_core.evaluation import evaluate
+from opsd_core.trainer import distributed
 from opsd_core.trainer.trainer import Mode, Trainer, resolve_device
 
 RESULTS = "results.json"
@@ -70,10 +73,21 @@ def phases(config: RunConfig) -> list[Mode]:
 
 class Experiment:
     """One run of the method from a start checkpoint; every phase result is saved as soon as
-    it exists, so an interrupted run resumes where it stopped."""
+    it exists, so an interrupted run resumes where it stopped. ``ranks`` is this process among
+    the training processes (default: a single process)."""
 
-    def __init__(self, config: RunConfig, directory: Path, echo: Callable[[str], None] = print, progress: bool = True):
-        self.config, self.directory, self.echo, self.progress = config, directory, echo, progress
+    def __init__(
+        self,
+        config: RunConfig,
+        directory: Path,
+        echo: Callable[[str], None] = print,
+        progress: bool = True,
+        ranks: distributed.Ranks | None = None,
+    ):
+        self.ranks = ranks or distributed.Ranks()
+        main = self.ranks.is_main
+        self.config, self.directory = config, directory
+        self.echo, self.progress = (echo if main else lambda message: None), progress and main
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         self.device = resolve_device(config.run.device)
@@ -86,7 +100,8 @@ class Experiment:
         self.results: dict[str, Any] = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
 
     def _save(self) -> None:
-        _write_json_atomic(self.results_path, self.results)
+        if self.ranks.is_main:
+            _write_json_atomic(self.results_path, self.results)
 
     def _max_tokens(self) -> int:
         return self.config.eval.max_completion_tokens or self.config.sampling.max_completion_tokens
@@ -155,19 +170,22 @@ class Experiment:
             self.directory / mode.name,
             self.directory / "metrics.jsonl",
             mode,
+            self.ranks,
         )
         started = time.perf_counter()
         trainer.fit(progress=self.progress)
         train_s = time.perf_counter() - started
         started = time.perf_counter()
-        record = {
-            "eval": self.evaluate(student, ("student", "teacher")),
-            "teacher_eval": self.evaluate(trainer.teacher, ("teacher",)),
-            "kl_t0": self.kl(student, self.start, student),
-            "kl": self.kl(student, student, student),
-            "train_s": train_s,
-            "sampler_tokens_per_s": self._sampler_throughput(mode.name),
-        }
+        student = trainer.student  # parallelize may have wrapped it
+        with distributed.gathered(student), distributed.gathered(trainer.teacher):
+            record = {
+                "eval": self.evaluate(student, ("student", "teacher")),
+                "teacher_eval": self.evaluate(trainer.teacher, ("teacher",)),
+                "kl_t0": self.kl(student, self.start, student),
+                "kl": self.kl(student, student, student),
+                "train_s": train_s,
+                "sampler_tokens_per_s": self._sampler_throughput(mode.name),
+            }
         record["eval_s"] = time.perf_counter() - started
         self.results[mode.name] = record
         self._save()
@@ -196,5 +214,6 @@ class Experiment:
             record["gap_closure"] = gap_closure(start["kl"], record["kl_t0"])
         self.results["total_wall_s"] = self.results.get("total_wall_s", 0.0) + time.perf_counter() - started
         self._save()
-        write_report(self.directory, self.results, self.config)
+        if self.ranks.is_main:
+            write_report(self.directory, self.results, self.config)
         return self.results

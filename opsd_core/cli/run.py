@@ -1,12 +1,16 @@
 """The commands that run models: ``opsd run``, ``diagnose``, ``eval`` and ``infer``.
 
-Owns: argument handling, the default config, and printing results.
+Owns: argument handling, the default config, printing results, and re-launching ``opsd run``
+through torchrun for multi-process training (``--nproc-per-node``).
 Does not know: torch at import time; each command imports the experiment code when run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -15,6 +19,8 @@ from opsd_core.errors import ConfigError
 
 DEFAULT_CONFIG = Path("examples") / "quickstart.toml"
 _SET_HELP = "Override a config value: section.field=value (value parsed as a TOML literal). Repeatable."
+# What each torchrun worker runs: the same CLI, with the arguments that follow.
+_WORKER = "from opsd_core.cli import main; main()"
 
 
 def default_config_path() -> Path:
@@ -26,6 +32,18 @@ def default_config_path() -> Path:
     if source_tree.is_file():
         return source_tree
     raise ConfigError(f"no CONFIG given and {DEFAULT_CONFIG} not found; pass a run config file")
+
+
+def backend_config_path(backend: str) -> Path:
+    """``examples/<backend>.toml`` (working directory, else source tree): a backend's shipped run config."""
+    name = Path("examples") / f"{backend}.toml"
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (base / name).is_file():
+            return base / name
+    shipped = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "examples").glob("*.toml"))
+    raise ConfigError(
+        f"--backend {backend}: no {name} found; pass a CONFIG for it (shipped configs: {', '.join(shipped) or 'none'})"
+    )
 
 
 def _load(config_path: str | None, overrides: tuple[str, ...]):
@@ -48,19 +66,65 @@ def _checkpoint_option(function):
     )(function)
 
 
+def torchrun_command(nproc_per_node: int, arguments: list[str]) -> list[str]:
+    """The command that runs ``opsd <arguments>`` in ``nproc_per_node`` processes on this
+    machine through torchrun (a standalone rendezvous on a free port)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+        "--no-python", sys.executable, "-c", _WORKER, *arguments,
+    ]  # fmt: skip
+
+
+def _run_arguments(config_path: str | None, overrides: tuple[str, ...], resume_dir: str | None, no_progress: bool):
+    """``opsd run``'s arguments for the workers (everything but ``--nproc-per-node``)."""
+    arguments = ["run"] + ([config_path] if config_path else [])
+    for override in overrides:
+        arguments += ["--set", override]
+    if resume_dir is not None:
+        arguments += ["--resume", resume_dir]
+    return arguments + (["--no-progress"] if no_progress else [])
+
+
 @click.command("run")
 @_config_argument
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
-def run_command(config_path: str | None, overrides: tuple[str, ...], resume_dir: str | None, no_progress: bool) -> None:
+@click.option(
+    "--backend",
+    metavar="NAME",
+    help="Run this backend: with no CONFIG, its shipped config examples/NAME.toml (e.g. thinkmorph); "
+    "with a CONFIG, the same as --set backend.name=NAME.",
+)
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Train in N processes on this machine (one per GPU; gloo on CPU): re-launches itself through "
+    "torchrun with the same arguments. Inside a torchrun worker it must match torchrun's own count.",
+)
+def run_command(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    resume_dir: str | None,
+    no_progress: bool,
+    backend: str | None,
+    nproc_per_node: int | None,
+) -> None:
     """Run the whole method: KL diagnostic -> OPSD -> eval -> noise control -> eval -> report.
 
-    With no CONFIG, runs examples/quickstart.toml: the embedded tiny UMM on frozen-lake.
+    With no CONFIG, runs examples/quickstart.toml: the embedded tiny UMM on frozen-lake
+    (with --backend NAME, examples/NAME.toml instead).
+    With --nproc-per-node N > 1 (or when started by torchrun), training is sharded over the
+    processes with the backend's FSDP2 setup; rank 0 alone prints and writes (docs/distributed.md).
     """
     from opsd_core.config import load_config
-    from opsd_core.diagnostics.report import format_terminal, results_table
-    from opsd_core.experiment import CONFIG, Experiment, prepare_run_directory
+    from opsd_core.experiment import CONFIG, Experiment, prepare_run_directory, run_directory
 
+    if backend is not None:
+        if config_path is None and resume_dir is None:
+            config_path = str(backend_config_path(backend))
+        else:
+            overrides = (f"backend.name={json.dumps(backend)}", *overrides)
     if resume_dir is not None:
         saved = Path(resume_dir) / CONFIG
         if not saved.is_file():
@@ -68,20 +132,44 @@ def run_command(config_path: str | None, overrides: tuple[str, ...], resume_dir:
         config = load_config(saved, overrides)
     else:
         config = _load(config_path, overrides)
-    directory = prepare_run_directory(config, resume=resume_dir is not None)
-    click.echo(f"Run directory: {directory}")
-    results = Experiment(config, directory, echo=click.echo, progress=not no_progress).run()
-    click.echo("")
-    click.echo(format_terminal(results_table(results)))
-    click.echo(f"\nReport: {directory / 'report.md'}")
+    launched = "WORLD_SIZE" in os.environ
+    if nproc_per_node is not None and nproc_per_node > 1 and not launched:  # the config is valid: start them
+        arguments = _run_arguments(config_path, overrides, resume_dir, no_progress)
+        raise SystemExit(subprocess.call(torchrun_command(nproc_per_node, arguments)))
+    if nproc_per_node is not None and launched:
+        started = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        if started != nproc_per_node:
+            raise click.BadParameter(
+                f"torchrun started {started} processes on this node (got {nproc_per_node}); drop the option "
+                "when launching through torchrun yourself",
+                param_hint="--nproc-per-node",
+            )
 
-
-def _model(experiment_config, checkpoint: str | None):
-    from opsd_core.components import build_components
+    from opsd_core.diagnostics.report import format_terminal, results_table
+    from opsd_core.trainer import distributed
     from opsd_core.trainer.trainer import resolve_device
 
-    components = build_components(experiment_config)
-    model = components.backend.build_model()
+    with distributed.process_group(config, resolve_device(config.run.device)) as ranks:
+        if ranks.is_main:
+            prepare_run_directory(config, resume=resume_dir is not None)
+        ranks.barrier()
+        directory = run_directory(config)
+        echo = click.echo if ranks.is_main else lambda *_: None
+        echo(f"Run directory: {directory}")
+        results = Experiment(config, directory, echo=click.echo, progress=not no_progress, ranks=ranks).run()
+    echo("")
+    echo(format_terminal(results_table(results)))
+    echo(f"\nReport: {directory / 'report.md'}")
+
+
+def _model(experiment_config, checkpoint: str | None, backend_only: bool = False):
+    """(components or the backend alone, the model with ``checkpoint``'s weights, in eval mode)."""
+    from opsd_core.components import build_backend, build_components
+    from opsd_core.trainer.trainer import resolve_device
+
+    components = build_backend(experiment_config) if backend_only else build_components(experiment_config)
+    backend = components if backend_only else components.backend
+    model = backend.build_model()
     if checkpoint is not None:
         directory = Path(checkpoint)
         if (directory / "student").is_dir():
@@ -89,7 +177,7 @@ def _model(experiment_config, checkpoint: str | None):
 
             verify_checkpoint(directory)
             directory = directory / "student"
-        components.backend.load_weights(model, directory)
+        backend.load_weights(model, directory)
     return components, model.to(resolve_device(experiment_config.run.device)).eval()
 
 
@@ -113,9 +201,93 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
 @click.command("eval")
 @_config_argument
 @_checkpoint_option
-@click.option("--modes", default="student,teacher,noise", show_default=True, help="Contexts to evaluate.")
-def eval_command(config_path: str | None, overrides: tuple[str, ...], checkpoint: str | None, modes: str) -> None:
-    """Greedy accuracy in the student, teacher and noise-VT contexts."""
+@click.option("--modes", default="student,teacher,noise", show_default=True, help="Contexts to evaluate (task mode).")
+@click.option(
+    "--benchmarks",
+    metavar="NAMES",
+    help="Evaluate on the paper's benchmarks instead of the task: comma-separated names from vsp, vispuzzle, "
+    "blink-jigsaw, sat, blink, chartqa, vstar, mmvp, cv-bench, or 'all'. Needs --data-root.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory holding the benchmarks' VLMEvalKit TSV files under their release names.",
+)
+@click.option(
+    "--predictions",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Re-score recorded answers (JSONL: benchmark, index, response[, mode, tokens, seconds]) without a model.",
+)
+@click.option("--mode", "benchmark_modes", default="text", show_default=True,
+              help="Benchmark mode(s): 'text' (no visual thought), 'vt' (draw one first), or 'text,vt'.")
+@click.option("--backend", metavar="NAME", help="With no CONFIG, use examples/NAME.toml; else --set backend.name=NAME.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where predictions and results go.")
+@click.option("--limit", type=click.IntRange(min=1), help="Answer only the first N items of each benchmark.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Items answered together.")
+@click.option("--chartqa-swapped", is_flag=True, help="ChartQA: 5 % relative to the prediction, as the paper's harness computed it.")
+def eval_command(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    checkpoint: str | None,
+    modes: str,
+    benchmarks: str | None,
+    data_root: str | None,
+    predictions: str | None,
+    benchmark_modes: str,
+    backend: str | None,
+    out_dir: str | None,
+    limit: int | None,
+    batch_size: int,
+    chartqa_swapped: bool,
+) -> None:
+    """Greedy accuracy: of the task's student/teacher/noise contexts, or on the paper's benchmarks.
+
+    Benchmarks: answers go to OUT/predictions.jsonl as they are produced (a crashed run resumes
+    from them), then OUT/results.{json,md,png} hold accuracy, tokens and seconds per sample for
+    each mode. With --predictions, recorded answers are scored and no model is loaded.
+    """
+    if benchmarks is None:
+        if predictions or data_root:
+            raise click.BadParameter("--predictions and --data-root go with --benchmarks", param_hint="--benchmarks")
+        _task_eval(config_path, overrides, checkpoint, modes)
+        return
+    from opsd_core.evaluation import harness
+    from opsd_core.evaluation.benchmarks import benchmark_names
+
+    try:
+        names = benchmark_names(benchmarks)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--benchmarks") from None
+    if data_root is None:
+        raise click.BadParameter("--benchmarks needs --data-root (the directory of the TSV files)", param_hint="--data-root")
+    chosen = [mode.strip() for mode in benchmark_modes.split(",") if mode.strip()]
+    if not chosen or any(mode not in harness.MODES for mode in chosen):
+        raise click.BadParameter(f"choose from {', '.join(harness.MODES)} (got {benchmark_modes!r})", param_hint="--mode")
+    if predictions is not None:
+        records = harness.read_predictions(Path(predictions))
+        target = Path(out_dir) if out_dir else Path(predictions).parent
+    else:
+        if backend is not None:
+            if config_path is None:
+                config_path = str(backend_config_path(backend))
+            else:
+                overrides = (f"backend.name={json.dumps(backend)}", *overrides)
+        config = _load(config_path, overrides)
+        backend_instance, model = _model(config, checkpoint, backend_only=True)
+        target = Path(out_dir) if out_dir else Path(config.run.output_dir) / f"{config.run.name}-benchmarks"
+        max_tokens = config.eval.max_completion_tokens or config.sampling.max_completion_tokens
+        for mode in chosen:
+            harness.answer_benchmarks(backend_instance, model, names, Path(data_root), target, mode,
+                                      batch_size, max_tokens, limit, config.run.seed)
+        records = harness.read_predictions(target / harness.PREDICTIONS)
+    records = [r for r in records if r.get("mode", "text") in chosen]
+    results = harness.score_predictions(records, names, Path(data_root), chartqa_swapped, limit)
+    paths = harness.write_results(results, target)
+    click.echo(harness.results_markdown(results))
+    click.echo("Results: " + ", ".join(str(p) for p in paths))
+
+
+def _task_eval(config_path: str | None, overrides: tuple[str, ...], checkpoint: str | None, modes: str) -> None:
     from opsd_core.evaluation import evaluate
     from opsd_core.evaluation.evaluate import MODES
 

@@ -57,6 +57,12 @@ class SamplingSection(Section):
     max_image_skips: int = Field(
         1, description="Rounds that may be continued after the model asks for an image.", ge=0
     )
+    visual_thoughts: Literal["auto", "stored", "generate"] = Field(
+        "auto",
+        description="Where the teacher's visual thoughts come from during training: 'stored' uses the task's "
+        "(a problem without one is an error), 'generate' draws one for every problem with the EMA teacher's "
+        "own image generator, 'auto' draws only for problems that have none.",
+    )
 
 
 class OptimSection(Section):
@@ -92,10 +98,13 @@ class ScheduleSection(Section):
 
 
 class TrainSection(Section):
-    """The optimisation loop."""
+    """The optimisation loop, and how multi-process runs shard it (docs/distributed.md)."""
 
     samples_per_step: int = Field(
-        1, description="Problems per micro-batch (one completion each).", ge=1
+        1,
+        description="Problems per micro-batch (one completion each), over all processes: in a "
+        "multi-process run each rank takes an equal share, so it must be a multiple of the process count.",
+        ge=1,
     )
     grad_accum: int = Field(2, description="Micro-batches per optimizer step.", ge=1)
     noise_vt: bool = Field(
@@ -107,6 +116,28 @@ class TrainSection(Section):
     checkpoint_every: int = Field(500, description="Optimizer steps between checkpoints (0: only the last).", ge=0)
     keep_checkpoints: int = Field(2, description="Newest checkpoints to keep; older ones are deleted.", ge=1)
     log_every: int = Field(10, description="Optimizer steps between metric lines.", ge=1)
+    replicate: int = Field(
+        1,
+        description="Multi-process runs: replica groups of the HSDP mesh (1: plain FSDP, every rank holds "
+        "one shard); the processes must divide evenly into them. Unused by single-process runs.",
+        ge=1,
+    )
+    shard: int | None = Field(
+        None,
+        description="Multi-process runs: ranks each model is sharded over within a replica group (None: "
+        "all processes / replicate); replicate x shard must equal the number of processes.",
+        ge=1,
+    )
+    mixed_precision: Literal["none", "bf16"] = Field(
+        "none",
+        description="Multi-process runs: 'bf16' makes FSDP gather weights and compute in bf16 while fp32 "
+        "master weights, optimizer state and gradient reduction stay fp32 (CUDA only); 'none' keeps fp32.",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Multi-process runs: recompute each transformer layer's activations in backward "
+        "instead of storing them (less memory, about one more forward of compute).",
+    )
 
 
 class EvalSection(Section):

@@ -25,6 +25,19 @@ from opsd_core.types import (
 )
 
 
+# The paper's teacher texts (Appendix E), for natural-language backends. The paper prints each
+# inside typographic quotes on one line; the quotes are not part of the prompt, and no newline
+# is added (each text is its own segment, separated by the backend's turn markers).
+PAPER_REF_INTRO = (
+    "The following images are privileged visual references that depict the intermediate visual thoughts on the "
+    "path to the correct answer. Use them silently as grounding context; do not describe or echo them."
+)
+"""Teacher context only: placed right before the privileged visual-thought image(s)."""
+
+PAPER_TRANSITION = "Now, using your own independent reasoning, answer the problem above. Think step by step."
+"""Teacher context only: placed after the visual thought(s), right before the scored completion."""
+
+
 class PrivilegedContextBuilder(ABC):
     """Builds the student context and the VT-privileged teacher context."""
 

@@ -1,7 +1,8 @@
 """Atomic, verifiable training checkpoints.
 
 Owns: the checkpoint directory layout (``step-NNNNNNN/`` with ``student/`` and ``teacher/``
-written by the backend, ``trainer_state.pt`` and ``manifest.json``), writing it through a
+written by the backend, ``trainer_state.pt`` and ``manifest.json``; the same layout whatever
+the number of training processes, since rank 0 writes full weights), writing it through a
 temporary directory and a rename so a crash never leaves a half-written checkpoint under its
 final name, and verifying every file's size and SHA-256 before anything is loaded.
 Does not know: what the trainer state means; the backend writes and reads the weights.
@@ -126,10 +127,16 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_trainer_state(directory: Path) -> dict[str, Any]:
-    """The verified trainer state of a checkpoint (tensors and plain values, no pickled code)."""
-    verify_checkpoint(directory)
-    return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+def load_trainer_state(directory: Path, verify: bool = True, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state of a checkpoint (tensors and plain values, no pickled code).
+
+    ``verify`` checks every file of the checkpoint first; ranks other than 0 of a multi-process
+    run skip it (rank 0 verifies). ``mmap`` maps tensors from the file instead of reading them,
+    so ranks that ignore the full optimizer state never read it.
+    """
+    if verify:
+        verify_checkpoint(directory)
+    return torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:

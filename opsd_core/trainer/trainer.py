@@ -3,7 +3,9 @@
 Owns: one optimizer step, read top to bottom: sample on-policy in the student context ->
 teacher forward in the privileged context under no_grad -> student forward -> divergence ->
 backward; then clipping, AdamW, the schedule and the teacher update. Also the noise and SFT
-controls (flags of the same loop), metrics lines and resumable checkpoints.
+controls (flags of the same loop), metrics lines and resumable checkpoints. In a multi-process
+run every rank runs this same loop on its share of each step's problems, with the student and
+teacher sharded by the backend (``distributed.py`` holds what the ranks exchange).
 Does not know: any model, task or divergence; everything goes through the role interfaces.
 """
 
@@ -25,10 +27,10 @@ from opsd_core.divergences import kl_divergence
 from opsd_core.errors import ConfigError
 from opsd_core.interfaces import Backend, Divergence, Task, TeacherUpdate
 from opsd_core.sampling import BatchedSampler
-from opsd_core.trainer import checkpoint
+from opsd_core.trainer import checkpoint, distributed
 from opsd_core.trainer.loss import micro_batch_loss, token_cross_entropy
 from opsd_core.trainer.schedule import build_scheduler
-from opsd_core.types import CompletionBatch, CompletionLogits, Context, Problem
+from opsd_core.types import CompletionBatch, CompletionLogits, Context, ContextPair, Problem
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Trainer:
         phase_dir: where this phase writes ``checkpoints/``.
         metrics_path: the run's ``metrics.jsonl`` (shared by phases; lines carry the phase).
         mode: OPSD, or the noise or SFT control.
+        ranks: this process among the training processes (default: a single process). With
+            more than one, ``student`` and its teacher are sharded by ``backend.parallelize``.
     """
 
     def __init__(
@@ -78,12 +82,16 @@ class Trainer:
         phase_dir: Path,
         metrics_path: Path,
         mode: Mode = Mode("opsd"),
+        ranks: distributed.Ranks | None = None,
     ):
         self.config, self.backend, self.task = config, backend, task
         self.divergence, self.teacher_update, self.mode = divergence, teacher_update, mode
-        self.student = student
-        self.teacher = teacher_update.create(student)
+        self.ranks = ranks or distributed.Ranks()
+        self.ranks.share(config.train.samples_per_step, "train.samples_per_step")  # fail now, not at step 1
         self.device = next(student.parameters()).device
+        teacher = teacher_update.create(student)
+        self.student, self._student_skeleton = distributed.shard(backend, student, self.ranks, config)
+        self.teacher, self._teacher_skeleton = distributed.shard(backend, teacher, self.ranks, config)
         self.builder = backend.context_builder()
         sampling = config.sampling
         self.sampler = BatchedSampler(
@@ -91,7 +99,7 @@ class Trainer:
         )
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
-            [p for p in student.parameters() if p.requires_grad],
+            [p for p in self.student.parameters() if p.requires_grad],
             lr=optim.lr,
             betas=optim.betas,
             eps=optim.eps,
@@ -101,7 +109,8 @@ class Trainer:
         self.scheduler = build_scheduler(
             self.optimizer, schedule.warmup_steps, schedule.total_steps, optim.lr, schedule.min_lr
         )
-        self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed)
+        # Rank 0 draws the single-process stream; other ranks draw their own.
+        self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed + self.ranks.rank)
         self.checkpoints_dir = phase_dir / "checkpoints"
         self.metrics_path = metrics_path
         self.step = 0
@@ -111,15 +120,16 @@ class Trainer:
 
     # ----------------------------------------------------------------- one optimizer step
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics (averaged
+        over ranks: each rank's are means over its equal share of the step's samples)."""
         train = self.config.train
-        samples_per_step = train.samples_per_step * train.grad_accum
-        timings = {"sample_s": 0.0, "teacher_s": 0.0, "student_s": 0.0}
+        samples_per_step = train.samples_per_step * train.grad_accum // self.ranks.world_size  # this rank's share
+        timings = {"visual_thought_s": 0.0, "sample_s": 0.0, "teacher_s": 0.0, "student_s": 0.0}
         loss_total, kl_total, tokens, finished = 0.0, 0.0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(train.grad_accum):
-            problems = self._next_problems(train.samples_per_step)
-            pairs = [self.builder.build(problem) for problem in problems]
+            problems = self.ranks.local_slice(self._next_problems(train.samples_per_step))
+            pairs = self._context_pairs(problems, timings)
             students = [pair.student for pair in pairs]
             if self.mode.sft:
                 started = time.perf_counter()
@@ -130,7 +140,8 @@ class Trainer:
 
                 started = time.perf_counter()
                 self.student.eval()
-                completions = self.sampler.sample(self.student, students, self.generator)
+                with distributed.gathered(self.student):
+                    completions = self.sampler.sample(self.student, students, self.generator)
                 completions = self._fit_forward_cap(teachers, completions)
                 self.student.train()
                 timings["sample_s"] += time.perf_counter() - started
@@ -165,7 +176,7 @@ class Trainer:
             metrics["kl"] = kl_total
             metrics["completion_tokens"] = tokens / samples_per_step
             metrics["finished"] = finished / samples_per_step
-        return metrics | timings
+        return self.ranks.mean(metrics | timings, skip=("grad_norm", "lr"))
 
     # ----------------------------------------------------------------- the loop
     def fit(self, progress: bool = True) -> None:
@@ -174,7 +185,8 @@ class Trainer:
 
         self.resume()
         total = self.config.schedule.total_steps
-        bar = tqdm(total=total, initial=self.step, desc=self.mode.name, disable=not progress, dynamic_ncols=True)
+        shown_here = progress and self.ranks.is_main
+        bar = tqdm(total=total, initial=self.step, desc=self.mode.name, disable=not shown_here, dynamic_ncols=True)
         with bar:
             while self.step < total:
                 started = time.perf_counter()
@@ -197,6 +209,36 @@ class Trainer:
         problems = [next(self._problems) for _ in range(count)]
         self.position += count
         return problems
+
+    def _context_pairs(self, problems: Sequence[Problem], timings: dict[str, float]) -> list[ContextPair]:
+        """Student and teacher contexts; visual thoughts are drawn by the teacher model where
+        ``sampling.visual_thoughts`` asks for it (every problem, or those without a stored one).
+
+        The SFT control needs no teacher context, and the noise control replaces the VT's pixels,
+        so neither draws: a missing VT is then stood in for by the problem image, whose shape the
+        noise takes.
+        """
+        policy = self.config.sampling.visual_thoughts
+        missing = [problem for problem in problems if problem.visual_thought is None]
+        if policy == "stored" and missing:
+            raise ValueError(
+                f"problem {missing[0].id!r} has no stored visual thought and sampling.visual_thoughts = 'stored'; "
+                "use 'auto' to draw the missing ones with the model"
+            )
+        wanted = [i for i, problem in enumerate(problems) if policy == "generate" or problem.visual_thought is None]
+        drawn: dict[int, Any] = {}
+        if wanted and (self.mode.sft or self.mode.noise_vt):
+            drawn = {i: _stand_in(problems[i]) for i in wanted}
+        elif wanted:
+            started = time.perf_counter()
+            was_training = self.teacher.training
+            self.teacher.eval()
+            with torch.no_grad(), distributed.gathered(self.teacher):
+                images = self.backend.generate_visual_thought(self.teacher, [problems[i] for i in wanted], self.generator)
+            self.teacher.train(was_training)
+            drawn = dict(zip(wanted, images))
+            timings["visual_thought_s"] += time.perf_counter() - started
+        return [self.builder.build(problem, drawn.get(i)) for i, problem in enumerate(problems)]
 
     def _teacher_context(self, context: Context) -> Context:
         if self.mode.noise_vt:
@@ -253,6 +295,8 @@ class Trainer:
     def _clip_gradients(self) -> float:
         parameters = [p for p in self.student.parameters() if p.grad is not None]
         clip = self.config.optim.grad_clip
+        if self.ranks.distributed:
+            return distributed.clip_grad_norm(parameters, clip)
         if clip is None:
             norms = [p.grad.detach().norm() for p in parameters]
             return float(torch.stack(norms).norm()) if norms else 0.0
@@ -264,55 +308,97 @@ class Trainer:
     # ----------------------------------------------------------------- metrics and checkpoints
     def _log(self, metrics: dict[str, float]) -> None:
         every = self.config.train.log_every
-        if self.step % every and self.step != self.config.schedule.total_steps:
+        if not self.ranks.is_main or (self.step % every and self.step != self.config.schedule.total_steps):
             return
         line = {"phase": self.mode.name, "step": self.step} | {k: round(float(v), 8) for k, v in metrics.items()}
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
 
-    def _trainer_state(self) -> dict[str, Any]:
-        state = {
-            "step": self.step,
-            "position": self.position,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+    def _rng_states(self) -> dict[str, Any]:
+        states = {
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": [list(part) if isinstance(part, tuple) else part for part in random.getstate()],
         }
         if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            states["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return states
+
+    def _restore_rng_states(self, state: dict[str, Any]) -> None:
+        """This rank's streams as saved; a single-process checkpoint holds rank 0's only, and a
+        rank the checkpoint did not have keeps its freshly seeded streams."""
+        saved = state.get("rank_rng", [state])
+        if self.ranks.rank >= len(saved):
+            return
+        states = saved[self.ranks.rank]
+        self.generator.set_state(states["generator"])
+        torch.set_rng_state(states["torch_rng"])
+        random.setstate(tuple(tuple(part) if isinstance(part, list) else part for part in states["python_rng"]))
+        if "cuda_rng" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda_rng"])
+
+    def _trainer_state(self) -> dict[str, Any] | None:
+        """Everything but the weights, on rank 0 (None elsewhere); every rank must call it."""
+        rng = self._rng_states()
+        every_rank_rng = self.ranks.gather(rng)
+        optimizer = distributed.optimizer_state_dict(self.student, self.optimizer, self.ranks)
+        if not self.ranks.is_main:
+            return None
+        state = {
+            "step": self.step,
+            "position": self.position,
+            "optimizer": optimizer,
+            "scheduler": self.scheduler.state_dict(),
+            **rng,
+        }
+        if self.ranks.distributed:
+            state["rank_rng"] = every_rank_rng
         return state
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step (atomic)."""
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (atomic) and return its directory.
 
-        def write_weights(directory: Path) -> None:
-            self.backend.save_pretrained(self.student, directory / "student")
-            self.backend.save_pretrained(self.teacher, directory / "teacher")
+        Every rank takes part; rank 0 writes full weights (the layout of a single-process run)
+        and the other ranks return None once it is written.
+        """
+        state = self._trainer_state()
+        student = distributed.unsharded_copy(self.student, self._student_skeleton, self.ranks)
+        teacher = distributed.unsharded_copy(self.teacher, self._teacher_skeleton, self.ranks)
+        path = None
+        if self.ranks.is_main:
 
-        return checkpoint.save_checkpoint(
-            self.checkpoints_dir, self.step, write_weights, self._trainer_state(), keep=self.config.train.keep_checkpoints
-        )
+            def write_weights(directory: Path) -> None:
+                self.backend.save_pretrained(student, directory / "student")
+                self.backend.save_pretrained(teacher, directory / "teacher")
+
+            path = checkpoint.save_checkpoint(
+                self.checkpoints_dir, self.step, write_weights, state, keep=self.config.train.keep_checkpoints
+            )
+        self.ranks.barrier()
+        return path
 
     def resume(self) -> bool:
-        """Load this phase's newest checkpoint, if any; True when one was loaded."""
-        directory = checkpoint.latest_checkpoint(self.checkpoints_dir)
+        """Load this phase's newest checkpoint, if any; True when one was loaded. Rank 0 picks
+        and verifies it; the other ranks take their shards from rank 0."""
+        main = self.ranks.is_main
+        directory = self.ranks.broadcast(checkpoint.latest_checkpoint(self.checkpoints_dir) if main else None)
         if directory is None:
             return False
-        state = checkpoint.load_trainer_state(directory)
-        self.backend.load_weights(self.student, directory / "student")
-        self.backend.load_weights(self.teacher, directory / "teacher")
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = checkpoint.load_trainer_state(directory, verify=main, mmap=self.ranks.distributed)
+        load = self.backend.load_weights
+        distributed.load_unsharded(
+            self.student, self._student_skeleton, self.ranks, lambda full: load(full, directory / "student")
+        )
+        distributed.load_unsharded(
+            self.teacher, self._teacher_skeleton, self.ranks, lambda full: load(full, directory / "teacher")
+        )
+        distributed.load_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.ranks)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(tuple(tuple(part) if isinstance(part, list) else part for part in state["python_rng"]))
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._restore_rng_states(state)
         self.step, self.position = int(state["step"]), int(state["position"])
         self._problems = None
-        self._truncate_metrics()
+        if main:
+            self._truncate_metrics()
         return True
 
     def _truncate_metrics(self) -> None:
@@ -327,3 +413,7 @@ class Trainer:
             kept.append(line)
         self.metrics_path.write_text("".join(f"{line}\n" for line in kept))
 
+
+def _stand_in(problem: Problem) -> Any:
+    """The stored visual thought, else the problem image (for controls that never look at it)."""
+    return problem.visual_thought if problem.visual_thought is not None else problem.image

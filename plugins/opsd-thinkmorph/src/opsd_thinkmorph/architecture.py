@@ -11,6 +11,17 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from opsd_core.errors import CheckpointError
+
+
+class CheckpointFileError(CheckpointError, FileNotFoundError):
+    """A checkpoint directory lacks a file, or the directory itself is missing."""
+
+
+class CheckpointContentError(CheckpointError, ValueError):
+    """A checkpoint file does not fit the model (keys, shapes, config fields)."""
+
+
 
 @dataclass(frozen=True)
 class LLMConfig:
@@ -127,9 +138,9 @@ class BagelConfig:
                 layer_norm_eps=vit.get("layer_norm_eps", 1e-6),
             )
         except KeyError as missing:
-            raise ValueError(f"{directory}: config file lacks the field {missing}") from None
+            raise CheckpointContentError(f"{directory}: config file lacks the field {missing}") from None
         if llm.get("rope_scaling"):
-            raise ValueError(f"{directory}/llm_config.json sets rope_scaling; BAGEL uses plain RoPE")
+            raise CheckpointContentError(f"{directory}/llm_config.json sets rope_scaling; BAGEL uses plain RoPE")
         return cls(llm=llm_config, vit=vit_config, special=special, visual_gen=visual_gen)
 
     def write(self, directory: Path) -> None:
@@ -170,14 +181,21 @@ class BagelConfig:
         (directory / "special_tokens.json").write_text(json.dumps(asdict(self.special), indent=2) + "\n")
 
 
+LAYOUT = (
+    "llm_config.json, vit_config.json, model.safetensors or ema.safetensors (or shards listed in "
+    "model.safetensors.index.json), ae.safetensors and the Qwen2 tokenizer files"
+)
+
+
 def _required(directory: Path, name: str, what: str) -> Path:
+    if not directory.is_dir():
+        raise CheckpointFileError(
+            f"checkpoint directory {directory} does not exist: set backend.checkpoint to the local ThinkMorph-7B "
+            f"directory (nothing is downloaded); it holds {LAYOUT}"
+        )
     path = directory / name
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: a ThinkMorph/BAGEL checkpoint directory holds {name} ({what}), "
-            "vit_config.json, llm_config.json, model.safetensors or ema.safetensors (or shards with "
-            "model.safetensors.index.json), ae.safetensors and the Qwen2 tokenizer files"
-        )
+        raise CheckpointFileError(f"{path} is missing ({what}); a ThinkMorph/BAGEL checkpoint directory holds {LAYOUT}")
     return path
 
 

@@ -30,7 +30,7 @@ from opsd_thinkmorph import architecture, prompts, state_dict
 from opsd_thinkmorph.config import CHECKPOINT, DEBUG, ThinkMorphParams
 from opsd_thinkmorph.images import ImageTransform
 from opsd_thinkmorph.model import Bagel, KVCache
-from opsd_thinkmorph.packing import LatentItem, TextItem, ViTItem, lay_out, pack_rows
+from opsd_thinkmorph.packing import TextItem, ViTItem, lay_out, pack_rows
 from opsd_thinkmorph.runtime import forward_rows
 from opsd_thinkmorph.tokenizer import load_tokenizer
 
@@ -98,21 +98,20 @@ class ThinkMorphBackend(Backend):
 
     def build_model(self) -> Bagel:
         """The model on ``params.device`` in ``params.dtype``, with the checkpoint's weights or seeded random ones."""
-        if self.directory is not None:
-            with torch.device("meta"):
-                model = Bagel(self.config)
-            model = model.to_empty(device="cpu")
-            model.vit_pos_table = _table_like(model, "vit_pos_table")
-            if self.config.visual_gen:
-                model.latent_pos_table = _table_like(model, "latent_pos_table")
-            state_dict.load_into(model, self.directory, self.params.weights_file)
-        else:
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(self.params.seed)
+        with torch.device("meta"):
             model = Bagel(self.config)
-            _init_weights(model)
-            torch.random.set_rng_state(generator_state)
-        return model.to(device=self.device, dtype=self.dtype)
+        if self.directory is not None:
+            model = model.to_empty(device="cpu")
+            _recompute_tables(model)
+            state_dict.load_into(model, self.directory, self.params.weights_file)
+            return model.to(device=self.device, dtype=self.dtype)
+        # Random flavours are drawn where they will run, in their final dtype: the 7B model
+        # never passes through host memory in float32.
+        model = model.to(self.dtype).to_empty(device=self.device)
+        _recompute_tables(model)
+        generator = torch.Generator(self.device).manual_seed(self.params.seed)
+        _init_weights(model, generator)
+        return model
 
     def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()
@@ -182,6 +181,8 @@ class ThinkMorphBackend(Backend):
         """Feed int64 (B,) ``tokens``; return float (B, V) next-token logits."""
         cache, model = state.cache, state.model
         batch, start = tokens.shape[0], cache.length
+        if start >= cache.capacity:
+            raise RuntimeError(f"KV cache full: the decoding state was started with room for {cache.capacity} positions")
         device = state.next_positions.device
         cache.valid[:, start] = True
         mask = cache.valid[:, : start + 1].unsqueeze(1)  # (B, 1, S)
@@ -250,22 +251,28 @@ class ThinkMorphBackend(Backend):
         state_dict.load_into(model, Path(directory))
 
 
-def _table_like(model: Bagel, name: str) -> torch.Tensor:
-    """Recompute a sin-cos buffer after a meta-device build (buffers are not in the state dict)."""
+def _recompute_tables(model: Bagel) -> None:
+    """Recompute the sin-cos buffers (they are not in the state dict) after a meta-device build."""
     from opsd_thinkmorph.model import sincos_2d
 
-    side = model.config.vit_max_patches_per_side if name == "vit_pos_table" else model.config.max_latent_size
-    return sincos_2d(side, model.config.llm.hidden_size)
+    config, device = model.config, model.connector.fc1.weight.device
+    model.vit_pos_table = sincos_2d(config.vit_max_patches_per_side, config.llm.hidden_size).to(device)
+    if config.visual_gen:
+        model.latent_pos_table = sincos_2d(config.max_latent_size, config.llm.hidden_size).to(device)
 
 
-def _init_weights(model: Bagel) -> None:
-    """Random weights for the random flavours: N(0, 0.02) linears and embeddings, unit norms.
-
-    Generation twins get their own draws (no copy of the understanding weights), so a mix-up
-    between experts shows in tests.
-    """
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                torch.nn.init.zeros_(module.bias)
+def _init_weights(model: Bagel, generator: torch.Generator) -> None:
+    """Random weights for the random flavours: N(0, 0.02) linears and embeddings, zero biases,
+    unit norms. Generation twins get their own draws (no copy of the understanding weights),
+    so a mix-up between experts shows in tests."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, 0.02, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif hasattr(module, "eps") and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+                module.weight.fill_(1.0)

@@ -70,13 +70,12 @@ class ThinkMorphParams(PluginParams):
     vt_renorm_min: float = Field(0.0, description="Visual thoughts: lower clamp of the renorm factor.", ge=0)
     vt_timesteps: int = Field(50, description="Visual thoughts: points of the flow schedule.", ge=2, le=1000)
     vt_shift: float = Field(3.0, description="Visual thoughts: timestep shift of the schedule.", gt=0)
-    vt_max_size: int = Field(1024, description="Visual thoughts: longest side of a drawn image.", ge=16)
 
     @model_validator(mode="after")
     def _checkpoint_for_flavour(self) -> ThinkMorphParams:
         if self.flavour == CHECKPOINT and self.checkpoint is None:
             raise ValueError(
-                "backend.params.checkpoint is required with flavour 'checkpoint': the local ThinkMorph-7B "
+                "backend.checkpoint is required with flavour 'checkpoint': the local ThinkMorph-7B "
                 "directory (nothing is downloaded); or set flavour = 'debug' for the tiny random model"
             )
         lo, hi = self.vt_interval

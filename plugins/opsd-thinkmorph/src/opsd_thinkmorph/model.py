@@ -13,12 +13,14 @@ H query heads, Hk KV heads, d head width, N ViT patches, M latent tokens.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from opsd_thinkmorph.architecture import BagelConfig, LLMConfig, ViTConfig
 
@@ -53,6 +55,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
+# cuDNN's fused attention rebuilds its plan for every new key length, which costs milliseconds
+# of host time per call: ruinous for cached decoding (a few queries per call), worth it for long
+# packs, where it is the fastest kernel. Short query blocks use the memory-efficient kernel.
+_CUDA_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+_SHORT_QUERIES = 256
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention of (B, H, T, d) queries over (B, Hk, S, d) keys/values; bool (B, 1, T, S) mask.
+
+    Query head h reads KV head h // (H / Hk) (grouped-query attention).
+    """
+    if not q.is_cuda or q.shape[2] >= _SHORT_QUERIES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    with sdpa_kernel(_CUDA_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
@@ -64,21 +86,31 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Expert(nn.Module):
-    """Dispatch rows of a (B, T, ...) tensor to the understanding module or its ``_moe_gen`` twin.
+class Routing:
+    """Which rows of a (B, T, ...) tensor go to the understanding module or its ``_moe_gen`` twin.
 
-    ``gen`` is a bool (B, T) mask of generation (VAE latent) positions, or None when there are
-    none: then the understanding module runs on everything with no gather/scatter.
+    Built once per forward from a bool (B, T) mask of generation (VAE latent) positions, so the
+    per-module dispatch needs no host synchronisation.
     """
 
+    def __init__(self, gen: torch.Tensor):
+        flat = gen.flatten()
+        self.gen_index = flat.nonzero().squeeze(1)  # (M,)
+        self.und_index = (~flat).nonzero().squeeze(1)  # (B*T - M,)
+        self.count = flat.numel()
+
     @staticmethod
-    def route(und: nn.Module, gen_module: nn.Module | None, x: torch.Tensor, gen: torch.Tensor | None, out: int):
-        if gen is None:
+    def route(und: nn.Module, twin: nn.Module | None, x: torch.Tensor, routing: Routing | None, out: int):
+        """``und(x)`` where ``routing`` is None, else each row through its expert."""
+        if routing is None:
             return und(x)
-        result = x.new_empty(*x.shape[:-1], out)
-        result[~gen] = und(x[~gen])
-        result[gen] = gen_module(x[gen])
-        return result
+        leading, middle = x.shape[:2], x.shape[2:-1]
+        flat = x.reshape(routing.count, *x.shape[2:])
+        und_rows = und(flat.index_select(0, routing.und_index))
+        gen_rows = twin(flat.index_select(0, routing.gen_index))
+        result = flat.new_empty(routing.count, *middle, out)
+        result = result.index_copy(0, routing.und_index, und_rows).index_copy(0, routing.gen_index, gen_rows)
+        return result.view(*leading, *middle, out)
 
 
 class MoTAttention(nn.Module):
@@ -102,20 +134,20 @@ class MoTAttention(nn.Module):
             self.q_norm_moe_gen = RMSNorm(d, config.rms_norm_eps)
             self.k_norm_moe_gen = RMSNorm(d, config.rms_norm_eps)
 
-    def _project(self, name: str, x: torch.Tensor, gen: torch.Tensor | None, heads: int) -> torch.Tensor:
+    def _project(self, name: str, x: torch.Tensor, gen: Routing | None, heads: int) -> torch.Tensor:
         """(B, T, heads, d) projection, RMS-normalised for q and k."""
         twin = getattr(self, f"{name}_proj_moe_gen", None) if gen is not None else None
-        y = Expert.route(getattr(self, f"{name}_proj"), twin, x, gen, heads * self.head_dim)
+        y = Routing.route(getattr(self, f"{name}_proj"), twin, x, gen, heads * self.head_dim)
         y = y.view(*x.shape[:-1], heads, self.head_dim)  # (B, T, heads, d)
         if name == "v":
             return y
         norm_twin = getattr(self, f"{name}_norm_moe_gen", None) if gen is not None else None
-        return Expert.route(getattr(self, f"{name}_norm"), norm_twin, y, gen, self.head_dim)
+        return Routing.route(getattr(self, f"{name}_norm"), norm_twin, y, gen, self.head_dim)
 
     def forward(
         self,
         x: torch.Tensor,
-        gen: torch.Tensor | None,
+        gen: Routing | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
         cache: LayerCache | None,
@@ -129,10 +161,10 @@ class MoTAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, Hk, S, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=True)
+        out = attention(q, k, v, mask.unsqueeze(1))
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*d)
         twin = self.o_proj_moe_gen if gen is not None else None
-        return Expert.route(self.o_proj, twin, out, gen, x.shape[-1])
+        return Routing.route(self.o_proj, twin, out, gen, x.shape[-1])
 
 
 class MoTDecoderLayer(nn.Module):
@@ -151,10 +183,10 @@ class MoTDecoderLayer(nn.Module):
     def forward(self, h, gen, rope, mask, cache=None):
         D = h.shape[-1]
         twin = (lambda name: getattr(self, f"{name}_moe_gen")) if gen is not None else (lambda name: None)
-        normed = Expert.route(self.input_layernorm, twin("input_layernorm"), h, gen, D)
+        normed = Routing.route(self.input_layernorm, twin("input_layernorm"), h, gen, D)
         h = h + self.self_attn(normed, gen, rope, mask, cache)
-        normed = Expert.route(self.post_attention_layernorm, twin("post_attention_layernorm"), h, gen, D)
-        return h + Expert.route(self.mlp, twin("mlp"), normed, gen, D)
+        normed = Routing.route(self.post_attention_layernorm, twin("post_attention_layernorm"), h, gen, D)
+        return h + Routing.route(self.mlp, twin("mlp"), normed, gen, D)
 
 
 class Qwen2MoTModel(nn.Module):
@@ -250,10 +282,11 @@ class SiglipAttention(nn.Module):
         heads = lambda t: t.view(N, self.num_heads, -1).transpose(0, 1)  # noqa: E731  (H, N, d)
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         outputs, start = [], 0
-        for length in seqlens:
-            end = start + length
-            outputs.append(F.scaled_dot_product_attention(q[:, start:end], k[:, start:end], v[:, start:end]))
-            start = end
+        with sdpa_kernel(_CUDA_ATTENTION) if x.is_cuda else contextlib.nullcontext():
+            for length in seqlens:
+                end = start + length
+                outputs.append(F.scaled_dot_product_attention(q[:, start:end], k[:, start:end], v[:, start:end]))
+                start = end
         out = torch.cat(outputs, dim=1).transpose(0, 1).reshape(N, Dv)
         return self.out_proj(out)
 
@@ -473,13 +506,12 @@ class Bagel(nn.Module):
             cache: keys/values of earlier positions; extended unless frozen.
         """
         llm = self.language_model
-        if gen is not None and not bool(gen.any()):
-            gen = None
+        routing = Routing(gen) if gen is not None and bool(gen.any()) else None
         rope = rope_tables(positions, llm.config.head_dim, llm.config.rope_theta, h.dtype)
         for index, layer in enumerate(llm.model.layers):
-            h = layer(h, gen, rope, mask, None if cache is None else cache.layers[index])
-        twin = llm.model.norm_moe_gen if gen is not None else None
-        return Expert.route(llm.model.norm, twin, h, gen, h.shape[-1])
+            h = layer(h, routing, rope, mask, None if cache is None else cache.layers[index])
+        twin = llm.model.norm_moe_gen if routing is not None else None
+        return Routing.route(llm.model.norm, twin, h, routing, h.shape[-1])
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden)

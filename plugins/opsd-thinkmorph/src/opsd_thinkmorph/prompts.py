@@ -10,7 +10,7 @@ Does not know: tokens or turn markers (the backend renders every text segment as
 
 from __future__ import annotations
 
-from opsd_core.interfaces import PaperContextBuilder
+from opsd_core.interfaces.context import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
 
 # ThinkMorph's reasoning vocabulary. These are ordinary text (each several BPE tokens), not the
 # tokenizer's special ``<|vision_start|>``/``<|vision_end|>`` markers. A turn ending with
@@ -41,17 +41,9 @@ INFERENCE_SYSTEM_PROMPT = "\n" + SYSTEM_PROMPT.replace("i.e. <answer>", "i.e.<an
 """The system prompt as ThinkMorph's inferencer and the paper's evaluation harness send it: pass
 it to :func:`context_builder` to reproduce the harness's figures; training uses SYSTEM_PROMPT."""
 
-# Paper Appendix E, verbatim. The paper prints each inside typographic quotes on one line; the
-# quotes are not part of the prompt, and we add no newline before or after (each text is its own
-# segment, so the backend's turn markers already separate it from its neighbours).
-REF_INTRO = (
-    "The following images are privileged visual references that depict the intermediate visual thoughts on the "
-    "path to the correct answer. Use them silently as grounding context; do not describe or echo them."
-)
-"""Teacher context only: placed right before the privileged visual-thought image(s)."""
-
-TRANSITION = "Now, using your own independent reasoning, answer the problem above. Think step by step."
-"""Teacher context only: placed after the visual thought(s), right before the scored completion."""
+# The paper's Appendix E texts, shared by every natural-language backend.
+REF_INTRO = PAPER_REF_INTRO
+TRANSITION = PAPER_TRANSITION
 
 
 def context_builder(system_prompt: str = SYSTEM_PROMPT) -> PaperContextBuilder:

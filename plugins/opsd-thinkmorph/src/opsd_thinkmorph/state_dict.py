@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from opsd_thinkmorph.architecture import BagelConfig
+from opsd_thinkmorph.architecture import BagelConfig, CheckpointContentError, CheckpointFileError
 
 # Frozen sin-cos tables: recomputed at construction, never loaded (as every official loader does).
 RECOMPUTED_KEYS = ("vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed")
@@ -41,7 +41,7 @@ def weight_files(directory: Path, stem: str = "auto") -> list[Path]:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        raise CheckpointFileError(f"checkpoint directory {directory} does not exist")
     stems = WEIGHT_STEMS if stem == "auto" else (stem,)
     if stem not in ("auto", *WEIGHT_STEMS):
         raise ValueError(f"weights file must be one of auto, model, ema; got {stem!r}")
@@ -54,9 +54,9 @@ def weight_files(directory: Path, stem: str = "auto") -> list[Path]:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             missing = [shard for shard in shards if not (directory / shard).is_file()]
             if missing:
-                raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing[:5])}")
+                raise CheckpointFileError(f"{index} lists shards that are missing: {', '.join(missing[:5])}")
             return [directory / shard for shard in shards]
-    raise FileNotFoundError(
+    raise CheckpointFileError(
         f"no weights in {directory}: expected {' or '.join(f'{s}.safetensors' for s in stems)} (one file) "
         f"or {stems[0]}.safetensors.index.json with its shards; found "
         f"{sorted(p.name for p in directory.iterdir())[:12]}"
@@ -103,7 +103,7 @@ def load_into(model: torch.nn.Module, directory: Path, stem: str = "auto") -> No
             problems.append(f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:6])}")
         if wrong_shape:
             problems.append(f"{len(wrong_shape)} shape mismatches: {'; '.join(wrong_shape[:4])}")
-        raise ValueError(f"weights in {directory} do not fit the model: " + " | ".join(problems))
+        raise CheckpointContentError(f"weights in {directory} do not fit the model: " + " | ".join(problems))
     model.load_state_dict(state, strict=True)
 
 

@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from opsd_thinkmorph.architecture import SpecialTokens
+from opsd_thinkmorph.architecture import CheckpointContentError, CheckpointFileError, SpecialTokens
 
 MARKER_FILE = "opsd_tokenizer.json"
 SPECIAL_STRINGS = {
@@ -61,7 +61,7 @@ class QwenTokenizer:
 
         directory = Path(directory)
         if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.json")):
-            raise FileNotFoundError(
+            raise CheckpointFileError(
                 f"no tokenizer in {directory}: expected the Qwen2 tokenizer files (tokenizer.json, or vocab.json "
                 "+ merges.txt, with tokenizer_config.json) next to the weights"
             )
@@ -70,7 +70,7 @@ class QwenTokenizer:
         ids = {name: self.inner.convert_tokens_to_ids(text) for name, text in SPECIAL_STRINGS.items()}
         unknown = [SPECIAL_STRINGS[name] for name, value in ids.items() if value is None or value < 0]
         if unknown:
-            raise ValueError(f"tokenizer in {directory} lacks the special tokens {unknown}")
+            raise CheckpointContentError(f"tokenizer in {directory} lacks the special tokens {unknown}")
         self.special = SpecialTokens(**ids)
 
     def encode(self, text: str) -> list[int]:

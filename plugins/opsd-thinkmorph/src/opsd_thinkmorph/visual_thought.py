@@ -64,7 +64,7 @@ class FrozenContext:
 def draw_visual_thoughts(backend, model: Bagel, problems: Sequence[Problem], generator: torch.Generator | None):
     """One PIL image per problem, at the VAE-resized size of its problem image."""
     if not model.config.visual_gen:
-        raise RuntimeError("drawing visual thoughts needs the generation modules: set backend.params.generation")
+        raise RuntimeError("drawing visual thoughts needs the generation modules: set backend.generation = true")
     vae = backend.vae()
     guidance = guidance_config(backend.params)
     system = TextItem(backend.encode(prompts.INFERENCE_SYSTEM_PROMPT))

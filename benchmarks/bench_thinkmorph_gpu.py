@@ -1,0 +1,218 @@
+"""Full-size BAGEL-7B-MoT (random weights, bf16) on one GPU: the costs of one OPSD step's parts.
+
+Measures, with the ``thinkmorph`` backend's ``7b-random`` flavour:
+* student forward + backward on a ~4k-token teacher pack (time and peak memory);
+* KV-cached decoding tokens/s at batch 1 and batch 16 (the on-policy sampler's inner loop);
+* visual-thought drawing time per 512x512 image (50 flow points, three-context guidance).
+
+Weights are random, so what the model says is meaningless; the arithmetic is the real model's.
+
+    python benchmarks/bench_thinkmorph_gpu.py [--json out.json] [--skip-vt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from opsd_core.types import CompletionBatch, Problem
+from opsd_thinkmorph.backend import ThinkMorphBackend
+from opsd_thinkmorph.config import ThinkMorphParams
+
+
+PROFILE = False
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def image(side: int, seed: int) -> torch.Tensor:
+    return torch.rand(3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def forward_backward(backend, model, results: dict, image_side: int, completion_tokens: int) -> None:
+    problem = Problem("bench", image(image_side, 0), "Which path leads from the start to the goal? " * 4)
+    pair = backend.context_builder().build(problem, image(image_side, 1))
+    tokens = torch.randint(0, backend.vocabulary.valid_size, (1, completion_tokens))
+    completions = CompletionBatch(
+        tokens, torch.tensor([completion_tokens]), torch.ones(1, completion_tokens, dtype=torch.bool),
+        torch.tensor([True]),
+    )
+    pack_length = backend.context_length(pair.teacher) + completion_tokens
+    model.train()
+
+    def step():
+        rows = backend.completion_logits(model, [pair.teacher], completions)
+        loss = torch.logsumexp(rows.logits.float(), dim=-1).mean()
+        loss.backward()
+        model.zero_grad(set_to_none=False)
+
+    timed(step, 1)  # warm-up: allocates the gradients
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times = timed(step, 3)
+    results["student_fwd_bwd"] = {
+        "pack_tokens": pack_length,
+        "seconds": sorted(times)[1],
+        "tokens_per_s": pack_length / sorted(times)[1],
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "note": "bf16 weights and bf16 gradients, no activation checkpointing, one GPU",
+    }
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def decoding(backend, model, results: dict, batch: int, steps: int, image_side: int) -> None:
+    builder = backend.context_builder()
+    contexts = [
+        builder.student_context(Problem(f"p{i}", image(image_side, i), f"Question {i}: where is the goal?"))
+        for i in range(batch)
+    ]
+    state = backend.start_decoding(model, contexts, steps + 1)
+    feed = torch.full((batch,), 65, dtype=torch.long, device=backend.device)
+    for _ in range(4):  # warm-up inside the same cache
+        backend.decode_step(state, feed)
+    start_prefill = time.perf_counter()
+    fresh = backend.start_decoding(model, contexts, steps + 16)
+    synchronize()
+    prefill = time.perf_counter() - start_prefill
+
+    def run():
+        for _ in range(steps):
+            backend.decode_step(fresh, feed)
+
+    seconds = timed(run, 1)[0]
+    if PROFILE:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+            for _ in range(8):
+                backend.decode_step(fresh, feed)
+            synchronize()
+        print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+        print(trace.key_averages().table(sort_by="cpu_time_total", row_limit=15), flush=True)
+    results[f"decode_batch_{batch}"] = {
+        "context_tokens": backend.context_length(contexts[0]),
+        "steps": steps,
+        "prefill_seconds": prefill,
+        "tokens_per_s": batch * steps / seconds,
+        "ms_per_step": 1000 * seconds / steps,
+    }
+
+
+@torch.no_grad()
+def visual_thought(backend, model, results: dict, side: int, batch: int) -> None:
+    problems = [Problem(f"vt{i}", image(side, i), "Draw the path from start to goal.") for i in range(batch)]
+    backend.generate_visual_thought(model, problems[:1], torch.Generator().manual_seed(0))  # warm-up (VAE build)
+    seconds = timed(lambda: backend.generate_visual_thought(model, problems, torch.Generator().manual_seed(0)), 1)[0]
+    p = backend.params
+    results[f"visual_thought_batch_{batch}"] = {
+        "image": f"{side}x{side}",
+        "seconds_per_image": seconds / batch,
+        "flow_points": p.vt_timesteps,
+        "guidance": {"text": p.vt_text_scale, "image": p.vt_image_scale, "interval": list(p.vt_interval)},
+    }
+
+
+@torch.no_grad()
+def latency(backend, model, results: dict, text_tokens: int, vt_tokens: int, side: int) -> None:
+    """Seconds per sample at batch 1: answering in text (``text_tokens`` decoded) against drawing a
+    ``side`` x ``side`` visual thought first and answering with it (``vt_tokens`` decoded), the
+    paper's latency comparison (10.0 s vs 142.8 s for ThinkMorph on its hardware)."""
+    from opsd_core.evaluation.harness import item_context
+    from opsd_core.evaluation.benchmarks import BenchmarkItem
+
+    item = BenchmarkItem("bench", 0, "-", (image(side, 0),), "Which way leads to the goal?", {"A": "left", "B": "right"}, "A")
+    feed = torch.full((1,), 65, dtype=torch.long, device=backend.device)
+
+    def answer(thought, tokens):
+        state = backend.start_decoding(model, [item_context(backend, item, thought)], tokens + 1)
+        for _ in range(tokens):
+            backend.decode_step(state, feed)
+
+    def vt_sample():
+        thought = backend.generate_visual_thought(model, [Problem("bench", image(side, 0), "draw")], None)[0]
+        answer(thought, vt_tokens)
+
+    answer(None, 8)  # warm-up
+    text_s = timed(lambda: answer(None, text_tokens), 1)[0]
+    vt_s = timed(vt_sample, 1)[0]
+    results["latency"] = {
+        "text_seconds": text_s,
+        "text_tokens": text_tokens,
+        "vt_seconds": vt_s,
+        "vt_tokens": vt_tokens,
+        "vt_image": f"{side}x{side}",
+        "ratio": vt_s / text_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--skip-vt", action="store_true", help="skip visual-thought drawing")
+    parser.add_argument("--pack-image-side", type=int, default=616, help="problem and VT image side of the pack")
+    parser.add_argument("--completion-tokens", type=int, default=256)
+    parser.add_argument("--flavour", default="7b-random", help="'debug' (with --device cpu) smoke-tests the script")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--profile-decode", action="store_true", help="print a torch profile of decode steps")
+    parser.add_argument("--only", choices=["all", "decode", "vt", "latency"], default="all")
+    args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile_decode
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (or --flavour debug --device cpu)")
+    small = dict(vit_max_size=56, vit_min_size=28, vae_max_size=64, vae_min_size=32) if args.flavour == "debug" else {}
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    params = ThinkMorphParams(flavour=args.flavour, device=args.device, dtype=dtype, **small)
+    backend = ThinkMorphBackend(params)
+    start = time.perf_counter()
+    model = backend.build_model()
+    synchronize()
+    parameters = sum(p.numel() for p in model.parameters())
+    results: dict = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "parameters": parameters,
+        "build_seconds": time.perf_counter() - start,
+        "weights_gib": parameters * model.connector.fc1.weight.element_size() / 2**30,
+    }
+    print(json.dumps(results), flush=True)
+    if args.only == "all":
+        forward_backward(backend, model, results, args.pack_image_side, args.completion_tokens)
+        print(json.dumps(results["student_fwd_bwd"]), flush=True)
+    for batch in (1, 16) if args.only in ("all", "decode") else ():
+        decoding(backend, model, results, batch, steps=64, image_side=448)
+        print(json.dumps(results[f"decode_batch_{batch}"]), flush=True)
+    if not args.skip_vt and args.only in ("all", "vt"):
+        visual_thought(backend, model, results, side=512, batch=1)
+        print(json.dumps(results["visual_thought_batch_1"]), flush=True)
+    if args.only in ("all", "latency"):
+        latency(backend, model, results, text_tokens=200, vt_tokens=450, side=512)
+        print(json.dumps(results["latency"]), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

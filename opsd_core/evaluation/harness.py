@@ -1,0 +1,214 @@
+"""Benchmark evaluation: answer the nine benchmarks with a model, or re-score recorded answers.
+
+Owns: the contexts a benchmark item is asked in (``text``: system prompt, the item's images, its
+prompt; ``vt``: the same followed by a visual thought the model draws first), batched greedy
+answering with per-item records appended to ``predictions.jsonl`` as they are produced (a
+crashed run resumes from them), scoring every record, and the results table (JSON, Markdown,
+a bar chart).
+Does not know: any model family (it drives a Backend), or how answers are extracted (that is
+:mod:`opsd_core.evaluation.benchmarks`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from opsd_core.evaluation.benchmarks import BENCHMARKS, BenchmarkItem, aggregate, load_benchmark, prompt, score
+
+MODES = ("text", "vt")
+PREDICTIONS = "predictions.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------- answering
+def item_context(backend, item: BenchmarkItem, visual_thought: Any | None = None):
+    """The context ``item`` is asked in: the backend's system prompt, the item's images, its prompt
+    text, and (VT mode) the visual thought after it."""
+    from opsd_core.types import PROBLEM_IMAGE, QUESTION, SYSTEM, VISUAL_THOUGHT, Context, ImageSegment, TextSegment
+
+    builder = backend.context_builder()
+    system = getattr(builder, "system_prompt", None)
+    segments: list = [TextSegment(SYSTEM, system)] if system else []
+    segments += [
+        ImageSegment(PROBLEM_IMAGE if i == 0 else f"{PROBLEM_IMAGE}_{i + 1}", image) for i, image in enumerate(item.images)
+    ]
+    segments.append(TextSegment(QUESTION, prompt(item)))
+    if visual_thought is not None:
+        segments.append(ImageSegment(VISUAL_THOUGHT, visual_thought))
+    return Context(tuple(segments))
+
+
+def answer_benchmarks(
+    backend,
+    model,
+    names: Sequence[str],
+    data_root: Path,
+    out_dir: Path,
+    mode: str = "text",
+    batch_size: int = 8,
+    max_tokens: int = 1024,
+    limit: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Answer every item of ``names`` greedily and append one record per item to ``out_dir/predictions.jsonl``.
+
+    Records already in the file (same benchmark, index and mode) are kept and skipped, so a
+    crashed run continues where it stopped. Returns the predictions file.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from opsd_core.evaluation.evaluate import greedy_decode
+    from opsd_core.types import Problem
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / PREDICTIONS
+    done = {(r["benchmark"], r["index"], r.get("mode", "text")) for r in read_predictions(path)} if path.exists() else set()
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    for name in names:
+        items = [i for i in load_benchmark(name, data_root, limit) if (name, i.index, mode) not in done]
+        bar = tqdm(total=len(items), desc=f"{name} ({mode})", disable=not progress, dynamic_ncols=True)
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            started = time.perf_counter()
+            thoughts: list[Any] = [None] * len(batch)
+            if mode == "vt":
+                problems = [Problem(item.id, item.images[0], prompt(item)) for item in batch]
+                with torch.no_grad():
+                    thoughts = backend.generate_visual_thought(model, problems, generator)
+            contexts = [item_context(backend, item, thought) for item, thought in zip(batch, thoughts)]
+            completions = greedy_decode(backend, model, contexts, len(contexts), max_tokens)
+            seconds = (time.perf_counter() - started) / len(batch)
+            with open(path, "a", encoding="utf-8") as handle:
+                for item, tokens in zip(batch, completions):
+                    record = {
+                        "benchmark": name,
+                        "index": item.index,
+                        "mode": mode,
+                        "response": backend.decode(tokens),
+                        "tokens": len(tokens),
+                        "seconds": seconds,
+                    }
+                    handle.write(json.dumps(record) + "\n")
+            bar.update(len(batch))
+        bar.close()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def read_predictions(path: Path) -> list[dict]:
+    """Records of a predictions JSONL file; each needs ``benchmark``, ``index`` and ``response``."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(Path(path).read_text(encoding="utf-8").splitlines()):
+                continue  # a line cut by a crash: that item is answered again
+            raise ValueError(f"{path}:{number}: not a JSON line") from None
+        missing = [key for key in ("benchmark", "index", "response") if key not in record]
+        if missing:
+            raise ValueError(f"{path}:{number}: record lacks {missing}; each line needs benchmark, index, response")
+        records.append(record)
+    return records
+
+
+def score_predictions(
+    records: Iterable[dict],
+    names: Sequence[str],
+    data_root: Path,
+    chartqa_swapped: bool = False,
+    limit: int | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{mode: {benchmark: figures}}`` for the records of ``names``; figures hold ``accuracy``
+    (what the paper reports, 0-100), ``items``, ``answered`` and, when recorded, ``tokens`` and
+    ``seconds`` per sample. Items without a record count as wrong; ``limit`` scores only each
+    benchmark's first ``limit`` items (as answered with the same limit). Each mode also gets an
+    ``average`` entry: the mean accuracy over the benchmarks."""
+    by_mode: dict[str, dict[tuple[str, int], dict]] = {}
+    for record in records:
+        by_mode.setdefault(record.get("mode", "text"), {})[(record["benchmark"], int(record["index"]))] = record
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for mode, answered in by_mode.items():
+        table: dict[str, dict[str, float]] = {}
+        for name in names:
+            items = load_benchmark(name, data_root, limit)
+            hits, found = [], []
+            for item in items:
+                record = answered.get((name, item.index))
+                found.append(record)
+                hits.append(score(item, record["response"], chartqa_swapped)[0] if record else False)
+            figures = aggregate(BENCHMARKS[name], items, hits)
+            present = [r for r in found if r is not None]
+            figures["answered"] = float(len(present))
+            for key in ("tokens", "seconds"):
+                values = [r[key] for r in present if key in r]
+                if values:
+                    figures[key] = sum(values) / len(values)
+            table[name] = figures
+        accuracies = [figures["accuracy"] for figures in table.values() if not math.isnan(figures["accuracy"])]
+        table["average"] = {"accuracy": sum(accuracies) / len(accuracies) if accuracies else math.nan}
+        results[mode] = table
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- output
+def results_markdown(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """One row per benchmark, per mode: accuracy, tokens and seconds per sample."""
+    modes = [mode for mode in MODES if mode in results] + [m for m in results if m not in MODES]
+    header = "| benchmark | " + " | ".join(f"{m} acc | {m} tokens/sample | {m} s/sample" for m in modes) + " |"
+    lines = [header, "|---|" + "---|---|---|" * len(modes)]
+    names = [n for n in next(iter(results.values())) if n != "average"] if results else []
+    for name in [*names, "average"]:
+        cells = []
+        for mode in modes:
+            figures = results[mode].get(name, {})
+            cells.append(_cell(figures.get("accuracy"), "{:.1f}"))
+            cells.append(_cell(figures.get("tokens"), "{:.0f}"))
+            cells.append(_cell(figures.get("seconds"), "{:.2f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None, pattern: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else pattern.format(value)
+
+
+def write_results(results: dict[str, dict[str, dict[str, float]]], out_dir: Path) -> list[Path]:
+    """``results.json``, ``results.md`` and ``results.png`` (accuracy bars per benchmark and mode)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = out_dir / "results.json", out_dir / "results.md", out_dir / "results.png"
+    json_path.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    md_path.write_text(results_markdown(results))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(results)
+    names = list(next(iter(results.values()))) if results else []
+    figure, axes = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.5))
+    width = 0.8 / max(len(modes), 1)
+    for offset, mode in enumerate(modes):
+        values = [results[mode].get(name, {}).get("accuracy", math.nan) for name in names]
+        axes.bar([i + offset * width for i in range(len(names))], values, width, label=mode)
+    axes.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+    return [json_path, md_path, png_path]

@@ -1,0 +1,52 @@
+"""FSDP2 building blocks for backends' ``parallelize``: the precision policy and activation
+checkpointing, the same for every model family.
+
+Owns: what ``train.mixed_precision`` means to FSDP (bf16 compute and all-gathers, fp32 master
+weights and gradient reduction, CUDA only) and how a layer recomputes its activations.
+Does not know: which modules a backend makes FSDP units (that is each backend's
+``parallelize.py``), meshes or the training loop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from opsd_core.errors import ConfigError
+
+
+def mixed_precision_policy(mode: str, device_type: str):
+    """The ``MixedPrecisionPolicy`` of ``train.mixed_precision``: bf16 compute with fp32 gradient
+    reduction for ``"bf16"`` (CUDA meshes only), no casts for ``"none"``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mode == "none":
+        return MixedPrecisionPolicy()
+    if mode != "bf16":
+        raise ConfigError(f"train.mixed_precision: unknown mode (got {mode!r}); use 'none' or 'bf16'")
+    if device_type != "cuda":
+        raise ConfigError(
+            f"train.mixed_precision: 'bf16' needs CUDA devices (got a {device_type!r} mesh); use 'none' on CPU"
+        )
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def checkpoint_forward(layer: torch.nn.Module) -> None:
+    """Recompute ``layer``'s activations in backward instead of storing them.
+
+    The instance's ``forward`` is wrapped rather than the module, so parameter names (checkpoint
+    keys, the EMA's student-teacher pairing) stay as they are. Without grad (sampling, the
+    teacher) there is nothing to recompute and the layer runs as is.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    forward = layer.forward
+
+    @functools.wraps(forward)
+    def recomputed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    layer.forward = recomputed
