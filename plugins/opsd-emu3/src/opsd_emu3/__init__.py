@@ -1,0 +1,1 @@
+"""opsd backend ``emu3``: Visual-OPSD on transformers' Emu3ForConditionalGeneration."""

@@ -1,0 +1,306 @@
+"""The ``emu3`` backend: the Backend interface over transformers' Emu3ForConditionalGeneration.
+
+Owns: rendering contexts as Emu3-Chat turns with each image VQ-encoded by the model's own
+VQ-VAE into its token block (``<|image start|>{h}*{w}<|image token|>`` codes with an end-of-line
+token after every row, ``<|extra_201|><|image end|>``), completion-row logits, batched KV-cached
+decoding over left-padded rows, visual-thought generation (:mod:`opsd_emu3.visual_thought`),
+and checkpoints in the Hugging Face layout.
+Does not know: losses, teachers, optimizers or sampling policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hashlib
+
+import torch
+from transformers import AutoTokenizer, Emu3Config, Emu3ForConditionalGeneration
+from transformers.cache_utils import DynamicCache
+
+from opsd_core.errors import CapabilityError, ConfigError
+from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
+from opsd_core.types import CompletionBatch, CompletionLogits, Context, ImageSegment, Problem, Vocabulary
+from opsd_emu3 import context as emu3_context
+from opsd_emu3 import flavours, state_dict
+from opsd_emu3.config import CHECKPOINT, DEBUG, Emu3Params
+from opsd_emu3.images import CLIP_MEAN, CLIP_STD, ImageTransform
+from opsd_emu3.rows import PaddedRows, completion_columns, pad_left
+
+
+CODE_CACHE_SIZE = 4096  # images whose VQ codes are kept (a few per problem in flight)
+
+
+class Emu3DecodeState(DecodeState):
+    """A batch being decoded.
+
+    Attributes:
+        logits: float (B, V) next-token logits.
+        cache: the transformers KV cache of the prefilled rows and decoded tokens.
+        attention_mask: int64 (B, S), 0 at each row's left padding, S = positions cached so far.
+        next_positions: int64 (B,) RoPE position of each row's next token.
+        capacity: the most positions a row may reach (the model's maximum).
+    """
+
+    def __init__(self, model, cache, attention_mask, next_positions, logits, capacity):
+        self.model, self.cache, self.attention_mask = model, cache, attention_mask
+        self.next_positions, self.logits, self.capacity = next_positions, logits, capacity
+
+
+class Emu3Backend(Backend):
+    """Emu3-Chat-hf / Emu3-Gen-hf from a local directory, or the tiny ``debug`` flavour."""
+
+    def __init__(self, params: Emu3Params | None = None):
+        self.params = p = params or Emu3Params(flavour=DEBUG)
+        self.device = torch.device(p.device)
+        self.dtype = getattr(torch, p.dtype)
+        self.directory = Path(p.checkpoint) if p.flavour == CHECKPOINT else None
+        if self.directory is not None:
+            state_dict.check_directory(self.directory)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
+            config = Emu3Config.from_pretrained(self.directory, local_files_only=True)
+            settings = state_dict.read_image_settings(self.directory)
+        else:
+            self.tokenizer = flavours.debug_tokenizer()
+            config = flavours.debug_config(self.tokenizer)
+            settings = {}
+        # The student is scored in train mode: Emu3's default attention dropout (0.1) would make
+        # its loss rows noisy and cached decoding differ from the full forward.
+        config.text_config.attention_dropout = 0.0
+        self.config = config
+        self.ids = _special_ids(config.vocabulary_map)
+        codes = {int(name[-8:-2]): index for name, index in config.vocabulary_map.items() if name.startswith("<|visual token")}
+        self.code_to_token = torch.tensor([codes[c] for c in range(len(codes))], dtype=torch.long)  # (codebook,)
+        self.spatial_factor = 2 ** (len(config.vq_config.channel_multiplier) - 1)
+        self.transform = ImageTransform(
+            self.spatial_factor,
+            p.image_min_pixels,
+            p.image_max_pixels,
+            tuple(settings.get("image_mean", CLIP_MEAN)),
+            tuple(settings.get("image_std", CLIP_STD)),
+        )
+        self.max_positions = config.text_config.max_position_embeddings
+        if len(self.tokenizer) > config.text_config.vocab_size:
+            raise ConfigError(f"tokenizer has {len(self.tokenizer)} tokens but the model only {config.text_config.vocab_size} rows")
+        self._vocabulary = Vocabulary(
+            size=config.text_config.vocab_size,
+            eos_id=self.ids["eos"],
+            pad_id=self.ids["pad"],
+            valid_size=len(self.tokenizer),
+            special={name: index for name, index in self.ids.items() if name not in ("eos", "pad")},
+        )
+        self._codes: dict[tuple, torch.Tensor] = {}
+        self._check_lengths()
+
+    # ------------------------------------------------------------------ vocabulary and model
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self._vocabulary
+
+    def build_model(self) -> Emu3ForConditionalGeneration:
+        """The model on ``params.device`` in ``params.dtype``: the checkpoint's weights or seeded random ones."""
+        if self.directory is not None:
+            model = Emu3ForConditionalGeneration.from_pretrained(
+                self.directory, config=self.config, dtype=self.dtype, local_files_only=True
+            )
+            return model.to(self.device).eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.params.seed)
+            model = Emu3ForConditionalGeneration(self.config)
+        return model.to(device=self.device, dtype=self.dtype).eval()
+
+    def context_builder(self) -> PrivilegedContextBuilder:
+        return emu3_context.context_builder()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        known = len(self.tokenizer)
+        return self.tokenizer.decode([int(t) for t in token_ids if int(t) < known])
+
+    def preprocess_image(self, image: Any) -> torch.Tensor:
+        """float32 (3, H, W) normalised with the processor's mean and std; sides multiples of the VQ's factor."""
+        return self.transform(image)
+
+    # ------------------------------------------------------------------ rendering
+    def image_tokens(self, model: Emu3ForConditionalGeneration | None, pixels: torch.Tensor) -> list[int]:
+        """The token block of float (3, H, W) ``pixels``; with ``model`` None, placeholders of the same length."""
+        _, height, width = pixels.shape
+        rows, columns = height // self.spatial_factor, width // self.spatial_factor
+        if model is None:
+            grid = torch.full((rows, columns), self.ids["image_placeholder"], dtype=torch.long)
+        else:
+            grid = self.code_to_token[self.vq_codes(model, pixels.unsqueeze(0))[0].cpu()]  # (h, w)
+        end_of_line = torch.full((rows, 1), self.ids["end_of_line"], dtype=torch.long)
+        body = torch.cat([grid, end_of_line], dim=1).flatten().tolist()  # h * (w + 1)
+        return [*self.image_header(rows, columns), *body, self.ids["end_of_frame"], self.ids["image_end"]]
+
+    def image_header(self, rows: int, columns: int) -> list[int]:
+        """``<|image start|>{rows}*{columns}<|image token|>``: what precedes an image's codes."""
+        return [self.ids["image_start"], *self.encode(f"{rows}*{columns}"), self.ids["image_wrapper"]]
+
+    @torch.no_grad()
+    def vq_codes(self, model: Emu3ForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
+        """int64 (B, h, w) VQ codes of float (B, 3, H, W) ``pixels`` (one size), by ``model``'s VQ-VAE.
+
+        Emu3's VQ-VAE is a frozen tokenizer and the same image is rendered several times a step
+        (sampling, student and teacher scoring), so codes are cached per VQ module, pixels and
+        parameter versions: any in-place change of the VQ's weights (loading, the EMA update)
+        invalidates them.
+        """
+        vq = model.model.vqmodel
+        key = (id(vq), tuple(p._version for p in vq.parameters()), hashlib.sha1(pixels.detach().float().cpu().numpy().tobytes()).hexdigest())
+        if key not in self._codes:
+            if len(self._codes) >= CODE_CACHE_SIZE:
+                self._codes.clear()
+            self._codes[key] = self._encode(vq, pixels).cpu()
+        return self._codes[key]
+
+    @staticmethod
+    def _encode(vq, pixels: torch.Tensor) -> torch.Tensor:
+        sizes = torch.tensor([list(pixels.shape[2:])] * pixels.shape[0])
+        parameter = next(vq.parameters())
+        encoded = vq.encode(pixels.to(parameter.device, parameter.dtype), sizes, return_dict=True)
+        return torch.stack(list(encoded.image_tokens)).long()
+
+    def render(self, model: Emu3ForConditionalGeneration | None, context: Context) -> list[int]:
+        """Token ids of ``context`` from BOS through the completion-opening ``ASSISTANT:``."""
+        tokens = [self.ids["bos"]]
+        for piece in emu3_context.layout(context):
+            if isinstance(piece, ImageSegment):
+                pixels = piece.pixels if piece.pixels is not None else self.preprocess_image(piece.image)
+                tokens.extend(self.image_tokens(model, pixels.float()))
+            else:
+                tokens.extend(self.encode(piece))
+        return tokens
+
+    def context_length(self, context: Context) -> int:
+        return len(self.render(None, context))
+
+    def _fit(self, sequences: Sequence[Sequence[int]], extra: int = 0) -> None:
+        longest = max(len(s) for s in sequences) + extra
+        if longest > self.max_positions:
+            raise ConfigError(
+                f"an Emu3 sequence needs {longest} positions but the model has {self.max_positions}; lower "
+                "sampling.max_completion_tokens, backend.image_max_pixels or backend.vt_grid"
+            )
+
+    # ------------------------------------------------------------------ running the model
+    def completion_logits(self, model, contexts: Sequence[Context], completions: CompletionBatch) -> CompletionLogits:
+        """float (B, N + 1, V) at each completion's rows (the context's last token, then each completion token)."""
+        lengths = completions.lengths.cpu()
+        sequences = [self.render(model, c) + t for c, t in zip(contexts, completions.token_lists())]
+        self._fit(sequences)
+        device = next(model.parameters()).device
+        rows = pad_left(sequences, self.ids["pad"]).to(device)
+        width = int(completions.tokens.shape[1])
+        kept = min(width + 1, rows.token_ids.shape[1])
+        logits = self._forward(model, rows, logits_to_keep=kept).logits  # (B, kept, V)
+        index = completion_columns(lengths.to(device), width, kept)  # (B, N + 1)
+        gathered = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, N + 1, V)
+        return CompletionLogits(gathered, completions.row_mask().to(device))
+
+    @staticmethod
+    def _forward(model, rows: PaddedRows, cache=None, logits_to_keep: int = 1):
+        return model(
+            input_ids=rows.token_ids,
+            attention_mask=rows.attention_mask,
+            position_ids=rows.positions,
+            cache=cache,
+            use_cache=cache is not None,
+            logits_to_keep=logits_to_keep,
+        )
+
+    @torch.no_grad()
+    def prefill(self, model, sequences: Sequence[Sequence[int]], room: int) -> Emu3DecodeState:
+        """Prefill token-id ``sequences`` into a fresh cache with ``room`` more positions per row."""
+        self._fit(sequences, room)
+        device = next(model.parameters()).device
+        rows = pad_left(sequences, self.ids["pad"]).to(device)
+        cache = DynamicCache(config=self.config.text_config)
+        output = self._forward(model, rows, cache)
+        longest = int(rows.lengths.max())
+        return Emu3DecodeState(model, output.cache, rows.attention_mask, rows.lengths.clone(), output.logits[:, -1], longest + room)
+
+    def start_decoding(self, model, contexts: Sequence[Context], max_new_tokens: int) -> Emu3DecodeState:
+        return self.prefill(model, [self.render(model, c) for c in contexts], max_new_tokens)
+
+    @torch.no_grad()
+    def decode_step(self, state: Emu3DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed int64 (B,) ``tokens``; return float (B, V) next-token logits."""
+        if state.attention_mask.shape[1] >= state.capacity:
+            raise RuntimeError(f"decoding state full: it was started with room for {state.capacity} positions")
+        batch = tokens.shape[0]
+        device = state.attention_mask.device
+        state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(batch, 1)], dim=1)  # (B, S + 1)
+        step = PaddedRows(tokens.view(batch, 1).to(device), state.attention_mask, state.next_positions.view(batch, 1), state.next_positions)
+        output = self._forward(state.model, step, state.cache)
+        state.cache, state.next_positions = output.cache, state.next_positions + 1
+        state.logits = output.logits[:, -1]
+        return state.logits
+
+    # ------------------------------------------------------------------ visual thoughts
+    def generate_visual_thought(self, model, problems: Sequence[Problem], generator: torch.Generator | None = None) -> list:
+        """One PIL image of ``vt_grid`` tokens per problem, sampled with guidance and VQ-decoded."""
+        if not self.params.can_draw:
+            raise CapabilityError(
+                "backend.checkpoint_kind = 'chat': Emu3-Chat was not trained to generate images. Use stored visual "
+                "thoughts (sampling.visual_thoughts = 'stored') or the Emu3-Gen-hf checkpoint (checkpoint_kind = 'gen')"
+            )
+        from opsd_emu3.visual_thought import draw_visual_thoughts
+
+        return draw_visual_thoughts(self, model, problems, generator)
+
+    # ------------------------------------------------------------------ parallelism and weights on disk
+    def parallelize(self, model, mesh: Any, config: Any):
+        """FSDP2 per decoder layer, the VQ-VAE and the root; see :mod:`opsd_emu3.parallelize`."""
+        from opsd_emu3.parallelize import parallelize_emu3
+
+        return parallelize_emu3(model, mesh, config)
+
+    def save_pretrained(self, model, directory: Path) -> None:
+        """config.json, model.safetensors, tokenizer files and preprocessor_config.json: loads alone."""
+        t = self.transform
+        settings = {"image_mean": list(t.mean), "image_std": list(t.std), "min_pixels": t.min_pixels, "max_pixels": t.max_pixels, "spatial_factor": t.factor}
+        state_dict.save_checkpoint(model, self.tokenizer, settings, Path(directory))
+
+    def load_weights(self, model, directory: Path) -> None:
+        state_dict.load_into(model, Path(directory))
+
+    # ------------------------------------------------------------------ construction-time checks
+    def _check_lengths(self) -> None:
+        """Refuse settings whose longest context cannot fit the model's positions."""
+        side = max(self.spatial_factor, int(self.params.image_max_pixels**0.5) // self.spatial_factor * self.spatial_factor)
+        image = torch.zeros(3, side, side)
+        rows, columns = self.params.vt_grid
+        problem = Problem(id="length-check", image=image, question="")
+        pair = self.context_builder().build(problem, torch.zeros(3, rows * self.spatial_factor, columns * self.spatial_factor))
+        teacher = self.context_length(pair.teacher)
+        drawing = self.context_length(pair.student) + len(self.image_header(rows, columns)) + rows * (columns + 1)
+        for what, needed in (("the teacher context at backend.image_max_pixels", teacher), ("drawing a visual thought of backend.vt_grid", drawing)):
+            if needed > self.max_positions:
+                raise ConfigError(
+                    f"{what} needs {needed} positions but this Emu3 has {self.max_positions} "
+                    f"(image_max_pixels = {self.params.image_max_pixels}, vt_grid = {self.params.vt_grid}); lower them"
+                )
+
+
+def _special_ids(vocabulary_map: dict[str, int]) -> dict[str, int]:
+    names = {
+        "pad": flavours.PAD,
+        "bos": flavours.BOS,
+        "eos": flavours.EOS,
+        "image_start": flavours.IMAGE_START,
+        "image_end": flavours.IMAGE_END,
+        "image_wrapper": flavours.IMAGE_WRAPPER,
+        "end_of_line": flavours.END_OF_LINE,
+        "end_of_frame": flavours.END_OF_FRAME,
+        "image_placeholder": flavours.PLACEHOLDER,
+    }
+    missing = [token for token in names.values() if token not in vocabulary_map]
+    if missing:
+        raise ConfigError(f"the Emu3 config's vocabulary_map lacks {missing}; is this an Emu3 checkpoint?")
+    return {name: vocabulary_map[token] for name, token in names.items()}

@@ -1,0 +1,48 @@
+"""FSDP2 for Emu3: how the model is sharded over a device mesh.
+
+Owns: which modules become FSDP units (each text decoder layer; the VQ-VAE, whose ``encode``
+and ``decode`` the backend calls outside the model's forward; then the root, which keeps the
+embeddings, final norm and ``lm_head``), HSDP when the mesh is 2-D (replicate x shard), the bf16
+mixed-precision policy with fp32 gradient reduction, and activation checkpointing of decoder
+layers.
+Does not know: how the mesh was built, the training loop, losses or checkpoints. The model
+stays a plain transformers module; everything FSDP-specific happens here, in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+from opsd_core.parallel import checkpoint_forward, mixed_precision_policy
+
+
+
+def parallelize_emu3(model: torch.nn.Module, mesh: Any, config: Any) -> torch.nn.Module:
+    """Shard ``model`` (an Emu3ForConditionalGeneration) over ``mesh`` with FSDP2, in place, and return it.
+
+    Args:
+        model: the unsharded model on this rank's device.
+        mesh: a 1-D DeviceMesh (FSDP) or a 2-D one with dimensions (replicate, shard) (HSDP).
+        config: the run config; reads ``train.mixed_precision`` ("none" or "bf16") and
+            ``train.activation_checkpointing``.
+
+    Every unit frees its gathered parameters after each forward: the teacher never runs
+    backward, and the EMA update and checkpoints read sharded parameters between steps.
+    """
+    policy = mixed_precision_policy(config.train.mixed_precision, mesh.device_type)
+    layers = list(model.model.text_model.layers)
+    if config.train.activation_checkpointing:
+        for layer in layers:
+            checkpoint_forward(layer)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    vq = model.model.vqmodel
+    fully_shard(vq, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    for name in ("encode", "decode"):
+        register_fsdp_forward_method(vq, name)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    model.set_reshard_after_forward(True, recurse=False)
+    return model

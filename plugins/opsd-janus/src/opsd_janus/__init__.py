@@ -1,0 +1,1 @@
+"""opsd backend ``janus-pro``: Janus-Pro on transformers' ``JanusForConditionalGeneration``."""

@@ -1,0 +1,379 @@
+"""The ``janus-pro`` backend: the Backend interface over transformers' Janus.
+
+Owns: rendering contexts as Janus-Pro conversations (text pieces tokenized one by one, each
+image a ``<begin_of_image>`` + placeholders + ``<end_of_image>`` block whose placeholder slots
+receive the SigLIP encoder's aligned features, as ``JanusModel`` does), the image transform of
+``JanusImageProcessor`` (pad to square with the mean colour, resize, normalise),
+completion-row logits, batched KV-cached decoding (right padding, per-row positions),
+visual-thought generation (delegated to :mod:`opsd_janus.visual_thought`), and checkpoints in
+the Hugging Face layout (:mod:`opsd_janus.state_dict`).
+Does not know: losses, teachers, optimizers or sampling policy.
+
+Image slots are tracked from the rendering, not found by searching for the placeholder id, so
+a completion that happens to sample ``<image_placeholder>`` is scored as the text token it is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
+from opsd_core.types import (
+    CompletionBatch,
+    CompletionLogits,
+    Context,
+    ImageSegment,
+    Problem,
+    TextSegment,
+    Vocabulary,
+)
+from opsd_janus import context as chat
+from opsd_janus import state_dict
+from opsd_janus.config import CHECKPOINT, DEBUG, JanusParams
+from opsd_janus.rows import completion_rows, pad_right
+
+
+@dataclass
+class Rendered:
+    """One context as model input.
+
+    Attributes:
+        tokens: token ids, image slots holding the placeholder id.
+        image_slots: positions of the image slots, in order (image_tokens per image).
+        images: float32 (3, S, S) normalised pixels of each image, in order.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    image_slots: list[int] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)
+
+
+class JanusDecodeState(DecodeState):
+    """A batch being decoded.
+
+    Attributes:
+        logits: float (B, V) next-token logits.
+        cache: transformers' DynamicCache of the prefilled rows and decoded tokens.
+        attention: int64 (B, S), 1 where a cached column is a real token (0: padding).
+        next_positions: int64 (B,) position id of each row's next token.
+        capacity: columns the state may reach (prefill width + max_new_tokens).
+    """
+
+    def __init__(self, model, cache, attention: torch.Tensor, next_positions: torch.Tensor, logits: torch.Tensor, capacity: int):
+        self.model, self.cache, self.attention = model, cache, attention
+        self.next_positions, self.logits, self.capacity = next_positions, logits, capacity
+
+
+class JanusBackend(Backend):
+    """Janus-Pro from a local Hugging Face directory, or the tiny ``debug`` flavour."""
+
+    def __init__(self, params: JanusParams | None = None):
+        self.params = p = params or JanusParams(flavour=DEBUG, image_size=32)
+        self.device = torch.device(p.device)
+        self.dtype = getattr(torch, p.dtype)
+        self.directory = Path(p.checkpoint) if p.flavour == CHECKPOINT else None
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        if self.directory is not None:
+            from transformers import AutoTokenizer, JanusConfig
+
+            state_dict.require_checkpoint(self.directory)
+            self.config = JanusConfig.from_pretrained(str(self.directory))
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.directory))
+            processor_file = self.directory / "preprocessor_config.json"
+            if processor_file.is_file():
+                processor = json.loads(processor_file.read_text())
+                mean, std = tuple(processor.get("image_mean", mean)), tuple(processor.get("image_std", std))
+        else:
+            from opsd_janus.debug import debug_config, debug_tokenizer
+
+            self.config = debug_config(p.image_size, p.image_tokens or 16)
+            self.tokenizer = debug_tokenizer()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._check_config()
+        text = self.config.text_config
+        ids = self._special_ids()
+        self.ids = ids
+        self._vocabulary = Vocabulary(
+            size=text.vocab_size,
+            eos_id=ids["eos"],
+            pad_id=ids["pad"],
+            valid_size=min(len(self.tokenizer), text.vocab_size),
+            special={key: ids[key] for key in ("bos", "image_start", "image_end", "image_token")},
+        )
+
+    # ------------------------------------------------------------------ construction checks
+    def _check_config(self) -> None:
+        """Refuse, before any step runs, what this backend cannot do with this config."""
+        p, vision, vq = self.params, self.config.vision_config, self.config.vq_config
+        where = f"checkpoint {self.directory}" if self.directory else "the debug flavour"
+        if vision.image_size != p.image_size:
+            raise ValueError(
+                f"backend.image_size = {p.image_size}, but {where} reads {vision.image_size}-pixel images "
+                f"(vision_config.image_size); set image_size = {vision.image_size}"
+            )
+        self.image_tokens = vision.num_image_tokens
+        if p.image_tokens is not None and p.image_tokens != self.image_tokens:
+            raise ValueError(
+                f"backend.image_tokens = {p.image_tokens}, but {where} has {self.image_tokens} tokens per image "
+                f"(vision_config.num_image_tokens); leave image_tokens unset"
+            )
+        side = vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1)
+        if vq.num_patches**2 != self.image_tokens:
+            raise ValueError(
+                f"{where}: vision_config.num_image_tokens = {self.image_tokens} is not vq_config.num_patches^2 = "
+                f"{vq.num_patches**2}; the VQ decoder could not draw the generated tokens"
+            )
+        self.visual_thought_side = side
+        positions = self.config.text_config.max_position_embeddings
+        self.max_context_tokens = p.max_context_tokens or positions
+        if self.max_context_tokens > positions:
+            raise ValueError(
+                f"backend.max_context_tokens = {p.max_context_tokens} exceeds the model's "
+                f"max_position_embeddings = {positions}; use at most {positions}"
+            )
+        if 2 * self.image_tokens + 16 > self.max_context_tokens:
+            raise ValueError(
+                f"a visual-thought prompt (problem image, question) plus {self.image_tokens} generated tokens does "
+                f"not fit in {self.max_context_tokens} positions; raise backend.max_context_tokens"
+            )
+
+    def _special_ids(self) -> dict[str, int]:
+        tokenizer = self.tokenizer
+        strings = {"image_start": chat.IMAGE_START, "image_end": chat.IMAGE_END}
+        ids = {
+            "bos": tokenizer.bos_token_id,
+            "eos": tokenizer.eos_token_id,
+            "pad": tokenizer.pad_token_id,
+            "image_token": self.config.image_token_id,
+        }
+        for key, token in strings.items():
+            index = tokenizer.convert_tokens_to_ids(token)
+            ids[key] = index if index != tokenizer.unk_token_id else None
+        missing = sorted(key for key, value in ids.items() if value is None)
+        if missing:
+            raise ValueError(
+                f"the tokenizer lacks Janus-Pro's special tokens {missing} (bos/eos/pad, {chat.IMAGE_START}, "
+                f"{chat.IMAGE_END}); use the tokenizer files of a Janus-Pro checkpoint"
+            )
+        return ids
+
+    # ------------------------------------------------------------------ vocabulary and model
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self._vocabulary
+
+    def build_model(self) -> torch.nn.Module:
+        """``JanusForConditionalGeneration`` on ``params.device`` in ``params.dtype``: the
+        checkpoint's weights, or the debug flavour's seeded random ones."""
+        from transformers import JanusForConditionalGeneration
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.params.seed)
+            with torch.device(self.device):
+                model = JanusForConditionalGeneration(self.config)
+        model = model.to(dtype=self.dtype)
+        if self.directory is not None:
+            state_dict.load_into(model, self.directory)
+        return model
+
+    def context_builder(self) -> PrivilegedContextBuilder:
+        return chat.context_builder()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        valid = self._vocabulary.valid_size
+        return self.tokenizer.decode([int(t) for t in token_ids if 0 <= int(t) < valid])
+
+    def preprocess_image(self, image: Any) -> torch.Tensor:
+        """float32 (3, S, S), S = ``image_size``: padded to a square with the mean colour,
+        resized (bicubic, antialiased) and normalised with the processor's mean and std."""
+        if hasattr(image, "convert"):
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+            pixels = torch.from_numpy(array).permute(2, 0, 1)
+        else:
+            pixels = torch.as_tensor(image).detach().to("cpu", torch.float32)
+        if pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise ValueError(f"janus-pro reads RGB images (3, H, W) in [0, 1], got shape {tuple(pixels.shape)}")
+        height, width = pixels.shape[1:]
+        side = max(height, width)
+        square = self.mean.expand(3, side, side).clone()  # background: the mean colour, as the processor pads
+        top, left = (side - height) // 2, (side - width) // 2
+        square[:, top : top + height, left : left + width] = pixels
+        size = self.params.image_size
+        if side != size:
+            square = torch.nn.functional.interpolate(
+                square.unsqueeze(0), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+            )[0].clamp(0.0, 1.0)  # (3, S, S)
+        return (square - self.mean) / self.std
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, context: Context, opener: str = chat.ASSISTANT_OPEN) -> Rendered:
+        """``context`` as one Janus-Pro user turn, ending with the completion opener."""
+        rendered = Rendered(tokens=[self.ids["bos"]])
+        segments = list(context.segments)
+        if segments and isinstance(segments[0], TextSegment) and segments[0].name == "system":
+            rendered.tokens += self.encode(segments.pop(0).text + chat.TURN_SEPARATOR)
+        rendered.tokens += self.encode(chat.USER_OPEN)
+        for index, segment in enumerate(segments):
+            if index:
+                rendered.tokens += self.encode("\n")
+            if isinstance(segment, TextSegment):
+                rendered.tokens += self.encode(segment.text)
+            elif isinstance(segment, ImageSegment):
+                pixels = segment.pixels if segment.pixels is not None else self.preprocess_image(segment.image)
+                self.add_image(rendered, pixels)
+            else:
+                raise TypeError(f"janus-pro cannot render a segment of type {type(segment).__name__}")
+        rendered.tokens += self.encode(opener)
+        return rendered
+
+    def add_image(self, rendered: Rendered, pixels: torch.Tensor) -> None:
+        """Append one image block: ``<begin_of_image>``, the placeholder slots, ``<end_of_image>``."""
+        size = self.params.image_size
+        if tuple(pixels.shape) != (3, size, size):
+            raise ValueError(f"janus-pro image pixels must have shape (3, {size}, {size}), got {tuple(pixels.shape)}")
+        rendered.tokens.append(self.ids["image_start"])
+        start = len(rendered.tokens)
+        rendered.image_slots += range(start, start + self.image_tokens)
+        rendered.tokens += [self.ids["image_token"]] * self.image_tokens
+        rendered.tokens.append(self.ids["image_end"])
+        rendered.images.append(pixels.float())
+
+    def context_length(self, context: Context) -> int:
+        return len(self.render(context).tokens)
+
+    def require_fits(self, length: int, what: str) -> None:
+        if length > self.max_context_tokens:
+            raise ValueError(
+                f"janus-pro: {what} needs {length} positions but the backend allows {self.max_context_tokens} "
+                f"(backend.max_context_tokens, at most the model's max_position_embeddings); lower "
+                f"sampling.max_forward_tokens / max_completion_tokens or shorten the prompts"
+            )
+
+    # ------------------------------------------------------------------ running the model
+    def hidden_states(self, model, rendered: Sequence[Rendered], cache=None):
+        """Run the LLM over right-padded rows.
+
+        Returns:
+            hidden: float (B, T, D) final-norm hidden states.
+            attention: int64 (B, T) real-token mask.
+            lengths: int64 (B,) tokens per row.
+        """
+        device = next(model.parameters()).device
+        ids, attention, positions, lengths = pad_right([r.tokens for r in rendered], self.ids["pad"], device)
+        embeds = model.get_input_embeddings()(ids)  # (B, T, D)
+        images = [image for r in rendered for image in r.images]
+        if images:
+            pixels = torch.stack(images).to(device=device, dtype=embeds.dtype)  # (I, 3, S, S)
+            features = model.model.get_image_features(pixels).pooler_output  # (I, image_tokens, D)
+            slots = torch.zeros_like(ids, dtype=torch.bool)
+            for row, r in enumerate(rendered):
+                slots[row, r.image_slots] = True
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
+        output = model.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention,
+            position_ids=positions,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        return output.last_hidden_state, attention, lengths
+
+    def completion_logits(self, model, contexts: Sequence[Context], completions: CompletionBatch) -> CompletionLogits:
+        """float (B, N + 1, V) from the row before each completion token and after the last one."""
+        rendered = [self.render(context) for context in contexts]
+        context_lengths = torch.tensor([len(r.tokens) for r in rendered], dtype=torch.long)
+        for r, completion in zip(rendered, completions.token_lists()):
+            r.tokens = r.tokens + completion
+            self.require_fits(len(r.tokens), "a context and its completion")
+        hidden, _, _ = self.hidden_states(model, rendered)
+        width = int(completions.tokens.shape[1]) + 1
+        rows = completion_rows(hidden, context_lengths, width)  # (B, N + 1, D)
+        return CompletionLogits(model.lm_head(rows), completions.row_mask().to(hidden.device))
+
+    @torch.no_grad()
+    def start_decoding(self, model, contexts: Sequence[Context], max_new_tokens: int) -> JanusDecodeState:
+        from transformers import DynamicCache
+
+        rendered = [self.render(context) for context in contexts]
+        for r in rendered:
+            self.require_fits(len(r.tokens) + max_new_tokens, "a context plus the completion cap")
+        cache = DynamicCache(config=model.config.text_config)
+        hidden, attention, lengths = self.hidden_states(model, rendered, cache)
+        last = hidden[torch.arange(len(rendered), device=hidden.device), lengths - 1]  # (B, D)
+        capacity = attention.shape[1] + max_new_tokens
+        return JanusDecodeState(model, cache, attention, lengths.clone(), model.lm_head(last), capacity)
+
+    @torch.no_grad()
+    def decode_step(self, state: JanusDecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed int64 (B,) ``tokens``; return float (B, V) next-token logits."""
+        model = state.model
+        embeds = model.get_input_embeddings()(tokens.view(-1, 1).to(state.attention.device))  # (B, 1, D)
+        state.logits = model.lm_head(step(model, state, embeds)[:, -1])
+        return state.logits
+
+    # ------------------------------------------------------------------ visual thoughts
+    @torch.no_grad()
+    def generate_visual_thought(self, model, problems: Sequence[Problem], generator: torch.Generator | None = None) -> list:
+        """One PIL image (``image_size`` square) per problem, from CFG-sampled VQ tokens."""
+        from opsd_janus.visual_thought import draw_visual_thoughts
+
+        return draw_visual_thoughts(self, model, problems, generator)
+
+    # ------------------------------------------------------------------ parallelism and weights on disk
+    def parallelize(self, model, mesh: Any, config: Any):
+        """FSDP2 over ``mesh``; see :mod:`opsd_janus.parallelize`."""
+        from opsd_janus.parallelize import parallelize_janus
+
+        return parallelize_janus(model, mesh, config)
+
+    def save_pretrained(self, model, directory: Path) -> None:
+        """config.json, model.safetensors, tokenizer and processor files: a directory that loads alone."""
+        directory = Path(directory)
+        state_dict.save_checkpoint(model, directory)
+        self.tokenizer.save_pretrained(str(directory))
+        self._image_processor().save_pretrained(str(directory))
+
+    def load_weights(self, model, directory: Path) -> None:
+        state_dict.load_into(model, Path(directory))
+
+    def _image_processor(self):
+        from transformers.models.janus.image_processing_pil_janus import (
+            JanusImageProcessorPil,
+        )
+
+        size = self.params.image_size
+        return JanusImageProcessorPil(
+            size={"height": size, "width": size},
+            image_mean=self.mean.flatten().tolist(),
+            image_std=self.std.flatten().tolist(),
+        )
+
+
+def step(model, state: JanusDecodeState, embeds: torch.Tensor) -> torch.Tensor:
+    """Append float (B, 1, D) ``embeds`` at each row's next position; return float (B, 1, D)
+    hidden states. Shared by text decoding and image-token generation."""
+    if state.attention.shape[1] >= state.capacity:
+        raise RuntimeError(f"decoding state full: it was started with room for {state.capacity} columns")
+    batch = embeds.shape[0]
+    ones = torch.ones(batch, 1, dtype=state.attention.dtype, device=state.attention.device)
+    state.attention = torch.cat([state.attention, ones], dim=1)  # (B, S + 1)
+    output = model.model.language_model(
+        inputs_embeds=embeds,
+        attention_mask=state.attention,
+        position_ids=state.next_positions.view(batch, 1),
+        cache=state.cache,
+        use_cache=True,
+    )
+    state.next_positions = state.next_positions + 1
+    return output.last_hidden_state
