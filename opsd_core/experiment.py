@@ -93,6 +93,7 @@ class Experiment:
         self.device = resolve_device(config.run.device)
         self.components: Components = build_components(config)
         self.backend = self.components.backend
+        self.backend.check_run(config)
         self.start = self.backend.build_model().to(self.device)
         self.start.requires_grad_(False)
         self.eval_problems = list(self.components.task.eval_problems(config.eval.limit))

@@ -113,6 +113,15 @@ class Backend(ABC):
         """Shard ``model`` over ``mesh`` (FSDP2); single-device backends need not override."""
         raise CapabilityError(f"{type(self).__name__} does not support multi-device training")
 
+    def check_run(self, config: Any) -> None:
+        """Refuse a run config this backend cannot serve, before anything runs.
+
+        Called with the resolved run config when a run starts (before the start checkpoint is
+        diagnosed), so a limit of the model (positions, a checkpoint that cannot draw images)
+        is a clear error then rather than a failure mid-run. Raise ``ConfigError`` naming the
+        field and what to set instead. The default accepts everything.
+        """
+
     @abstractmethod
     def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:
         """Write ``model`` as a self-contained checkpoint directory (weights, config, tokenizer)."""

@@ -89,3 +89,17 @@ def test_diagnose_eval_and_infer(finished_run, tmp_path):
     assert len(list(images.glob("*.png"))) == 2
     bad = runner.invoke(cli, ["eval", *common, "--modes", "student,oracle"])
     assert bad.exit_code == 2 and "oracle" in bad.output
+
+
+def test_a_backend_refusing_the_run_config_stops_the_run_before_it_starts(tmp_path, monkeypatch):
+    from opsd_core.errors import ConfigError
+    from opsd_tiny.backend import TinyBackend
+
+    def refuse(self, config):
+        raise ConfigError(f"sampling.max_forward_tokens = {config.sampling.max_forward_tokens} is too many for me")
+
+    monkeypatch.setattr(TinyBackend, "check_run", refuse)
+    result = CliRunner().invoke(cli, ["run", QUICKSTART, "--no-progress", *_short(tmp_path)])
+    assert result.exit_code != 0
+    assert "is too many for me" in result.output
+    assert not (tmp_path / "quickstart" / "metrics.jsonl").exists()

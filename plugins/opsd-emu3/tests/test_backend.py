@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from opsd_emu3.config import Emu3Params
 
 SMALL = dict(image_min_pixels=16 * 16, image_max_pixels=32 * 32, vt_grid=(4, 4), vt_top_k=0)
 
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 def debug_backend(**overrides) -> Emu3Backend:
     return Emu3Backend(Emu3Params(flavour="debug", **{**SMALL, **overrides}))
@@ -128,3 +132,19 @@ def test_chat_checkpoint_refuses_to_draw(tmp_path):
     chat = Emu3Backend(Emu3Params(checkpoint=str(tmp_path / "chat"), checkpoint_kind="chat", **SMALL))
     with pytest.raises(CapabilityError, match="Emu3-Chat was not trained to generate images"):
         chat.generate_visual_thought(model, problems(1))
+
+
+def test_run_settings_the_model_cannot_serve_are_refused_when_the_run_starts(tmp_path):
+    from opsd_core.config import load_config
+    from opsd_core.errors import ConfigError
+
+    backend = debug_backend()
+    config = load_config(EXAMPLES / "emu3-debug.toml", ["sampling.max_forward_tokens=5000"])
+    with pytest.raises(ConfigError, match="sampling.max_forward_tokens = 5000"):
+        backend.check_run(config)
+    backend.check_run(load_config(EXAMPLES / "emu3-debug.toml"))
+    saved = tmp_path / "ckpt"
+    backend.save_pretrained(backend.build_model(), saved)
+    chat = Emu3Backend(Emu3Params(checkpoint=str(saved), checkpoint_kind="chat", **SMALL))
+    with pytest.raises(ConfigError, match="checkpoint_kind = 'chat'"):
+        chat.check_run(load_config(EXAMPLES / "emu3-debug.toml"))

@@ -7,6 +7,8 @@ import os
 import socket
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import pytest
 import torch
 from opsd_janus.backend import JanusBackend
@@ -17,6 +19,8 @@ from opsd_core.sampling import BatchedSampler
 from opsd_core.testing.backend_contract import check_backend_contract
 from opsd_core.types import Problem
 
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 def debug_backend(**overrides) -> JanusBackend:
     return JanusBackend(JanusParams(flavour="debug", **{"image_size": 32, **overrides}))
@@ -172,3 +176,13 @@ def test_fsdp_in_one_process_gives_the_unsharded_logits_and_gradients(backend):
         assert images[0].size == (32, 32)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_forward_cap_beyond_the_positions_is_refused_when_the_run_starts(backend):
+    from opsd_core.config import load_config
+    from opsd_core.errors import ConfigError
+
+    config = load_config(EXAMPLES / "janus-pro-debug.toml", ["sampling.max_forward_tokens=5000"])
+    with pytest.raises(ConfigError, match="sampling.max_forward_tokens = 5000"):
+        backend.check_run(config)
+    backend.check_run(load_config(EXAMPLES / "janus-pro-debug.toml"))

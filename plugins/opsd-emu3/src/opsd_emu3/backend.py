@@ -242,6 +242,20 @@ class Emu3Backend(Backend):
         state.logits = output.logits[:, -1]
         return state.logits
 
+    def check_run(self, config: Any) -> None:
+        """Refuse, at the start of a run, a forward cap beyond the model's positions and drawing
+        with the Chat checkpoint (it was not trained to generate images)."""
+        if config.sampling.max_forward_tokens > self.max_positions:
+            raise ConfigError(
+                f"sampling.max_forward_tokens = {config.sampling.max_forward_tokens} exceeds this Emu3's "
+                f"{self.max_positions} positions (max_position_embeddings); set it to at most {self.max_positions}"
+            )
+        if not self.params.can_draw and config.sampling.visual_thoughts == "generate":
+            raise ConfigError(
+                "sampling.visual_thoughts = 'generate' needs an Emu3 that draws, but backend.checkpoint_kind = 'chat'; "
+                "use 'stored' (or 'auto' with a task that stores visual thoughts) or the Emu3-Gen-hf checkpoint"
+            )
+
     # ------------------------------------------------------------------ visual thoughts
     def generate_visual_thought(self, model, problems: Sequence[Problem], generator: torch.Generator | None = None) -> list:
         """One PIL image of ``vt_grid`` tokens per problem, sampled with guidance and VQ-decoded."""

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opsd_core.errors import ConfigError
 from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
 from opsd_core.types import (
     CompletionBatch,
@@ -324,6 +325,15 @@ class JanusBackend(Backend):
 
     # ------------------------------------------------------------------ visual thoughts
     @torch.no_grad()
+    def check_run(self, config: Any) -> None:
+        """Refuse, at the start of a run, a forward cap beyond the positions this backend allows."""
+        if config.sampling.max_forward_tokens > self.max_context_tokens:
+            raise ConfigError(
+                f"sampling.max_forward_tokens = {config.sampling.max_forward_tokens} exceeds the "
+                f"{self.max_context_tokens} positions janus-pro allows (backend.max_context_tokens, at most the "
+                f"model's max_position_embeddings); set it to at most {self.max_context_tokens}"
+            )
+
     def generate_visual_thought(self, model, problems: Sequence[Problem], generator: torch.Generator | None = None) -> list:
         """One PIL image (``image_size`` square) per problem, from CFG-sampled VQ tokens."""
         from opsd_janus.visual_thought import draw_visual_thoughts
