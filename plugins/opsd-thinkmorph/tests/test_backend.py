@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from opsd_core.testing.backend_contract import check_backend_contract
@@ -74,3 +75,17 @@ def test_visual_thoughts_are_drawn_per_problem(tmp_path):
         assert image.size == expected
     again = backend.generate_visual_thought(model, batch, torch.Generator().manual_seed(0))
     assert all(list(a.getdata()) == list(b.getdata()) for a, b in zip(images, again))
+
+
+def test_fixed_shape_decoding_equals_growing_steps():
+    fixed, growing = debug_backend(), debug_backend(fixed_shape_decoding=False)
+    model = fixed.build_model().eval()
+    contexts = [fixed.context_builder().build(p).teacher for p in problems(3)]
+    feeds = torch.randint(0, 256, (6, 3), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = fixed.start_decoding(model, contexts, 6), growing.start_decoding(model, contexts, 6)
+        assert a.fixed is not None and b.fixed is None
+        for feed in feeds:
+            torch.testing.assert_close(fixed.decode_step(a, feed), growing.decode_step(b, feed), atol=1e-5, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="KV cache full"):
+            fixed.decode_step(a, feeds[0])

@@ -51,3 +51,17 @@ def test_cached_decoding_equals_full_forward_on_cuda(dtype, atol):
         cached = decode_logits(backend, model, contexts, completions)
     gap = (cached - full.logits.float()).abs()[full.mask]
     assert float(gap.max()) <= atol
+
+
+def test_graph_replayed_decoding_equals_growing_steps_on_cuda():
+    from test_backend import debug_backend, problems
+
+    graphs, growing = debug_backend(device="cuda"), debug_backend(device="cuda", fixed_shape_decoding=False)
+    model = graphs.build_model().eval()
+    contexts = [graphs.context_builder().build(p).teacher for p in problems(3)]
+    feeds = torch.randint(0, 256, (5, 3), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        a, b = graphs.start_decoding(model, contexts, 5), growing.start_decoding(model, contexts, 5)
+        assert a.fixed is not None and a.fixed.graph is not None
+        for feed in feeds:
+            torch.testing.assert_close(graphs.decode_step(a, feed), growing.decode_step(b, feed), atol=1e-4, rtol=1e-4)

@@ -31,7 +31,7 @@ from opsd_thinkmorph.config import CHECKPOINT, DEBUG, ThinkMorphParams
 from opsd_thinkmorph.images import ImageTransform
 from opsd_thinkmorph.model import Bagel, KVCache
 from opsd_thinkmorph.packing import TextItem, ViTItem, lay_out, pack_rows
-from opsd_thinkmorph.runtime import forward_rows
+from opsd_thinkmorph.runtime import FixedShapeDecoder, forward_rows
 from opsd_thinkmorph.tokenizer import load_tokenizer
 
 # ThinkMorph asks for a visual thought with this plain-text tag, then closes its turn.
@@ -49,6 +49,7 @@ class ThinkMorphDecodeState(DecodeState):
 
     def __init__(self, model: Bagel, cache: KVCache, next_positions: torch.Tensor, logits: torch.Tensor):
         self.model, self.cache, self.next_positions, self.logits = model, cache, next_positions, logits
+        self.fixed: FixedShapeDecoder | None = None
 
 
 class ThinkMorphBackend(Backend):
@@ -174,11 +175,18 @@ class ThinkMorphBackend(Backend):
         hidden = forward_rows(model, rows, cache)  # (B, T, D)
         last = (rows.lengths - 1).to(hidden.device)
         logits = model.lm_logits(hidden[torch.arange(len(contexts), device=hidden.device), last])  # (B, V)
-        return ThinkMorphDecodeState(model, cache, rows.next_positions.to(parameter.device), logits)
+        state = ThinkMorphDecodeState(model, cache, rows.next_positions.to(parameter.device), logits)
+        if self.params.fixed_shape_decoding:
+            state.fixed = FixedShapeDecoder(model, cache, len(contexts), capture=parameter.is_cuda)
+        return state
 
     @torch.no_grad()
     def decode_step(self, state: ThinkMorphDecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed int64 (B,) ``tokens``; return float (B, V) next-token logits."""
+        if state.fixed is not None:
+            state.logits = state.fixed.step(tokens.to(state.next_positions.device), state.next_positions)
+            state.next_positions = state.next_positions + 1
+            return state.logits
         cache, model = state.cache, state.model
         batch, start = tokens.shape[0], cache.length
         if start >= cache.capacity:

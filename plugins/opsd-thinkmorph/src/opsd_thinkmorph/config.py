@@ -54,6 +54,12 @@ class ThinkMorphParams(PluginParams):
         "mixes precision through train.mixed_precision on GPUs).",
     )
     seed: int = Field(0, description="Seed of the random-weight flavours.", ge=0)
+    fixed_shape_decoding: bool = Field(
+        True,
+        description="Decode with fixed-shape steps (each attends over the whole preallocated cache with a "
+        "mask), captured once in a CUDA graph and replayed on GPUs; false uses steps that grow with the "
+        "cache and launch every kernel anew.",
+    )
     vit_max_size: int = Field(980, description="ViT transform: longest image side in pixels.", ge=14)
     vit_min_size: int = Field(378, description="ViT transform: shortest image side in pixels.", ge=14)
     vit_max_pixels: int = Field(2_007_040, description="ViT transform: cap on pixels per image.", ge=196)

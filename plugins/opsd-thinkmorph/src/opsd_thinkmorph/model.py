@@ -219,8 +219,16 @@ class LayerCache:
         self.keys, self.values = keys, values  # (B, Hk, capacity, d)
         self.length = 0
         self.frozen = False
+        # Fixed-shape decoding: one new position written at this int64 (1,) device index, and
+        # the whole buffer returned (the caller masks unwritten slots), so no shape depends on
+        # the length and the step can be captured in a CUDA graph.
+        self.slot: torch.Tensor | None = None
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.slot is not None:
+            self.keys.index_copy_(2, self.slot, k)
+            self.values.index_copy_(2, self.slot, v)
+            return self.keys, self.values
         end = self.length + k.shape[2]
         if self.frozen:
             return (
@@ -240,8 +248,10 @@ class KVCache:
 
     def __init__(self, config: LLMConfig, batch: int, capacity: int, device, dtype):
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+        # Zeros, not empty: fixed-shape steps read unwritten slots (masked), and garbage there could
+        # be NaN, which a mask cannot cancel.
         self.layers = [
-            LayerCache(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+            LayerCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
             for _ in range(config.num_layers)
         ]
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # (B, capacity)

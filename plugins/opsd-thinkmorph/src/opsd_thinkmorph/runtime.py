@@ -25,3 +25,59 @@ def forward_rows(model: Bagel, rows: PackedRows, cache: KVCache | None = None) -
             cache.valid[:, start : start + rows.valid.shape[1]] = rows.valid
         mask = torch.cat([cache.valid[:, :start].unsqueeze(1).expand(-1, mask.shape[1], -1), mask], dim=2)
     return model.llm_forward(h, rows.positions, mask, rows.gen, cache)
+
+
+class FixedShapeDecoder:
+    """Decode steps whose every tensor has a fixed shape, replayed from a CUDA graph on GPUs.
+
+    Each step writes its keys and values at ``slot`` (= the cache length) and attends over the
+    whole preallocated cache with a mask of the written slots, so nothing depends on the
+    length: on CUDA the step is captured once and replayed, which removes the per-step launch
+    overhead that bounds cached decoding of a large model. On CPU the same step runs eagerly.
+    """
+
+    def __init__(self, model: Bagel, cache: KVCache, batch: int, capture: bool):
+        device = cache.valid.device
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        for layer in cache.layers:
+            layer.slot = self.slot
+        self.graph = None
+        self.logits = None
+        if capture:
+            self.slot.fill_(cache.length)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up writes only the next slot, which the real step rewrites
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+
+    def _step(self) -> torch.Tensor:
+        self.cache.valid.index_fill_(1, self.slot, True)
+        mask = self.cache.valid.unsqueeze(1)  # (B, 1, capacity)
+        h = self.model.language_model.model.embed_tokens(self.tokens)
+        hidden = self.model.llm_forward(h, self.positions, mask, None, self.cache)
+        return self.model.lm_logits(hidden[:, -1])
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """float (B, V) logits after appending int64 (B,) ``tokens`` at RoPE ids ``positions``."""
+        cache = self.cache
+        if cache.length >= cache.capacity:
+            raise RuntimeError(f"KV cache full: the decoding state was started with room for {cache.capacity} positions")
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.positions.copy_(positions.view(-1, 1))
+        self.slot.fill_(cache.length)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits.clone()
+        else:
+            logits = self._step()
+        for layer in cache.layers:
+            layer.length += 1
+        return logits
