@@ -194,3 +194,16 @@ def test_opsd_eval_benchmark_arguments_are_checked(root):
     assert result.exit_code != 0 and "known: vsp" in result.output
     result = runner.invoke(cli, ["eval", "--benchmarks", "vsp"])
     assert result.exit_code != 0 and "--data-root" in result.output
+
+
+def test_opsd_eval_answers_every_benchmark_with_the_tiny_backend(root, tmp_path):
+    arguments = [
+        "eval", "--benchmarks", "all", "--data-root", str(root), "--limit", "1", "--out", str(tmp_path),
+        "--set", "backend.free_text=skip",
+    ]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(r["benchmark"] for r in records) == sorted(BENCHMARKS)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(results["text"][name]["answered"] == 1 for name in BENCHMARKS)

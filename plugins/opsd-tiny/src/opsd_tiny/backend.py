@@ -107,7 +107,7 @@ class TinyBackend(Backend):
         return prompts.context_builder()
 
     def encode(self, text: str) -> list[int]:
-        return self.vocab.encode(text)
+        return self.vocab.encode(text, skip_unknown=self.params.free_text == "skip")
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.vocab.decode(token_ids)

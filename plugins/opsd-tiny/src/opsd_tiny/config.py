@@ -9,6 +9,7 @@ Does not know: torch or models; importing this module stays light (``opsd list``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -32,6 +33,11 @@ class TinyBackendParams(PluginParams):
         "cpu",
         description="torch device the model is built on, e.g. 'cpu' or 'cuda:0'.",
         pattern=r"^(cpu|cuda(:\d+)?|mps)$",
+    )
+    free_text: Literal["error", "skip"] = Field(
+        "error",
+        description="Words outside the vocabulary: 'error' refuses them (the tiny model reads only its "
+        "task's words); 'skip' drops them, e.g. to push benchmark prompts through the pipeline.",
     )
     threads: int | None = Field(
         None,

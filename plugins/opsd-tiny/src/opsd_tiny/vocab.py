@@ -49,10 +49,13 @@ class Vocab:
     def id(self, token: str) -> int:
         return self.ids[token]
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, skip_unknown: bool = False) -> list[int]:
         """Ids of the whitespace-separated words of ``text``; a word outside the vocabulary is
-        a ValueError naming it (the tiny model cannot read free text)."""
+        a ValueError naming it (the tiny model cannot read free text), or dropped with
+        ``skip_unknown``."""
         words = text.split()
+        if skip_unknown:
+            return [self.ids[word] for word in words if word in self.ids]
         unknown = [word for word in words if word not in self.ids]
         if unknown:
             raise ValueError(f"words not in the tiny vocabulary: {unknown}; it knows {' '.join(self.tokens)}")
