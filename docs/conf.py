@@ -23,6 +23,7 @@ html_theme = "furo"
 html_title = "opsd"
 
 myst_heading_anchors = 3
+myst_enable_extensions = ["dollarmath", "amsmath"]
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 autodoc_typehints = "description"
