@@ -20,6 +20,7 @@ import torch
 from transformers import AutoTokenizer, Emu3Config, Emu3ForConditionalGeneration
 from transformers.cache_utils import DynamicCache
 
+from opsd_core.batching import PaddedRows, completion_columns, pad_left
 from opsd_core.errors import CapabilityError, ConfigError
 from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
 from opsd_core.types import CompletionBatch, CompletionLogits, Context, ImageSegment, Problem, Vocabulary
@@ -27,7 +28,6 @@ from opsd_emu3 import context as emu3_context
 from opsd_emu3 import flavours, state_dict
 from opsd_emu3.config import CHECKPOINT, DEBUG, Emu3Params
 from opsd_emu3.images import CLIP_MEAN, CLIP_STD, ImageTransform
-from opsd_emu3.rows import PaddedRows, completion_columns, pad_left
 
 
 CODE_CACHE_SIZE = 4096  # images whose VQ codes are kept (a few per problem in flight)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opsd_core.batching import completion_rows, pad_right
 from opsd_core.errors import ConfigError
 from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
 from opsd_core.types import (
@@ -38,7 +39,6 @@ from opsd_core.types import (
 from opsd_janus import context as chat
 from opsd_janus import state_dict
 from opsd_janus.config import CHECKPOINT, DEBUG, JanusParams
-from opsd_janus.rows import completion_rows, pad_right
 
 
 @dataclass
@@ -271,7 +271,8 @@ class JanusBackend(Backend):
             lengths: int64 (B,) tokens per row.
         """
         device = next(model.parameters()).device
-        ids, attention, positions, lengths = pad_right([r.tokens for r in rendered], self.ids["pad"], device)
+        padded = pad_right([r.tokens for r in rendered], self.ids["pad"]).to(device)
+        ids, attention, positions, lengths = padded.token_ids, padded.attention_mask, padded.positions, padded.lengths
         embeds = model.get_input_embeddings()(ids)  # (B, T, D)
         images = [image for r in rendered for image in r.images]
         if images:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from opsd_core.batching import gather_rows
 from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
 from opsd_core.types import (
     CompletionBatch,
@@ -162,8 +163,7 @@ class ThinkMorphBackend(Backend):
         index = torch.zeros(len(contexts), width, dtype=torch.long)
         for row, positions in enumerate(rows.logit_rows):
             index[row, : len(positions)] = torch.tensor(positions)
-        index = index.to(hidden.device)
-        gathered = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, N + 1, D)
+        gathered = gather_rows(hidden, index)  # (B, N + 1, D)
         return CompletionLogits(model.lm_logits(gathered), completions.row_mask().to(hidden.device))
 
     @torch.no_grad()
