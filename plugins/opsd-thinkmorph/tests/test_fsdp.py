@@ -133,10 +133,14 @@ def worker(out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- the tests
 def _metrics(directory: Path) -> list[dict[str, float]]:
-    """Every step's metrics line, timings left out."""
+    """Every step's numeric metrics, timings left out (the phase name is checked here)."""
     lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
-    return [{key: value for key, value in line.items() if not key.endswith("_s")} for line in lines]
+    assert all(line["phase"] == "opsd" for line in lines)
+    return [
+        {key: value for key, value in line.items() if not key.endswith("_s") and not isinstance(value, str)}
+        for line in lines
+    ]
 
 
 def _weights(directory: Path, name: str) -> dict[str, torch.Tensor]:
