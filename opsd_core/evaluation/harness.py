@@ -133,7 +133,8 @@ def score_predictions(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{mode: {benchmark: figures}}`` for the records of ``names``; figures hold ``accuracy``
     (what the paper reports, 0-100), ``items``, ``answered`` and, when recorded, ``tokens`` and
-    ``seconds`` per sample. Items without a record count as wrong; ``limit`` scores only each
+    ``seconds`` per sample, and ``categories`` (plain per-row accuracy within each value of the
+    ``category`` column, where the benchmark has one). Items without a record count as wrong; ``limit`` scores only each
     benchmark's first ``limit`` items (as answered with the same limit). Each mode also gets an
     ``average`` entry: the mean accuracy over the benchmarks."""
     by_mode: dict[str, dict[tuple[str, int], dict]] = {}
@@ -150,6 +151,12 @@ def score_predictions(
                 found.append(record)
                 hits.append(score(item, record["response"], chartqa_swapped)[0] if record else False)
             figures = aggregate(BENCHMARKS[name], items, hits)
+            categories: dict[str, list[bool]] = {}
+            for item, hit in zip(items, hits):
+                if item.category:
+                    categories.setdefault(item.category, []).append(hit)
+            if categories:
+                figures["categories"] = {c: 100 * sum(h) / len(h) for c, h in sorted(categories.items())}
             present = [r for r in found if r is not None]
             figures["answered"] = float(len(present))
             for key in ("tokens", "seconds"):
@@ -186,12 +193,20 @@ def _cell(value: float | None, pattern: str) -> str:
 
 
 def write_results(results: dict[str, dict[str, dict[str, float]]], out_dir: Path) -> list[Path]:
-    """``results.json``, ``results.md`` and ``results.png`` (accuracy bars per benchmark and mode)."""
+    """``results.json``, ``results.md``, ``categories.csv`` (mode, benchmark, category, accuracy)
+    and ``results.png`` (accuracy bars per benchmark and mode)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = out_dir / "results.json", out_dir / "results.md", out_dir / "results.png"
+    csv_path = out_dir / "categories.csv"
     json_path.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
     md_path.write_text(results_markdown(results))
+    lines = ["mode,benchmark,category,accuracy"]
+    for mode, table in results.items():
+        for name, figures in table.items():
+            for category, accuracy in figures.get("categories", {}).items():
+                lines.append(f'{mode},{name},"{category.replace(chr(34), chr(39))}",{accuracy:.2f}')
+    csv_path.write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,4 +226,4 @@ def write_results(results: dict[str, dict[str, dict[str, float]]], out_dir: Path
     figure.tight_layout()
     figure.savefig(png_path, dpi=120)
     plt.close(figure)
-    return [json_path, md_path, png_path]
+    return [json_path, md_path, csv_path, png_path]

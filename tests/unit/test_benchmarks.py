@@ -163,6 +163,8 @@ def test_rescoring_recorded_answers(root, tmp_path):
     results = harness.score_predictions(harness.read_predictions(path), list(BENCHMARKS), root)
     assert set(results) == {"text", "vt"}
     assert results["text"]["vispuzzle"]["accuracy"] == 75.0  # the unanswered item counts as wrong
+    assert results["text"]["vispuzzle"]["categories"] == {"demo": 75.0}
+    assert results["text"]["vstar"]["categories"] == {"direct_attributes": 100.0}
     assert results["text"]["vsp"]["accuracy"] == 100.0 and results["text"]["vsp"]["tokens"] == 10
     assert math.isclose(results["text"]["average"]["accuracy"], (8 * 100 + 75) / 9)
 
@@ -186,6 +188,10 @@ def test_opsd_eval_rescores_predictions_without_a_model(root, tmp_path):
         assert (tmp_path / name).is_file()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["text"]["sat"]["questions"] == 4
+    assert saved["text"]["sat"]["categories"] == {"demo": 100.0}
+    assert (tmp_path / "categories.csv").read_text().splitlines()[:2] == [
+        "mode,benchmark,category,accuracy", 'text,sat,"demo",100.00'
+    ]
 
 
 def test_opsd_eval_benchmark_arguments_are_checked(root):
