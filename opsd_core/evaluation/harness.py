@@ -1,7 +1,8 @@
 """Benchmark evaluation: answer the nine benchmarks with a model, or re-score recorded answers.
 
 Owns: the contexts a benchmark item is asked in (``text``: system prompt, the item's images, its
-prompt; ``vt``: the same followed by a visual thought the model draws first), batched greedy
+prompt; ``vt``: the backend's interleaved visual-thought inference where it has one, else the
+same context followed by a visual thought the model draws first), batched greedy
 answering with per-item records appended to ``predictions.jsonl`` as they are produced (a
 crashed run resumes from them), scoring every record, and the results table (JSON, Markdown,
 a bar chart).
@@ -74,28 +75,41 @@ def answer_benchmarks(
     done = {(r["benchmark"], r["index"], r.get("mode", "text")) for r in read_predictions(path)} if path.exists() else set()
     generator = torch.Generator().manual_seed(seed)
     model.eval()
+    from opsd_core.interfaces import Backend
+
+    # The model family's own interleaved loop when it has one; else draw first, then answer.
+    interleaved = type(backend).answer_with_visual_thoughts is not Backend.answer_with_visual_thoughts
     for name in names:
         items = [i for i in load_benchmark(name, data_root, limit) if (name, i.index, mode) not in done]
         bar = tqdm(total=len(items), desc=f"{name} ({mode})", disable=not progress, dynamic_ncols=True)
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             started = time.perf_counter()
-            thoughts: list[Any] = [None] * len(batch)
-            if mode == "vt":
-                problems = [Problem(item.id, item.images[0], prompt(item)) for item in batch]
-                with torch.no_grad():
-                    thoughts = backend.generate_visual_thought(model, problems, generator)
-            contexts = [item_context(backend, item, thought) for item, thought in zip(batch, thoughts)]
-            completions = greedy_decode(backend, model, contexts, len(contexts), max_tokens)
+            problems = [Problem(item.id, item.images[0], prompt(item)) for item in batch]
+            drawn = [0] * len(batch)
+            if mode == "vt" and interleaved:
+                answers = backend.answer_with_visual_thoughts(
+                    model, [item_context(backend, item) for item in batch], problems, max_tokens, generator
+                )
+                completions, drawn = [tokens for tokens, _ in answers], [count for _, count in answers]
+            else:
+                thoughts: list[Any] = [None] * len(batch)
+                if mode == "vt":
+                    with torch.no_grad():
+                        thoughts = backend.generate_visual_thought(model, problems, generator)
+                    drawn = [1] * len(batch)
+                contexts = [item_context(backend, item, thought) for item, thought in zip(batch, thoughts)]
+                completions = greedy_decode(backend, model, contexts, len(contexts), max_tokens)
             seconds = (time.perf_counter() - started) / len(batch)
             with open(path, "a", encoding="utf-8") as handle:
-                for item, tokens in zip(batch, completions):
+                for item, tokens, count in zip(batch, completions, drawn):
                     record = {
                         "benchmark": name,
                         "index": item.index,
                         "mode": mode,
                         "response": backend.decode(tokens),
                         "tokens": len(tokens),
+                        "images": count,
                         "seconds": seconds,
                     }
                     handle.write(json.dumps(record) + "\n")

@@ -109,6 +109,19 @@ class Backend(ABC):
         """Draw one visual thought per problem with the model's own image generator."""
         raise CapabilityError(f"{type(self).__name__} cannot generate images; use a task with stored VTs")
 
+    def answer_with_visual_thoughts(
+        self,
+        model: torch.nn.Module,
+        contexts: Sequence[Context],
+        problems: Sequence[Problem],
+        max_tokens: int,
+        generator: torch.Generator | None = None,
+    ) -> list[tuple[list[int], int]]:
+        """Greedy answers that may draw a visual thought mid-answer, as the model family's own
+        interleaved inference does: ``(tokens, images drawn)`` per context. Backends without such
+        a loop leave this unimplemented and evaluation draws the visual thought first."""
+        raise CapabilityError(f"{type(self).__name__} has no interleaved visual-thought inference")
+
     def parallelize(self, model: torch.nn.Module, mesh: Any, config: Any) -> torch.nn.Module:
         """Shard ``model`` over ``mesh`` (FSDP2); single-device backends need not override."""
         raise CapabilityError(f"{type(self).__name__} does not support multi-device training")

@@ -89,3 +89,54 @@ def test_fixed_shape_decoding_equals_growing_steps():
             torch.testing.assert_close(fixed.decode_step(a, feed), growing.decode_step(b, feed), atol=1e-5, rtol=1e-5)
         with pytest.raises(RuntimeError, match="KV cache full"):
             fixed.decode_step(a, feeds[0])
+
+
+def _batch(rows, pad):
+    from opsd_core.types import CompletionBatch
+
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row)
+    lengths = torch.tensor([len(r) for r in rows])
+    sampled = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    return CompletionBatch(tokens, lengths, sampled, torch.ones(len(rows), dtype=torch.bool))
+
+
+def test_interleaved_answer_draws_a_visual_thought_after_an_image_request(monkeypatch):
+    from opsd_core.sampling import BatchedSampler
+
+    backend = debug_backend(vt_timesteps=2)
+    model = backend.build_model().eval()
+    batch = problems(2)
+    contexts = [backend.context_builder().student_context(p) for p in batch]
+    asks, answers_now = backend.encode("<think>look</think><image_start>"), backend.encode("<answer>A</answer>")
+    original, calls = BatchedSampler.sample, []
+
+    def scripted(self, model, rows, generator=None):
+        calls.append(rows)
+        if len(calls) == 1:  # first round: row 0 asks for an image, row 1 answers at once
+            return _batch([asks, answers_now], backend.vocabulary.pad_id)
+        return original(self, model, rows, generator)
+
+    monkeypatch.setattr(BatchedSampler, "sample", scripted)
+    from opsd_thinkmorph import visual_thought
+
+    drawing, conditioned_on = visual_thought.draw_visual_thoughts, []
+
+    def spy(*args, reasoning=None, **kwargs):
+        conditioned_on.append(reasoning)
+        return drawing(*args, reasoning=reasoning, **kwargs)
+
+    monkeypatch.setattr(visual_thought, "draw_visual_thoughts", spy)
+    answers = backend.answer_with_visual_thoughts(model, contexts, batch, 60, torch.Generator().manual_seed(0))
+    assert answers[1] == (answers_now, 0)
+    tokens, drawn = answers[0]
+    special = backend.special
+    assert drawn == 1 and tokens[: len(asks)] == asks
+    assert tokens[len(asks) : len(asks) + 2] == [special.im_end, special.im_start]
+    assert len(tokens) <= 60
+    (follow,) = calls[1]
+    assert follow.names()[-2:] == ("reasoning", "visual_thought")
+    assert follow.get("reasoning").text == backend.decode(asks)
+    assert conditioned_on == [[backend.decode(asks)]], "the drawing must see the reasoning so far"

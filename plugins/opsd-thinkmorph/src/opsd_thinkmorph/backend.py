@@ -237,6 +237,43 @@ class ThinkMorphBackend(Backend):
 
         return draw_visual_thoughts(self, model, problems, generator)
 
+    @torch.no_grad()
+    def answer_with_visual_thoughts(
+        self, model: Bagel, contexts: Sequence[Context], problems: Sequence[Problem], max_tokens: int, generator=None
+    ) -> list[tuple[list[int], int]]:
+        """ThinkMorph's interleaved inference, greedy: a first round; where it asks for an image
+        (``<image_start>``) and budget remains, draw a visual thought conditioned on that round,
+        add the round and the image to the context, and answer in a second round.
+
+        The returned tokens are the first round, ``<|im_end|> <|im_start|>``, then the second
+        round, within ``max_tokens`` in all.
+        """
+        from opsd_core.sampling import BatchedSampler
+        from opsd_core.types import VISUAL_THOUGHT, ImageSegment, TextSegment
+
+        first = BatchedSampler(self, 0.0, max_tokens, max_image_skips=0).sample(model, contexts).token_lists()
+        answers = [(tokens, 0) for tokens in first]
+        asking = [i for i, tokens in enumerate(first) if IMAGE_REQUEST in self.decode(tokens) and len(tokens) + 3 < max_tokens]
+        if not asking:
+            return answers
+        reasoning = {i: self.decode(first[i]) for i in asking}
+        thoughts = self.generate_visual_thought_after(model, [problems[i] for i in asking], [reasoning[i] for i in asking], generator)
+        follow = [
+            Context(contexts[i].segments + (TextSegment("reasoning", reasoning[i]), ImageSegment(VISUAL_THOUGHT, thought)))
+            for i, thought in zip(asking, thoughts)
+        ]
+        budget = {i: max_tokens - len(first[i]) - 2 for i in asking}
+        second = BatchedSampler(self, 0.0, max(budget.values()), max_image_skips=0).sample(model, follow).token_lists()
+        for i, tokens in zip(asking, second):
+            answers[i] = (first[i] + [self.special.im_end, self.special.im_start] + tokens[: budget[i]], 1)
+        return answers
+
+    def generate_visual_thought_after(self, model: Bagel, problems: Sequence[Problem], reasoning: Sequence[str], generator=None):
+        """Visual thoughts whose conditional context also holds the model's reasoning so far."""
+        from opsd_thinkmorph.visual_thought import draw_visual_thoughts
+
+        return draw_visual_thoughts(self, model, problems, generator, reasoning=reasoning)
+
     # ------------------------------------------------------------------ parallelism and weights on disk
     def parallelize(self, model: Bagel, mesh: Any, config: Any) -> Bagel:
         """FSDP2 over ``mesh`` (HSDP when it has a replicate dimension); see :mod:`opsd_thinkmorph.parallelize`."""

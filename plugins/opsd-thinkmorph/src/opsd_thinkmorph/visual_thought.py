@@ -61,8 +61,19 @@ class FrozenContext:
 
 
 @torch.no_grad()
-def draw_visual_thoughts(backend, model: Bagel, problems: Sequence[Problem], generator: torch.Generator | None):
-    """One PIL image per problem, at the VAE-resized size of its problem image."""
+def draw_visual_thoughts(
+    backend,
+    model: Bagel,
+    problems: Sequence[Problem],
+    generator: torch.Generator | None,
+    reasoning: Sequence[str] | None = None,
+):
+    """One PIL image per problem, at the VAE-resized size of its problem image.
+
+    ``reasoning`` (one text per problem) is the model's own text so far: it joins the
+    conditional context as a turn after the question, as in ThinkMorph's interleaved inference;
+    the unconditional contexts never hold generated text.
+    """
     if not model.config.visual_gen:
         raise RuntimeError("drawing visual thoughts needs the generation modules: set backend.generation = true")
     vae = backend.vae()
@@ -83,11 +94,12 @@ def draw_visual_thoughts(backend, model: Bagel, problems: Sequence[Problem], gen
             vit = ViTItem(backend.vit_transform((image_pixels + 1) / 2))
             clean = LatentItem(tokens[row].cpu(), grid, 0.0)
             question = TextItem(backend.encode(problems[index].question))
-            rows.append((clean, vit, question))
+            thought = [TextItem(backend.encode(reasoning[index]))] if reasoning is not None else []
+            rows.append((clean, vit, question, thought))
         contexts = {
-            "cond": FrozenContext(model, [[system, c, v, q] for c, v, q in rows], backend.vocabulary.pad_id),
-            "text_uncond": FrozenContext(model, [[system, c, v] for c, v, _ in rows], backend.vocabulary.pad_id),
-            "image_uncond": FrozenContext(model, [[system, q] for _, _, q in rows], backend.vocabulary.pad_id),
+            "cond": FrozenContext(model, [[system, c, v, q, *t] for c, v, q, t in rows], backend.vocabulary.pad_id),
+            "text_uncond": FrozenContext(model, [[system, c, v] for c, v, _, _ in rows], backend.vocabulary.pad_id),
+            "image_uncond": FrozenContext(model, [[system, q] for _, _, q, _ in rows], backend.vocabulary.pad_id),
         }
 
         def velocity_fn(x, t, branches):
