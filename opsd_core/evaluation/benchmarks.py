@@ -26,7 +26,9 @@ from typing import Any
 from opsd_core.evaluation.answers import extract_choice
 from opsd_core.evaluation.scorers import (
     CIRCULAR_OFFSET,
+    chartqa_prediction,
     circular_accuracy,
+    maze_moves,
     mean_of_group_accuracies,
     pair_accuracy,
     score_chartqa,
@@ -239,13 +241,9 @@ def score(item: BenchmarkItem, response: str, chartqa_swapped: bool = False) -> 
         if maze is None:
             raise ValueError(f"{item.id}: a VSP row needs its maze_map column")
         rows = ast.literal_eval(maze) if isinstance(maze, str) and maze.strip().startswith("[") else str(maze).split()
-        from opsd_core.evaluation.scorers import maze_moves
-
         moves = maze_moves(response)
         return score_vsp(response, rows), None if moves is None else ",".join(moves)
     if spec.scoring == "chartqa":
-        from opsd_core.evaluation.scorers import chartqa_prediction
-
         return score_chartqa(response, item.answer, swapped=chartqa_swapped), chartqa_prediction(response)
     choice = extract_choice(response, item.options)
     return choice is not None and choice == str(item.answer).strip().strip("()"), choice

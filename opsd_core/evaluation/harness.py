@@ -122,13 +122,14 @@ def answer_benchmarks(
 def read_predictions(path: Path) -> list[dict]:
     """Records of a predictions JSONL file; each needs ``benchmark``, ``index`` and ``response``."""
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(Path(path).read_text(encoding="utf-8").splitlines()):
+            if number == len(lines):
                 continue  # a line cut by a crash: that item is answered again
             raise ValueError(f"{path}:{number}: not a JSON line") from None
         missing = [key for key in ("benchmark", "index", "response") if key not in record]
@@ -154,11 +155,13 @@ def score_predictions(
     by_mode: dict[str, dict[tuple[str, int], dict]] = {}
     for record in records:
         by_mode.setdefault(record.get("mode", "text"), {})[(record["benchmark"], int(record["index"]))] = record
+    # Each benchmark is read (its images decoded) once, whatever the number of modes.
+    items_of = {name: load_benchmark(name, data_root, limit) for name in names} if by_mode else {}
     results: dict[str, dict[str, dict[str, float]]] = {}
     for mode, answered in by_mode.items():
         table: dict[str, dict[str, float]] = {}
         for name in names:
-            items = load_benchmark(name, data_root, limit)
+            items = items_of[name]
             hits, found = [], []
             for item in items:
                 record = answered.get((name, item.index))

@@ -20,22 +20,9 @@ from opsd_thinkmorph.task import (
     question_options,
     score_answer,
 )
+from opsd_thinkmorph.demo_data import SCHEMA
 from opsd_thinkmorph.task_params import ThinkMorphDataParams
 
-IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-SCHEMA = pa.schema(
-    [
-        ("pid", pa.string()),
-        ("question", pa.string()),
-        ("answer", pa.string()),
-        ("problem_image_0", IMAGE),
-        ("resoning_thought_0", pa.string()),
-        ("reasoning_image_0", IMAGE),
-        ("resoning_thought_1", pa.string()),
-        ("task", pa.string()),
-        ("full_text_only_thought", pa.string()),
-    ]
-)
 DATASETS = ["Visual_Search", "Spatial_Navigation", "Chart_Refocus"]
 # Visual_Search p1 has an RGBA problem image, p2 an empty answer, p3 no thought text, p4 an
 # undecodable visual thought.
