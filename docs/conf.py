@@ -18,7 +18,7 @@ extensions = [
 ]
 source_suffix = {".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "_inventories"]
 html_theme = "furo"
 html_title = "opsd"
 
@@ -35,7 +35,14 @@ autodoc_pydantic_model_show_validator_summary = False
 autodoc_pydantic_model_show_field_summary = False
 autodoc_pydantic_field_list_validators = False
 
-# No network during builds: cross-references to other projects' docs are not resolved online.
-intersphinx_mapping: dict = {}
+# Links to other projects' documentation. Builds have no network, so each mapping reads a
+# local inventory listing the objects our pages refer to (written by _inventories/build.py);
+# the links still point at the upstream pages.
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", "_inventories/python.inv"),
+    "torch": ("https://docs.pytorch.org/docs/stable", "_inventories/torch.inv"),
+    "pydantic": ("https://docs.pydantic.dev/latest", "_inventories/pydantic.inv"),
+    "pluggy": ("https://pluggy.readthedocs.io/en/stable", "_inventories/pluggy.inv"),
+}
 nitpicky = False
 suppress_warnings = ["myst.xref_missing"]
