@@ -148,3 +148,20 @@ def test_run_settings_the_model_cannot_serve_are_refused_when_the_run_starts(tmp
     chat = Emu3Backend(Emu3Params(checkpoint=str(saved), checkpoint_kind="chat", **SMALL))
     with pytest.raises(ConfigError, match="checkpoint_kind = 'chat'"):
         chat.check_run(load_config(EXAMPLES / "emu3-debug.toml"))
+
+
+def test_images_are_tokenised_as_at_inference_whatever_the_models_mode():
+    """The VQ encoder holds BatchNorm layers: in train mode they would use each image's own
+    statistics and move their running ones, so the student (train mode) and the teacher (eval)
+    would see different codes for one image, and a resumed run would differ from a straight one."""
+    backend = debug_backend()
+    model = backend.build_model()
+    pixels = backend.preprocess_image(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))).unsqueeze(0)
+    vq = model.model.vqmodel
+    buffers = {name: value.clone() for name, value in vq.named_buffers()}
+    model.train()
+    trained = backend._encode(vq, pixels)
+    assert vq.training, "the model's mode is restored"
+    assert all(torch.equal(value, buffers[name]) for name, value in vq.named_buffers()), "running statistics moved"
+    model.eval()
+    assert torch.equal(trained, backend._encode(vq, pixels))

@@ -3,41 +3,30 @@ drawn by the model's VQ image head, the noise control, evaluation and the report
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from opsd_thinkmorph.demo_data import write_demo_dataset
 
-from opsd_core.cli import cli
+from opsd_core.testing.runs import run_config_file
 
-DEBUG_CONFIG = str(Path(__file__).resolve().parents[3] / "examples" / "janus-pro-debug.toml")
+DEBUG_CONFIG = Path(__file__).resolve().parents[3] / "examples" / "janus-pro-debug.toml"
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("janus")
     data = write_demo_dataset(root / "data", rows_per_dataset=4, side=56)
-    arguments = ["run", DEBUG_CONFIG, "--no-progress", "--set", f"run.output_dir='{root}'", "--set", f"task.root='{data}'"]
-    arguments += ["--set", "run.threads=1"]  # see conftest.py
-    result = CliRunner().invoke(cli, arguments)
-    assert result.exit_code == 0, result.output
-    return root / "janus-pro-debug", result.output
+    return run_config_file(DEBUG_CONFIG, root, [f"task.root='{data}'", "run.threads=1"])  # threads: see conftest.py
 
 
 def test_every_phase_ran_and_wrote_its_files(finished_run):
-    directory, _ = finished_run
-    for name in ("config.toml", "metrics.jsonl", "results.json", "report.md"):
-        assert (directory / name).is_file(), name
-    results = json.loads((directory / "results.json").read_text())
-    assert {"start", "opsd", "noise"} <= set(results), results.keys()
+    assert finished_run.missing_files() == []
+    assert {"start", "opsd", "noise"} <= set(finished_run.results())
 
 
 def test_training_steps_drew_visual_thoughts_and_moved_the_student(finished_run):
-    directory, _ = finished_run
-    lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
-    opsd = [line for line in lines if line.get("phase") == "opsd" and "loss" in line]
+    opsd = finished_run.step_metrics("opsd")
     assert [line["step"] for line in opsd] == [1, 2, 3]
     assert all(line["visual_thought_s"] > 0 for line in opsd), "no visual thought was drawn"
     assert all(line["loss"] >= 0 and line["grad_norm"] > 0 for line in opsd)
@@ -48,10 +37,7 @@ def test_the_checkpoint_loads_alone(finished_run):
     from opsd_janus.backend import JanusBackend
     from opsd_janus.config import JanusParams
 
-    directory, _ = finished_run
-    steps = sorted((directory / "opsd" / "checkpoints").glob("step-*"))
-    assert steps, "no checkpoint written"
-    student = steps[-1] / "student"
+    student = finished_run.latest_checkpoint("opsd") / "student"
     backend = JanusBackend(JanusParams(checkpoint=str(student), image_size=32))
     model = backend.build_model()
     debug = JanusBackend(JanusParams(flavour="debug", image_size=32)).build_model()

@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicCache
 from opsd_core.batching import PaddedRows, completion_columns, pad_left
 from opsd_core.errors import CapabilityError, ConfigError
 from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
+from opsd_core.length_budget import check_length_budget, context_floor
 from opsd_core.types import CompletionBatch, CompletionLogits, Context, ImageSegment, Problem, Vocabulary
 from opsd_emu3 import context as emu3_context
 from opsd_emu3 import flavours, state_dict
@@ -161,9 +162,17 @@ class Emu3Backend(Backend):
 
     @staticmethod
     def _encode(vq, pixels: torch.Tensor) -> torch.Tensor:
+        """Codes as at inference, whatever mode the model is in: the encoder's BatchNorm layers
+        would otherwise use each image's own statistics and move their running ones at every
+        call, so the student (train mode) and the teacher would tokenise an image differently."""
         sizes = torch.tensor([list(pixels.shape[2:])] * pixels.shape[0])
         parameter = next(vq.parameters())
-        encoded = vq.encode(pixels.to(parameter.device, parameter.dtype), sizes, return_dict=True)
+        was_training = vq.training
+        vq.eval()
+        try:
+            encoded = vq.encode(pixels.to(parameter.device, parameter.dtype), sizes, return_dict=True)
+        finally:
+            vq.train(was_training)
         return torch.stack(list(encoded.image_tokens)).long()
 
     def render(self, model: Emu3ForConditionalGeneration | None, context: Context) -> list[int]:
@@ -243,13 +252,20 @@ class Emu3Backend(Backend):
         return state.logits
 
     def check_run(self, config: Any) -> None:
-        """Refuse, at the start of a run, a forward cap beyond the model's positions and drawing
-        with the Chat checkpoint (it was not trained to generate images)."""
+        """Refuse, at the start of a run, a forward cap beyond the model's positions, completion
+        and forward caps that cannot fit beside the shortest contexts with images at
+        ``image_max_pixels`` (see :mod:`opsd_core.length_budget`), and drawing with the Chat
+        checkpoint (it was not trained to generate images)."""
+        super().check_run(config)
         if config.sampling.max_forward_tokens > self.max_positions:
             raise ConfigError(
                 f"sampling.max_forward_tokens = {config.sampling.max_forward_tokens} exceeds this Emu3's "
                 f"{self.max_positions} positions (max_position_embeddings); set it to at most {self.max_positions}"
             )
+        largest = self._largest_image()
+        images = f"images at backend.image_max_pixels = {self.params.image_max_pixels}"
+        floor = context_floor(self, largest, largest)
+        check_length_budget(self, config, floor, self.max_positions, "max_position_embeddings", images)
         if not self.params.can_draw and config.sampling.visual_thoughts == "generate":
             raise ConfigError(
                 "sampling.visual_thoughts = 'generate' needs an Emu3 that draws, but backend.checkpoint_kind = 'chat'; "
@@ -285,10 +301,14 @@ class Emu3Backend(Backend):
         state_dict.load_into(model, Path(directory))
 
     # ------------------------------------------------------------------ construction-time checks
+    def _largest_image(self) -> torch.Tensor:
+        """A blank square image as large as ``image_max_pixels`` allows: the lengths budgeted for."""
+        side = max(self.spatial_factor, int(self.params.image_max_pixels**0.5) // self.spatial_factor * self.spatial_factor)
+        return torch.zeros(3, side, side)
+
     def _check_lengths(self) -> None:
         """Refuse settings whose longest context cannot fit the model's positions."""
-        side = max(self.spatial_factor, int(self.params.image_max_pixels**0.5) // self.spatial_factor * self.spatial_factor)
-        image = torch.zeros(3, side, side)
+        image = self._largest_image()
         rows, columns = self.params.vt_grid
         problem = Problem(id="length-check", image=image, question="")
         pair = self.context_builder().build(problem, torch.zeros(3, rows * self.spatial_factor, columns * self.spatial_factor))

@@ -2,7 +2,7 @@
 
 Owns: which modules become FSDP units (each text decoder layer; the VQ-VAE, whose ``encode``
 and ``decode`` the backend calls outside the model's forward; then the root, which keeps the
-embeddings, final norm and ``lm_head``), HSDP when the mesh is 2-D (replicate x shard), the bf16
+embeddings, final norm and ``lm_head``, and is initialised by one forward at the end), HSDP when the mesh is 2-D (replicate x shard), the bf16
 mixed-precision policy with fp32 gradient reduction, and activation checkpointing of decoder
 layers.
 Does not know: how the mesh was built, the training loop, losses or checkpoints. The model
@@ -45,4 +45,17 @@ def parallelize_emu3(model: torch.nn.Module, mesh: Any, config: Any) -> torch.nn
         register_fsdp_forward_method(vq, name)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     model.set_reshard_after_forward(True, recurse=False)
+    initialize_from_root(model)
     return model
+
+
+def initialize_from_root(model: torch.nn.Module) -> None:
+    """Run one token through the root so that FSDP sets every unit up from it.
+
+    FSDP2 initialises lazily at the first forward and requires that forward to be the root's.
+    The backend VQ-encodes a context's images (``vqmodel.encode``) before the model's own
+    forward, which would otherwise make the VQ-VAE a root of its own and fail at the next call.
+    """
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))

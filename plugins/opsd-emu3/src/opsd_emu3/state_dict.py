@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers.utils import logging
 
+from opsd_core import state_dicts
 from opsd_core.errors import ConfigError
 
 WEIGHTS = "model.safetensors"
@@ -29,11 +29,8 @@ LEGACY_KEYS = ((r"^text_model\.model\.", "model.text_model."), (r"^text_model\.l
 
 def check_directory(directory: Path) -> None:
     """Raise ConfigError unless ``directory`` holds a loadable Emu3 checkpoint."""
-    missing = [name for name in ("config.json", "tokenizer_config.json") if not (directory / name).is_file()]
-    if not (directory / WEIGHTS).is_file() and not (directory / INDEX).is_file():
-        missing.append(f"{WEIGHTS} (or {INDEX} with its shards)")
-    if not (directory / "tokenizer.json").is_file() and not (directory / "vocab.json").is_file():
-        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    required = ("config.json", "tokenizer_config.json", (WEIGHTS, INDEX), ("tokenizer.json", "vocab.json"))
+    missing = state_dicts.missing_files(directory, required)
     if missing:
         raise ConfigError(
             f"backend.checkpoint: {directory} is not an Emu3 checkpoint in the Hugging Face layout; it lacks "
@@ -49,16 +46,7 @@ def check_directory(directory: Path) -> None:
 
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint in ``directory``, under the current transformers key names."""
-    directory = Path(directory)
-    if (directory / WEIGHTS).is_file():
-        tensors = load_file(directory / WEIGHTS)
-    elif (directory / INDEX).is_file():
-        shards = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
-            tensors.update(load_file(directory / shard))
-    else:
-        raise ConfigError(f"{directory} holds neither {WEIGHTS} nor {INDEX}")
+    tensors = state_dicts.read_weights(Path(directory))
     return {legacy_to_current(name): tensor for name, tensor in tensors.items()}
 
 
@@ -70,23 +58,10 @@ def legacy_to_current(name: str) -> str:
 
 
 def load_into(model: torch.nn.Module, directory: Path) -> None:
-    """Copy the checkpoint's weights into ``model`` (every key must match, shapes included)."""
-    tensors = read_state_dict(directory)
-    expected = model.state_dict()
-    if "lm_head.weight" not in tensors and model.config.tie_word_embeddings:
-        tensors["lm_head.weight"] = tensors["model.text_model.embed_tokens.weight"]
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ConfigError(
-            f"{directory}: weights do not match the Emu3 config; missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    with torch.no_grad():
-        for name, target in expected.items():
-            if target.shape != tensors[name].shape:
-                raise ConfigError(f"{directory}: {name} has shape {tuple(tensors[name].shape)}, the model {tuple(target.shape)}")
-            target.copy_(tensors[name])
+    """Copy the checkpoint's weights into ``model``: every key must match, shapes included (a
+    tied ``lm_head`` may be absent). Raise :class:`~opsd_core.state_dicts.WeightsMismatchError`
+    listing missing and unexpected keys and shape mismatches."""
+    state_dicts.load_into(model, read_state_dict(directory), f"{directory} (this Emu3 config)")
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, image_settings: dict, directory: Path) -> None:

@@ -47,7 +47,12 @@ def draw_visual_thoughts(backend, model, problems: Sequence[Problem], generator:
         if step + 1 < rows * (columns + 1):
             logits = backend.decode_step(state, torch.cat([token, token]) if guided else token)
     vq = model.model.vqmodel
-    pixels = vq.decode(codes.to(next(vq.parameters()).device))  # (B, 3, H, W)
+    was_training = vq.training
+    vq.eval()  # as at inference: the decoder's BatchNorm layers use and keep their running statistics
+    try:
+        pixels = vq.decode(codes.to(next(vq.parameters()).device))  # (B, 3, H, W)
+    finally:
+        vq.train(was_training)
     return backend.transform.to_pil(pixels)
 
 

@@ -27,6 +27,7 @@ import torch
 from opsd_core.batching import completion_rows, pad_right
 from opsd_core.errors import ConfigError
 from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
+from opsd_core.length_budget import check_length_budget, context_floor
 from opsd_core.types import (
     CompletionBatch,
     CompletionLogits,
@@ -327,13 +328,37 @@ class JanusBackend(Backend):
     # ------------------------------------------------------------------ visual thoughts
     @torch.no_grad()
     def check_run(self, config: Any) -> None:
-        """Refuse, at the start of a run, a forward cap beyond the positions this backend allows."""
+        """Refuse, at the start of a run, caps that cannot fit the positions this backend allows.
+
+        The forward cap must be within ``max_context_tokens``; the completion caps and the
+        forward cap must fit beside the shortest student and teacher contexts (see
+        :mod:`opsd_core.length_budget`); and when visual thoughts may be drawn, the drawing
+        prompt (problem image, empty question, ``vt_prompt``) plus its image tokens must fit.
+        """
+        super().check_run(config)
         if config.sampling.max_forward_tokens > self.max_context_tokens:
             raise ConfigError(
                 f"sampling.max_forward_tokens = {config.sampling.max_forward_tokens} exceeds the "
                 f"{self.max_context_tokens} positions janus-pro allows (backend.max_context_tokens, at most the "
                 f"model's max_position_embeddings); set it to at most {self.max_context_tokens}"
             )
+        size = self.params.image_size
+        blank = torch.zeros(3, size, size)
+        limit = "backend.max_context_tokens, at most the model's max_position_embeddings"
+        images = f"images of {self.image_tokens} tokens"
+        check_length_budget(self, config, context_floor(self, blank, blank), self.max_context_tokens, limit, images)
+        if config.sampling.visual_thoughts != "stored":
+            from opsd_janus.visual_thought import generation_prompts
+
+            prompt = generation_prompts(self, [Problem(id="length-budget", image=blank, question="")])[0]
+            needed = len(prompt.tokens) + self.image_tokens
+            if needed > self.max_context_tokens:
+                raise ConfigError(
+                    f"sampling.visual_thoughts = {config.sampling.visual_thoughts!r}: drawing a visual thought takes "
+                    f"{needed} positions before any question text (prompt, backend.vt_prompt, {self.image_tokens} image "
+                    f"tokens) but janus-pro allows {self.max_context_tokens} ({limit}); use 'stored' visual thoughts "
+                    f"or shorten backend.vt_prompt"
+                )
 
     def generate_visual_thought(self, model, problems: Sequence[Problem], generator: torch.Generator | None = None) -> list:
         """One PIL image (``image_size`` square) per problem, from CFG-sampled VQ tokens."""

@@ -8,14 +8,12 @@ Does not know: how the model runs, the VAE's internals, training state.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from opsd_core import state_dicts
 from opsd_thinkmorph.architecture import BagelConfig, CheckpointContentError, CheckpointFileError
 
 # Frozen sin-cos tables: recomputed at construction, never loaded (as every official loader does).
@@ -39,37 +37,12 @@ def weight_files(directory: Path, stem: str = "auto") -> list[Path]:
     ``<stem>.safetensors`` or shards listed in ``<stem>.safetensors.index.json``. Student and
     teacher are both built from the one file chosen here, so they always start equal.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointFileError(f"checkpoint directory {directory} does not exist")
-    stems = WEIGHT_STEMS if stem == "auto" else (stem,)
     if stem not in ("auto", *WEIGHT_STEMS):
         raise ValueError(f"weights file must be one of auto, model, ema; got {stem!r}")
-    for name in stems:
-        single = directory / f"{name}.safetensors"
-        if single.is_file():
-            return [single]
-        index = directory / f"{name}.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [shard for shard in shards if not (directory / shard).is_file()]
-            if missing:
-                raise CheckpointFileError(f"{index} lists shards that are missing: {', '.join(missing[:5])}")
-            return [directory / shard for shard in shards]
-    raise CheckpointFileError(
-        f"no weights in {directory}: expected {' or '.join(f'{s}.safetensors' for s in stems)} (one file) "
-        f"or {stems[0]}.safetensors.index.json with its shards; found "
-        f"{sorted(p.name for p in directory.iterdir())[:12]}"
-    )
-
-
-def read_state(files: list[Path]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                state[key] = handle.get_tensor(key)
-    return state
+    try:
+        return state_dicts.weight_files(directory, WEIGHT_STEMS if stem == "auto" else (stem,))
+    except state_dicts.WeightsNotFoundError as error:
+        raise CheckpointFileError(str(error)) from None
 
 
 def load_into(model: torch.nn.Module, directory: Path, stem: str = "auto") -> None:
@@ -78,32 +51,18 @@ def load_into(model: torch.nn.Module, directory: Path, stem: str = "auto") -> No
     A model built with ``visual_gen=True`` needs the generation weights; a file without them
     (an understanding-only checkpoint) is refused with a message saying so.
     """
-    state = read_state(weight_files(directory, stem))
+    state = state_dicts.read_safetensors(weight_files(directory, stem))
     for key in RECOMPUTED_KEYS:
         state.pop(key, None)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
     if not getattr(model.config, "visual_gen", True):
-        unexpected = [key for key in unexpected if not key.startswith(GENERATION_PREFIXES)]
-        state = {key: value for key, value in state.items() if key in expected}
-    wrong_shape = [
-        f"{key}: file {tuple(state[key].shape)}, model {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state and state[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        problems = []
-        if missing:
-            hint = ""
-            if all(key.startswith(GENERATION_PREFIXES) for key in missing):
-                hint = " (only the generation modules are missing: build with generation disabled to load it)"
-            problems.append(f"{len(missing)} missing keys{hint}: {', '.join(missing[:6])}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys: {', '.join(unexpected[:6])}")
-        if wrong_shape:
-            problems.append(f"{len(wrong_shape)} shape mismatches: {'; '.join(wrong_shape[:4])}")
-        raise CheckpointContentError(f"weights in {directory} do not fit the model: " + " | ".join(problems))
+        state = {key: value for key, value in state.items() if key in expected or not key.startswith(GENERATION_PREFIXES)}
+    report = state_dicts.compare_keys(expected, state)
+    if report:
+        hint = ""
+        if report.missing and all(key.startswith(GENERATION_PREFIXES) for key in report.missing):
+            hint = " (only the generation modules are missing: build with generation disabled to load it)"
+        raise CheckpointContentError(f"weights in {directory} do not fit the model: {report.describe(hint)}")
     model.load_state_dict(state, strict=True)
 
 
@@ -121,8 +80,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    save_file(state, str(directory / f"{stem}.safetensors"), metadata={"format": "pt"})
+    state_dicts.save_safetensors(model.state_dict(), directory / f"{stem}.safetensors")
     config.write(directory)
     if source is not None:
         for name in (*TOKENIZER_FILES, "ae.safetensors"):

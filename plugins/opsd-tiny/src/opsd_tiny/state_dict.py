@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from opsd_core import state_dicts
 from opsd_core.errors import CheckpointError
 from opsd_tiny.model import TinyConfig
 from opsd_tiny.vocab import Vocab
@@ -32,10 +31,7 @@ def write_checkpoint(
     """Write ``model``'s weights (fp32), ``config`` plus ``metadata`` and ``vocab`` to ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in model.state_dict().items()
-    }
-    save_file(tensors, str(directory / WEIGHTS))
+    state_dicts.save_safetensors(model.state_dict(), directory / WEIGHTS, dtype=torch.float32)
     (directory / CONFIG).write_text(json.dumps({"architecture": config.to_dict(), **(metadata or {})}, indent=2) + "\n")
     (directory / VOCAB).write_text(json.dumps(vocab.tokens) + "\n")
 
@@ -77,25 +73,18 @@ def load_state(model: torch.nn.Module, directory: Path) -> None:
     if not path.is_file():
         raise _missing_files_error(directory, [WEIGHTS])
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error}); {HOW_TO_MAKE}") from None
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-    if missing or unexpected:
+        tensors = state_dicts.read_safetensors([path])
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; {HOW_TO_MAKE}") from None
+    report = state_dicts.compare_keys(model.state_dict(), tensors)
+    if report.missing or report.unexpected:
         raise CheckpointError(
-            f"{path}: does not match the tiny-umm architecture: missing tensors {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{path}: does not match the tiny-umm architecture: missing tensors {report.missing[:5]}, "
+            f"unexpected {report.unexpected[:5]}"
         )
-    wrong = [
-        f"{name} {tuple(tensors[name].shape)} (model: {tuple(target.shape)})"
-        for name, target in expected.items()
-        if tensors[name].shape != target.shape
-    ]
-    if wrong:
+    if report.wrong_shape:
         raise CheckpointError(
-            f"{path}: tensor shapes differ from the model's: {', '.join(wrong[:5])}; the weights belong to another "
-            f"architecture than the {CONFIG} the model was built from"
+            f"{path}: tensor shapes differ from the model's: {'; '.join(report.wrong_shape[:5])}; the weights belong "
+            f"to another architecture than the {CONFIG} the model was built from"
         )
-    with torch.no_grad():
-        for name, target in expected.items():
-            target.copy_(tensors[name])
+    state_dicts.load_into(model, tensors, path)

@@ -1,0 +1,249 @@
+"""A harness for backend authors: OPSD trained in several processes (torchrun, FSDP2) must equal
+the same steps trained in one.
+
+Owns: an endless seeded task with stored visual thoughts (no data files, no drawing), the run
+config of such comparisons, a trainer with greedy sampling (completions then do not depend on
+how a step's problems are split over ranks), straight training and training resumed from a
+straight run's checkpoint,
+launching a worker script under torchrun, and the comparisons of per-step metrics and final
+student and teacher weights.
+Does not know: any backend; the caller passes a function that builds one.
+
+Use from a plugin's test module, which doubles as the torchrun script (workers cannot import a
+module collected by pytest)::
+
+    from opsd_core.testing import fsdp
+
+    @pytest.fixture(scope="module")
+    def runs(tmp_path_factory):
+        return fsdp.single_and_sharded_runs(__file__, my_backend, tmp_path_factory.mktemp("fsdp"))
+
+    def test_two_processes_equal_one(runs):
+        fsdp.assert_same_run(runs / "single", runs / "fsdp")
+
+    def test_resumed_run_equals_the_uninterrupted_one(runs):
+        fsdp.assert_identical_runs(runs / "fsdp", runs / "fsdp-resumed")
+
+    if __name__ == "__main__":
+        fsdp.fsdp_worker(my_backend, Path(sys.argv[1]))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_core.config import RunConfig
+from opsd_core.interfaces import Backend, Task
+from opsd_core.types import Problem, Score
+
+STEPS = 3
+LR = 1e-3
+ADAM_EPS = 1e-6
+"""Adam divides by sqrt(v) + eps, so a gradient that is float noise in both runs (summed in
+another order over ranks) still moves a weight by up to lr * noise / eps; eps = 1e-6 (not the
+paper's 1e-15) keeps that far below a real fault, which moves weights by about lr."""
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, LR / 500
+"""Final weights: a lost or double-counted sample, or an EMA of the wrong weights, moves
+weights by about lr = 1e-3, 500 times the absolute tolerance."""
+METRIC_RTOL, METRIC_ATOL = 1e-4, 1e-8
+"""Per-step metrics: step 1 agrees to about 1e-6, later steps carry the reduction-order noise;
+a wrong loss scale or sample split is off by tens of percent. abs covers the 8 decimals
+metrics.jsonl keeps."""
+
+
+class SeededProblems(Task):
+    """Endless seeded problems, each with a stored visual thought, in no data files.
+
+    Args:
+        image_sides: (height, width) of the problem images, cycled over the stream.
+        visual_thought_side: side of the square stored visual thoughts.
+    """
+
+    def __init__(self, image_sides: Sequence[tuple[int, int]] = ((28, 42), (42, 42), (56, 42)), visual_thought_side: int = 42):
+        self.image_sides, self.visual_thought_side = list(image_sides), visual_thought_side
+
+    def train_problems(self, seed: int, start: int = 0):
+        index = start
+        while True:
+            generator = torch.Generator().manual_seed(seed * 100_003 + index)
+            height, width = self.image_sides[index % len(self.image_sides)]
+            side = self.visual_thought_side
+            yield Problem(
+                id=f"p{index}",
+                image=torch.rand(3, height, width, generator=generator),
+                question=f"which way to the goal {index}?",
+                visual_thought=torch.rand(3, side, side, generator=generator),
+            )
+            index += 1
+
+    def eval_problems(self, limit: int | None = None):
+        return []
+
+    def score(self, problem: Problem, response: str) -> Score:
+        return Score(correct=False, value=0.0)
+
+
+def comparison_config(steps: int = STEPS, max_completion_tokens: int = 6, **train: Any) -> RunConfig:
+    """2 problems a step, no accumulation, a checkpoint every 2 steps (the last 2 kept), every
+    step logged; ``train``
+    overrides fields of the train section (e.g. ``activation_checkpointing=True``, ``replicate=2``)."""
+    return RunConfig.model_validate(
+        {
+            "train": {"samples_per_step": 2, "grad_accum": 1, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1, **train},
+            "schedule": {"total_steps": steps, "warmup_steps": 1},
+            "optim": {"lr": LR, "eps": ADAM_EPS},
+            "sampling": {"max_completion_tokens": max_completion_tokens},
+        }
+    )
+
+
+def make_trainer(
+    build_backend: Callable[[], Backend], directory: Path, ranks: Any, config: RunConfig, task: Task | None = None
+):
+    """A Trainer of the backend's freshly built model with greedy sampling, writing to ``directory``."""
+    from opsd_core.divergences.jsd import JsdDivergence
+    from opsd_core.sampling import BatchedSampler
+    from opsd_core.teachers.ema import EmaTeacher
+    from opsd_core.trainer.trainer import Trainer
+
+    backend = build_backend()
+    student = backend.build_model().requires_grad_(True)
+    directory.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(
+        config, backend, task or SeededProblems(), JsdDivergence(), EmaTeacher(), student,
+        directory, directory / "metrics.jsonl", ranks=ranks,
+    )  # fmt: skip
+    trainer.sampler = BatchedSampler(backend, 0.0, config.sampling.max_completion_tokens)  # greedy
+    return trainer
+
+
+def train_straight(build_backend: Callable[[], Backend], directory: Path, ranks: Any, config: RunConfig, task: Task | None = None) -> None:
+    """All ``schedule.total_steps`` steps in one go."""
+    make_trainer(build_backend, directory, ranks, config, task).fit(progress=False)
+
+
+def train_resumed(
+    build_backend: Callable[[], Backend],
+    straight: Path,
+    directory: Path,
+    ranks: Any,
+    config: RunConfig,
+    from_step: int = 2,
+    task: Task | None = None,
+) -> None:
+    """Resume the run in ``straight`` from its step-``from_step`` checkpoint in ``directory``, as
+    after a crash past that step: its metrics lines and that checkpoint are copied over (by the
+    main rank), then a fresh trainer runs to the end. Every rank must call it."""
+    import shutil
+
+    if ranks.is_main:
+        name = f"step-{from_step:07d}"
+        shutil.copytree(Path(straight) / "checkpoints" / name, Path(directory) / "checkpoints" / name)
+        shutil.copy2(Path(straight) / "metrics.jsonl", Path(directory) / "metrics.jsonl")
+    ranks.barrier()
+    trainer = make_trainer(build_backend, directory, ranks, config, task)
+    assert trainer.resume() and trainer.step == from_step, f"no step-{from_step} checkpoint in {straight}"
+    trainer.fit(progress=False)
+
+
+def run_torchrun(script: str | Path, *arguments: str | Path, nproc: int = 2, timeout: float = 300) -> None:
+    """Run ``script arguments`` in ``nproc`` processes with torchrun (one torch thread each);
+    fail with the end of its output when any process fails."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        str(script), *map(str, arguments),
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=environment)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def fsdp_worker(build_backend: Callable[[], Backend], out: Path) -> None:
+    """The standard worker: in the process group torchrun started, a straight FSDP run with
+    activation checkpointing (``out/fsdp``) and the same run resumed from its step-2
+    checkpoint (``out/fsdp-resumed``)."""
+    from opsd_core.trainer import distributed
+
+    torch.set_num_threads(1)
+    config = comparison_config(activation_checkpointing=True)
+    with distributed.process_group(config, torch.device("cpu")) as ranks:
+        assert ranks.world_size > 1, "run under torchrun with several processes"
+        train_straight(build_backend, out / "fsdp", ranks, config)
+        train_resumed(build_backend, out / "fsdp", out / "fsdp-resumed", ranks, config, from_step=2)
+
+
+def single_and_sharded_runs(script: str | Path, build_backend: Callable[[], Backend], out: Path, nproc: int = 2) -> Path:
+    """The single-process run in ``out/single`` (one torch thread, as each worker has), then
+    ``script out`` under torchrun (a script whose workers call e.g. :func:`fsdp_worker`);
+    returns ``out``."""
+    from opsd_core.trainer import distributed
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_straight(build_backend, Path(out) / "single", distributed.Ranks(), comparison_config())
+    finally:
+        torch.set_num_threads(threads)
+    run_torchrun(script, out, nproc=nproc)
+    return Path(out)
+
+
+# ---------------------------------------------------------------------------------------- reading runs
+def step_metrics(directory: Path, steps: int = STEPS) -> list[dict[str, float]]:
+    """Every step's numeric metrics from ``metrics.jsonl`` (timings left out); checks that steps
+    1..``steps`` were each logged once, all in the OPSD phase."""
+    lines = [json.loads(line) for line in (Path(directory) / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, steps + 1)), [line["step"] for line in lines]
+    assert all(line["phase"] == "opsd" for line in lines)
+    return [
+        {key: value for key, value in line.items() if not key.endswith("_s") and not isinstance(value, str)}
+        for line in lines
+    ]
+
+
+def final_weights(directory: Path, name: str, steps: int = STEPS, weights: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    """The ``name`` (student or teacher) weights saved at the last step's checkpoint."""
+    from opsd_core.state_dicts import read_safetensors
+
+    return read_safetensors([Path(directory) / "checkpoints" / f"step-{steps:07d}" / name / weights])
+
+
+def assert_same_run(
+    expected: Path,
+    actual: Path,
+    steps: int = STEPS,
+    metric_rtol: float = METRIC_RTOL,
+    metric_atol: float = METRIC_ATOL,
+    weight_rtol: float = WEIGHT_RTOL,
+    weight_atol: float = WEIGHT_ATOL,
+    weights: str = "model.safetensors",
+) -> None:
+    """Per-step metrics and final student and teacher weights of two runs agree within tolerance."""
+    import pytest
+
+    for step, (want, got) in enumerate(zip(step_metrics(expected, steps), step_metrics(actual, steps)), start=1):
+        assert got.keys() == want.keys(), step
+        assert got == pytest.approx(want, rel=metric_rtol, abs=metric_atol), f"step {step}"
+    for name in ("student", "teacher"):
+        want, got = final_weights(expected, name, steps, weights), final_weights(actual, name, steps, weights)
+        assert want.keys() == got.keys(), name
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=weight_rtol, atol=weight_atol, msg=f"{name} {key}")
+
+
+def assert_identical_runs(expected: Path, actual: Path, steps: int = STEPS, weights: str = "model.safetensors") -> None:
+    """Per-step metrics and final weights of two runs are equal bit for bit."""
+    assert step_metrics(actual, steps) == step_metrics(expected, steps)
+    for name in ("student", "teacher"):
+        want, got = final_weights(expected, name, steps, weights), final_weights(actual, name, steps, weights)
+        assert want.keys() == got.keys(), name
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"{name} {key}"
