@@ -1,8 +1,9 @@
 """The paper's nine benchmarks from local files: readers, prompts, scoring and aggregation.
 
-Owns: where each benchmark's files live under a data root (their VLMEvalKit TSV names), reading
-those TSVs (base64 images, list-string multi-image cells, index back-references, option
-columns), the normalised :class:`BenchmarkItem`, the prompt each item is asked with (the
+Owns: where each benchmark's files live under a data root (their VLMEvalKit TSV names, else the
+Hugging Face parquet release read by :mod:`opsd_core.evaluation.parquet`), reading those TSVs
+(base64 images, list-string multi-image cells, index back-references, option columns), the
+normalised :class:`BenchmarkItem`, the prompt each item is asked with (the
 VLMEvalKit multiple-choice layout the paper's harness uses), scoring one response, and turning
 per-item hits into the number the paper reports (circular groups for SAT, per-source means for
 CV-Bench 2D).
@@ -82,7 +83,7 @@ class BenchmarkItem:
     Attributes:
         benchmark: the benchmark's name.
         index: the row's ``index`` column (unique within the benchmark's pooled files).
-        source_file: the TSV it came from.
+        source_file: the file it came from (a TSV, or a parquet shard relative to the data root).
         images: PIL images, in order.
         question: the question text as stored.
         options: option letter -> text, for multiple-choice rows.
@@ -90,6 +91,9 @@ class BenchmarkItem:
         hint: the ``hint`` column, if any.
         category: the ``category`` column, if any.
         extra: other columns (``maze_map``, ``source``, ``split``, ...).
+        part: the VLMEvalKit file stem the row belongs to (``CV-Bench-2D``, ``ChartQA_h_bar``):
+            the unit of the per-part figures, whichever format the row was read from. Defaults
+            to the stem of ``source_file``.
     """
 
     benchmark: str
@@ -102,10 +106,15 @@ class BenchmarkItem:
     hint: str | None = None
     category: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    part: str | None = None
 
     @property
     def id(self) -> str:
         return f"{self.benchmark}/{self.index}"
+
+    @property
+    def release_part(self) -> str:
+        return self.part or Path(self.source_file).stem
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -183,6 +192,7 @@ def read_tsv(path: Path, benchmark: str) -> list[BenchmarkItem]:
                 hint=None if _is_missing(row.get("hint")) else row["hint"],
                 category=None if _is_missing(row.get("category")) else row["category"],
                 extra={k: v for k, v in row.items() if k not in known and not _is_missing(v)},
+                part=path.stem,
             )
         )
     return items
@@ -203,13 +213,31 @@ def _image_cells(cell: str, cells: Mapping[str, str], path: Path, depth: int = 0
 
 
 def load_benchmark(name: str, data_root: Path, limit: int | None = None) -> list[BenchmarkItem]:
-    """The items of benchmark ``name`` (its files pooled, in file order), the first ``limit`` if given."""
+    """The items of benchmark ``name``, the first ``limit`` if given.
+
+    The VLMEvalKit TSV files come first (pooled, in file order). Where none of them is under
+    ``data_root`` but the benchmark's Hugging Face parquet release is (see
+    :data:`opsd_core.evaluation.parquet.RELEASES`), the parquet rows are read instead.
+    """
+    from opsd_core.evaluation import parquet
+
     spec = BENCHMARKS[name]
-    items = [item for path in benchmark_files(spec, data_root) for item in read_tsv(path, name)]
+    release = parquet.RELEASES.get(name)
+    tsv_absent = not any((Path(data_root) / file).is_file() for file in spec.files)
+    if tsv_absent and release is not None and release.present(Path(data_root)):
+        items = release.read(Path(data_root), name)
+    else:
+        try:
+            paths = benchmark_files(spec, data_root)
+        except FileNotFoundError as error:
+            if tsv_absent:
+                raise FileNotFoundError(f"{error}; {parquet.where(name, Path(data_root))}") from None
+            raise
+        items = [item for path in paths for item in read_tsv(path, name)]
     seen: set[int] = set()
     for item in items:
         if item.index in seen:
-            raise ValueError(f"benchmark {name!r}: index {item.index} appears twice across {', '.join(spec.files)}")
+            raise ValueError(f"benchmark {name!r}: index {item.index} appears twice (in {item.source_file})")
         seen.add(item.index)
     return items[:limit] if limit is not None else items
 
@@ -266,7 +294,7 @@ def aggregate(spec: BenchmarkSpec, items: Sequence[BenchmarkItem], hits: Sequenc
     elif spec.aggregate == "cv-bench":
         parts = defaultdict(dict)
         for item, hit in zip(items, hits):
-            parts[item.source_file][item.index] = bool(hit)
+            parts[item.release_part][item.index] = bool(hit)
         two_d = {i: h for name, group in parts.items() if "2D" in name for i, h in group.items()}
         three_d = {i: h for name, group in parts.items() if "3D" in name for i, h in group.items()}
         sources = {item.index: str(item.extra.get("source") or item.category or "all") for item in items}
@@ -284,7 +312,7 @@ def aggregate(spec: BenchmarkSpec, items: Sequence[BenchmarkItem], hits: Sequenc
         result["pair_accuracy"] = 100 * pair_accuracy(by_index)
     if spec.name == "chartqa":
         for name in spec.files:
-            group = [hit for item, hit in zip(items, hits) if item.source_file == name]
+            group = [hit for item, hit in zip(items, hits) if item.release_part == Path(name).stem]
             if group:
                 result[Path(name).stem] = 100 * sum(group) / len(group)
     return result

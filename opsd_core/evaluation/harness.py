@@ -55,11 +55,14 @@ def answer_benchmarks(
     limit: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    max_visual_thoughts: int = 3,
 ) -> Path:
     """Answer every item of ``names`` greedily and append one record per item to ``out_dir/predictions.jsonl``.
 
     Records already in the file (same benchmark, index and mode) are kept and skipped, so a
-    crashed run continues where it stopped. Returns the predictions file.
+    crashed run continues where it stopped. In ``vt`` mode a backend with interleaved inference
+    draws up to ``max_visual_thoughts`` images per answer (the paper's harness: 3); one without
+    draws one first. Returns the predictions file.
     """
     import torch
     from tqdm.auto import tqdm
@@ -89,7 +92,8 @@ def answer_benchmarks(
             drawn = [0] * len(batch)
             if mode == "vt" and interleaved:
                 answers = backend.answer_with_visual_thoughts(
-                    model, [item_context(backend, item) for item in batch], problems, max_tokens, generator
+                    model, [item_context(backend, item) for item in batch], problems, max_tokens, generator,
+                    max_visual_thoughts=max_visual_thoughts,
                 )
                 completions, drawn = [tokens for tokens, _ in answers], [count for _, count in answers]
             else:

@@ -1,26 +1,34 @@
-"""Miniature copies of the nine benchmarks' VLMEvalKit TSV files, generated locally.
+"""Miniature copies of the nine benchmarks' VLMEvalKit TSV files and of the Hugging Face parquet
+releases, generated locally.
 
 Owns: writing, under one data root, every file :data:`~opsd_core.evaluation.benchmarks.BENCHMARKS`
 names, in the release's format (base64 PNG images, list-string multi-image cells, index
 back-references, option columns, SAT's option-rotated copies at index + 1e6, ChartQA list
-answers, CV-Bench sources, VSP maze maps), with a few synthetic questions each.
+answers, CV-Bench sources, VSP maze maps), with a few synthetic questions each; and the same
+questions as the parquet releases :mod:`opsd_core.evaluation.parquet` reads (image structs,
+option lists, ``(A)`` / ``(a)`` / index answers, BLINK's subtask configs, sharded and flat
+layouts).
 Does not know: what a model answers. The content is meaningless; the format is the point: the
 evaluation harness runs end to end on it in tests and in ``opsd eval --data-root`` dry runs.
 
-    python -m opsd_core.evaluation.miniature --out data/benchmarks-mini
+    python -m opsd_core.evaluation.miniature --out data/benchmarks-mini [--parquet]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import csv
 import io
 import random
 from pathlib import Path
 
+from opsd_core.evaluation.parquet import BLINK_SUBTASKS
 from opsd_core.evaluation.scorers import CIRCULAR_OFFSET
 
+# The instruction line the V* parquet release appends after its options (dropped by the reader).
+VSTAR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 COLUMNS_MCQ = ["index", "image", "question", "A", "B", "C", "D", "answer", "hint", "category"]
 
 
@@ -43,7 +51,9 @@ def _write(path: Path, columns: list[str], rows: list[dict]) -> None:
             writer.writerow({column: row.get(column, "") for column in columns})
 
 
-def _mcq_rows(rng: random.Random, count: int, options: int = 4, first_index: int = 0, **extra) -> list[dict]:
+def _mcq_rows(
+    rng: random.Random, count: int, options: int = 4, first_index: int = 0, category: str | None = "demo"
+) -> list[dict]:
     rows = []
     for i in range(count):
         letters = "ABCD"[:options]
@@ -52,19 +62,17 @@ def _mcq_rows(rng: random.Random, count: int, options: int = 4, first_index: int
             "image": _png(rng),
             "question": f"Which option describes picture {i}?",
             "answer": rng.choice(letters),
-            "category": extra.get("category", "demo"),
+            "category": category or "",
         }
         row.update({letter: f"option {letter.lower()} {i}" for letter in letters})
         rows.append(row)
     return rows
 
 
-def write_miniature_benchmarks(root: Path, per_benchmark: int = 4, seed: int = 0) -> Path:
-    """Write every benchmark file under ``root`` and return ``root``."""
+def _content(n: int, seed: int) -> dict[str, tuple[list[str], list[dict]]]:
+    """TSV file name -> (columns, rows) of every benchmark file, the same for a given ``n`` and ``seed``."""
     rng = random.Random(seed)
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    n = per_benchmark
+    files: dict[str, tuple[list[str], list[dict]]] = {}
 
     # VSP: a maze map per row; the question carries the image placeholder.
     vsp = []
@@ -81,27 +89,35 @@ def write_miniature_benchmarks(root: Path, per_benchmark: int = 4, seed: int = 0
                 "maze_size": 3,
             }
         )
-    _write(root / "VSP_maze_task_main_original.tsv", ["index", "image", "question", "answer", "maze_map", "maze_size"], vsp)
+    files["VSP_maze_task_main_original.tsv"] = (["index", "image", "question", "answer", "maze_map", "maze_size"], vsp)
 
-    _write(root / "VisPuzzle.tsv", COLUMNS_MCQ, _mcq_rows(rng, n))
-    _write(root / "BLINK_Jigsaw.tsv", COLUMNS_MCQ, _mcq_rows(rng, n, options=2))
+    vispuzzle = _mcq_rows(rng, n)
+    for row in vispuzzle:
+        row["hint"] = "Compare the pieces."
+    files["VisPuzzle.tsv"] = (COLUMNS_MCQ, vispuzzle)
+
+    # BLINK: one row per subtask, the Jigsaw subtask n rows (2 options); two images per row as a
+    # list-string cell. BLINK_Jigsaw.tsv holds the Jigsaw rows again, indexed from 0.
+    blink = []
+    for subtask in BLINK_SUBTASKS:
+        rows = _mcq_rows(rng, n if subtask == "Jigsaw" else 1, options=2 if subtask == "Jigsaw" else 4, category=subtask)
+        for row in rows:
+            row["image"] = str([_png(rng), _png(rng)])
+            row["index"] = len(blink)
+            blink.append(row)
+    files["BLINK.tsv"] = (COLUMNS_MCQ, blink)
+    jigsaw = [dict(row, index=i) for i, row in enumerate(r for r in blink if r["category"] == "Jigsaw")]
+    files["BLINK_Jigsaw.tsv"] = (COLUMNS_MCQ, jigsaw)
 
     # SAT: each question plus an option-rotated copy at index + 1e6 (circular evaluation).
     sat = []
-    for row in _mcq_rows(rng, n, options=2):
+    for row in _mcq_rows(rng, n, options=2, category=None):
         sat.append(row)
         rotated = dict(row, index=row["index"] + CIRCULAR_OFFSET, A=row["B"], B=row["A"])
         rotated["answer"] = "B" if row["answer"] == "A" else "A"
         rotated["image"] = str(row["index"])  # back-reference to the original row's image
         sat.append(rotated)
-    _write(root / "SAT_circular.tsv", COLUMNS_MCQ, sat)
-
-    # BLINK: two images per row as a list-string cell; one row reuses another's images.
-    blink = _mcq_rows(rng, n, hint="Compare the two pictures.")
-    for row in blink:
-        row["image"] = str([_png(rng), _png(rng)])
-        row["hint"] = "Compare the two pictures."
-    _write(root / "BLINK.tsv", COLUMNS_MCQ, blink)
+    files["SAT_circular.tsv"] = (COLUMNS_MCQ, sat)
 
     for name, offset in (("ChartQA_h_bar.tsv", 0), ("ChartQA_v_bar.tsv", 1000)):
         chart = [
@@ -113,19 +129,109 @@ def write_miniature_benchmarks(root: Path, per_benchmark: int = 4, seed: int = 0
             }
             for i in range(n)
         ]
-        _write(root / name, ["index", "image", "question", "answer"], chart)
+        files[name] = (["index", "image", "question", "answer"], chart)
 
-    _write(root / "VStarBench.tsv", COLUMNS_MCQ, _mcq_rows(rng, n, category="direct_attributes"))
-    _write(root / "MMVP.tsv", COLUMNS_MCQ, _mcq_rows(rng, 2 * ((n + 1) // 2), options=2, first_index=1))
+    files["VStarBench.tsv"] = (COLUMNS_MCQ, _mcq_rows(rng, n, category="direct_attributes"))
+    files["MMVP.tsv"] = (COLUMNS_MCQ, _mcq_rows(rng, 2 * ((n + 1) // 2), options=2, first_index=1, category=None))
 
     two_d = _mcq_rows(rng, n)
     for i, row in enumerate(two_d):
         row["source"] = "ADE20K" if i % 2 else "COCO"
-    _write(root / "CV-Bench-2D.tsv", [*COLUMNS_MCQ, "source"], two_d)
-    three_d = _mcq_rows(rng, n, first_index=10_000)
+    files["CV-Bench-2D.tsv"] = ([*COLUMNS_MCQ, "source"], two_d)
+    three_d = _mcq_rows(rng, n, first_index=n)
     for row in three_d:
         row["source"] = "Omni3D"
-    _write(root / "CV-Bench-3D.tsv", [*COLUMNS_MCQ, "source"], three_d)
+    files["CV-Bench-3D.tsv"] = ([*COLUMNS_MCQ, "source"], three_d)
+    return files
+
+
+def write_miniature_benchmarks(root: Path, per_benchmark: int = 4, seed: int = 0) -> Path:
+    """Write every benchmark's VLMEvalKit TSV file under ``root`` and return ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, (columns, rows) in _content(per_benchmark, seed).items():
+        _write(root / name, columns, rows)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- parquet
+def write_miniature_parquet(root: Path, per_benchmark: int = 4, seed: int = 0) -> Path:
+    """Write the Hugging Face parquet releases (BLINK with its subtask configs, CV-Bench, MMVP,
+    SAT, V*) under ``root`` in the layout :mod:`opsd_core.evaluation.parquet` reads, holding
+    the same questions, images and answers as :func:`write_miniature_benchmarks` with the same
+    arguments. Returns ``root``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    content = _content(per_benchmark, seed)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+    def save(path: Path, rows: list[dict], types: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        schema = pa.schema([(column, types.get(column, pa.string())) for column in rows[0]])
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+    def picture(cell: str) -> dict:
+        return {"bytes": base64.b64decode(cell), "path": None}
+
+    def choices(row: dict) -> list[str]:
+        return [row[letter] for letter in "ABCD" if row.get(letter)]
+
+    blink_types = {f"image_{k}": image for k in range(1, 5)} | {"choices": pa.list_(pa.string())}
+    for subtask in BLINK_SUBTASKS:
+        rows = []
+        for k, row in enumerate(r for r in content["BLINK.tsv"][1] if r["category"] == subtask):
+            cells = ast.literal_eval(row["image"])
+            rows.append(
+                {"idx": f"val_{subtask}_{k + 1}", "sub_task": subtask, "question": row["question"]}
+                | {f"image_{j + 1}": picture(cells[j]) if j < len(cells) else None for j in range(4)}
+                | {"choices": choices(row), "answer": f"({row['answer']})", "prompt": row["question"]}
+            )
+        save(root / "BLINK" / subtask / "val-00000-of-00001.parquet", rows, blink_types)
+
+    cv_types = {"idx": pa.int64(), "image": image, "choices": pa.list_(pa.string())}
+    for shard, name in enumerate(("CV-Bench-2D.tsv", "CV-Bench-3D.tsv")):
+        rows = [
+            {
+                "idx": row["index"], "type": name[9:11], "task": row["category"], "source": row["source"],
+                "image": picture(row["image"]), "question": row["question"], "choices": choices(row),
+                "answer": f"({row['answer']})", "prompt": row["question"],
+            }
+            for row in content[name][1]
+        ]
+        save(root / "CV-Bench" / "data" / f"test-0000{shard}-of-00002.parquet", rows, cv_types)
+
+    mmvp = [
+        {
+            "Index": row["index"], "Question": row["question"],
+            "Options": " ".join(f"({letter.lower()}) {text}" for letter, text in zip("AB", choices(row))),
+            "Correct Answer": f"({row['answer'].lower()})", "image": picture(row["image"]),
+        }
+        for row in content["MMVP.tsv"][1]
+    ]
+    save(root / "MMVP" / "train-00000-of-00001.parquet", mmvp, {"Index": pa.int64(), "image": image})
+
+    sat = [
+        {
+            "image_bytes": [base64.b64decode(row["image"])], "question": row["question"], "answers": choices(row),
+            "correct_answer_idx": "AB".index(row["answer"]),
+        }
+        for row in content["SAT_circular.tsv"][1]
+        if row["index"] < CIRCULAR_OFFSET
+    ]
+    sat_types = {"image_bytes": pa.list_(pa.binary()), "answers": pa.list_(pa.string()), "correct_answer_idx": pa.int64()}
+    save(root / "SAT" / "data" / "test-00000-of-00001.parquet", sat, sat_types)
+
+    vstar = [
+        {
+            "image": picture(row["image"]),
+            "text": "\n".join([row["question"], *(f"({letter}) {row[letter]}" for letter in "ABCD"), VSTAR_INSTRUCTION]),
+            "label": row["answer"], "category": row["category"], "question_id": f"sa_{row['index']}",
+        }
+        for row in content["VStarBench.tsv"][1]
+    ]
+    save(root / "vstar-bench" / "data" / "test-00000-of-00001.parquet", vstar, {"image": image})
     return root
 
 
@@ -134,9 +240,14 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--per-benchmark", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parquet", action="store_true", help="Write the parquet releases instead of the TSV files.")
     args = parser.parse_args()
-    write_miniature_benchmarks(args.out, args.per_benchmark, args.seed)
-    print(f"wrote the nine benchmarks' files under {args.out}")
+    if args.parquet:
+        write_miniature_parquet(args.out, args.per_benchmark, args.seed)
+        print(f"wrote the parquet releases under {args.out}")
+    else:
+        write_miniature_benchmarks(args.out, args.per_benchmark, args.seed)
+        print(f"wrote the nine benchmarks' files under {args.out}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_multi_image_cells_and_back_references(root):
     assert all(len(item.images) == 2 for item in blink)
     sat = {item.index: item for item in load_benchmark("sat", root)}
     copy = sat[1_000_000]
-    assert list(copy.images[0].getdata()) == list(sat[0].images[0].getdata())
+    assert copy.images[0].tobytes() == sat[0].images[0].tobytes()
     assert copy.options["A"] == sat[0].options["B"]
 
 
@@ -66,10 +66,11 @@ def test_list_answers_and_extra_columns(root):
 
 
 def test_multiple_choice_prompt_layout(root):
-    item = load_benchmark("blink", root)[0]
+    item = load_benchmark("vispuzzle", root)[0]
     text = prompt(item)
-    assert text.startswith("Hint: Compare the two pictures.\nQuestion: ")
+    assert text.startswith("Hint: Compare the pieces.\nQuestion: ")
     assert "\nOptions:\nA. option a 0\nB. option b 0\n" in text
+    assert not prompt(load_benchmark("blink", root)[0]).startswith("Hint:")  # an empty hint adds no line
     assert text.endswith("Please select the correct answer from the options above. \n")
     vsp = load_benchmark("vsp", root)[0]
     assert prompt(vsp) == vsp.question
@@ -180,7 +181,7 @@ def test_opsd_eval_rescores_predictions_without_a_model(root, tmp_path):
     path = tmp_path / "predictions.jsonl"
     _predictions(root, path)
     result = CliRunner().invoke(
-        cli, ["eval", "--benchmarks", "sat,chartqa", "--data-root", str(root), "--predictions", str(path)]
+        cli, ["eval", "--benchmarks", "sat,chartqa,vstar", "--data-root", str(root), "--predictions", str(path)]
     )
     assert result.exit_code == 0, result.output
     assert "| sat | 100.0 |" in result.output and "| chartqa | 100.0 |" in result.output
@@ -188,9 +189,10 @@ def test_opsd_eval_rescores_predictions_without_a_model(root, tmp_path):
         assert (tmp_path / name).is_file()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["text"]["sat"]["questions"] == 4
-    assert saved["text"]["sat"]["categories"] == {"demo": 100.0}
-    assert (tmp_path / "categories.csv").read_text().splitlines()[:2] == [
-        "mode,benchmark,category,accuracy", 'text,sat,"demo",100.00'
+    assert "categories" not in saved["text"]["sat"]  # the SAT copy has no category column
+    assert saved["text"]["vstar"]["categories"] == {"direct_attributes": 100.0}
+    assert (tmp_path / "categories.csv").read_text().splitlines() == [
+        "mode,benchmark,category,accuracy", 'text,vstar,"direct_attributes",100.00'
     ]
 
 

@@ -1,0 +1,286 @@
+"""The benchmarks' Hugging Face parquet releases, read into the items the TSV reader produces.
+
+Owns: where each release lives under a data root (its folder, its configs, its split), finding
+the shards (``data/<split>-NNNNN-of-NNNNN.parquet``, or ``<split>*.parquet`` directly in the
+folder), checking that a shard has the columns its release is read from, and mapping those
+columns onto :class:`~opsd_core.evaluation.benchmarks.BenchmarkItem`: images from
+``{bytes, path}`` structs, options from list columns or an ``(a) … (b) …`` string, answers
+given as ``(A)``, a letter, an option index or the option's text, indices from an index column
+or the row's position, and SAT's option-rotated copies (the release is not circular; the
+paper's harness scores the circular copies).
+Does not know: scoring, prompts or models; VLMEvalKit TSVs (:mod:`opsd_core.evaluation.benchmarks`).
+Benchmarks without a parquet release (VSP, VisPuzzle, the ChartQA bar subsets) have no entry.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opsd_core.evaluation.benchmarks import OPTION_LETTERS, BenchmarkItem
+from opsd_core.evaluation.scorers import CIRCULAR_OFFSET
+
+BLINK_SUBTASKS = (
+    "Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test", "Jigsaw",
+    "Multi-view_Reasoning", "Object_Localization", "Relative_Depth", "Relative_Reflectance",
+    "Semantic_Correspondence", "Spatial_Relation", "Visual_Correspondence", "Visual_Similarity",
+)
+_LETTER_MARK = re.compile(r"\(([A-Za-z])\)\s*")
+_OPTION_LINE = re.compile(r"^\(([A-Z])\)\s*(.*)$")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One parquet row and where it is, for error messages.
+
+    Attributes:
+        values: column -> value (structs as dicts, lists as lists).
+        shard: the shard's path relative to the data root.
+        number: the row's 0-based number within the shard.
+        config: the release config the shard belongs to ("" for single-config releases).
+    """
+
+    values: Mapping[str, Any]
+    shard: str
+    number: int
+    config: str = ""
+
+    def where(self, column: str) -> str:
+        return f"{self.shard}, row {self.number}, column {column!r}"
+
+
+@dataclass(frozen=True)
+class ItemFields:
+    """What a converter makes of one row; ``copy`` > 0 marks a rotated copy (index + copy * 1e6)."""
+
+    images: tuple[Any, ...]
+    question: str
+    options: Mapping[str, str]
+    answer: Any
+    category: str | None = None
+    extra: Mapping[str, Any] | None = None
+    part: str | None = None
+    copy: int = 0
+
+
+@dataclass(frozen=True)
+class ParquetRelease:
+    """A benchmark's Hugging Face parquet release.
+
+    Attributes:
+        directory: its folder under the data root (the hub repository's name).
+        split: the split read (shards whose file name starts with it); None for a release with
+            one split, whose every shard is read.
+        columns: columns every shard must have.
+        convert: one row -> the items it gives (SAT gives one per option rotation).
+        part: the VLMEvalKit file stem the items count under (None: the converter sets it).
+        configs: config subfolders read, in this order (multi-config releases); all required.
+        index_column: an integer column used as the item index; else the row's 0-based position
+            over all shards in order.
+    """
+
+    directory: str
+    split: str | None
+    columns: tuple[str, ...]
+    convert: Callable[[Row], list[ItemFields]]
+    part: str | None = None
+    configs: tuple[str, ...] = ()
+    index_column: str | None = None
+
+    def folders(self, root: Path) -> list[tuple[str, Path]]:
+        base = Path(root) / self.directory
+        return [(config, base / config) for config in self.configs] if self.configs else [("", base)]
+
+    def location(self) -> str:
+        shard = f"{self.split}-*.parquet" if self.split else "*.parquet"
+        if self.configs:
+            shown = self.configs[0] if len(self.configs) == 1 else "<subtask>"
+            return f"{self.directory}/{shown}/{shard}"
+        return f"{self.directory}/data/{shard}"
+
+    def present(self, root: Path) -> bool:
+        """True when the release's folder is there (its content is checked when read)."""
+        return (Path(root) / self.directory).is_dir()
+
+    def read(self, root: Path, benchmark: str) -> list[BenchmarkItem]:
+        """Every item of the release under ``root``, shards in name order, configs in :attr:`configs` order."""
+        import pyarrow.parquet as pq
+
+        root = Path(root)
+        missing = [config for config, folder in self.folders(root) if not shards(folder, self.split)]
+        if missing:
+            listed = ", ".join(missing) if self.configs else str(root / self.directory)
+            raise FileNotFoundError(
+                f"benchmark {benchmark!r}: no {self.split or 'parquet'!r} shards for {listed} "
+                f"(expected {root / self.location()}, or the shards directly in the folder)"
+            )
+        items: list[BenchmarkItem] = []
+        position = 0
+        for config, folder in self.folders(root):
+            for path in shards(folder, self.split):
+                relative = path.relative_to(root).as_posix()
+                table = pq.read_table(path)
+                absent = [column for column in self.columns if column not in table.column_names]
+                if absent:
+                    raise ValueError(
+                        f"{path}: column {absent[0]!r} is missing; the {benchmark} release is read from the "
+                        f"columns {', '.join(self.columns)} (the shard has {', '.join(table.column_names)})"
+                    )
+                for number, values in enumerate(table.to_pylist()):
+                    row = Row(values, relative, number, config)
+                    base = position if self.index_column is None else _integer(row, self.index_column)
+                    for fields in self.convert(row):
+                        items.append(
+                            BenchmarkItem(
+                                benchmark=benchmark,
+                                index=base + fields.copy * CIRCULAR_OFFSET,
+                                source_file=relative,
+                                images=fields.images,
+                                question=fields.question,
+                                options=fields.options,
+                                answer=fields.answer,
+                                category=fields.category,
+                                extra=dict(fields.extra or {}),
+                                part=fields.part or self.part,
+                            )
+                        )
+                    position += 1
+        return items
+
+
+def shards(folder: Path, split: str | None) -> list[Path]:
+    """The ``split`` shards (all, for None) of a release folder: under ``data/`` when it exists, else in the folder."""
+    place = folder / "data" if (folder / "data").is_dir() else folder
+    return sorted(path for path in place.glob("*.parquet") if split is None or path.name.startswith(split))
+
+
+# ---------------------------------------------------------------------------------------------- cells
+def _image(row: Row, column: str, value: Any = None) -> Any:
+    """A PIL RGB image from a ``{bytes, path}`` struct (the ``datasets`` Image feature) or raw bytes."""
+    from PIL import Image
+
+    value = row.values.get(column) if value is None else value
+    data = value.get("bytes") if isinstance(value, Mapping) else value
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError(  # noqa: TRY004 - a malformed file, not a caller passing the wrong type
+            f"{row.where(column)}: expected an image as {{bytes, path}} with the bytes stored, got {type(data).__name__}"
+        )
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def _integer(row: Row, column: str) -> int:
+    value = row.values.get(column)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{row.where(column)}: expected an integer index, got {value!r}") from None
+
+
+def _text(row: Row, column: str) -> str:
+    value = row.values.get(column)
+    if value is None:
+        raise ValueError(f"{row.where(column)}: the value is empty")
+    return str(value)
+
+
+def _options_from_list(row: Row, column: str) -> dict[str, str]:
+    choices = row.values.get(column)
+    if not isinstance(choices, Sequence) or isinstance(choices, str) or not choices:
+        raise ValueError(f"{row.where(column)}: expected a non-empty list of option texts, got {choices!r}")
+    return {letter: str(text).strip() for letter, text in zip(OPTION_LETTERS, choices)}
+
+
+def _answer_letter(row: Row, column: str, options: Mapping[str, str]) -> str:
+    """The option letter of an answer stored as ``(A)``, ``A``, ``(a)`` or the option's text."""
+    raw = _text(row, column).strip()
+    letter = raw.strip("()").strip().upper()
+    if letter in options:
+        return letter
+    by_text = [key for key, text in options.items() if text.lower() == raw.lower()]
+    if len(by_text) == 1:
+        return by_text[0]
+    raise ValueError(f"{row.where(column)}: answer {raw!r} is neither an option letter nor one option's text")
+
+
+# ---------------------------------------------------------------------------------------------- releases
+def _blink(row: Row) -> list[ItemFields]:
+    images = tuple(_image(row, f"image_{k}") for k in range(1, 5) if row.values.get(f"image_{k}") is not None)
+    options = _options_from_list(row, "choices")
+    category = row.values.get("sub_task") or row.config or None
+    return [ItemFields(images, _text(row, "question"), options, _answer_letter(row, "answer", options), category)]
+
+
+def _cv_bench(row: Row) -> list[ItemFields]:
+    options = _options_from_list(row, "choices")
+    kind = _text(row, "type").strip().upper()
+    if kind not in ("2D", "3D"):
+        raise ValueError(f"{row.where('type')}: expected 2D or 3D, got {kind!r}")
+    return [
+        ItemFields(
+            (_image(row, "image"),), _text(row, "question"), options, _answer_letter(row, "answer", options),
+            category=row.values.get("task") or None, extra={"source": _text(row, "source")}, part=f"CV-Bench-{kind}",
+        )
+    ]
+
+
+def _mmvp(row: Row) -> list[ItemFields]:
+    pieces = _LETTER_MARK.split(_text(row, "Options"))  # ['', 'a', 'text ', 'b', 'text']
+    options = {letter.upper(): text.strip() for letter, text in zip(pieces[1::2], pieces[2::2])}
+    if len(options) < 2 or pieces[0].strip():
+        raise ValueError(f"{row.where('Options')}: expected options written '(a) … (b) …'")
+    answer = _answer_letter(row, "Correct Answer", options)
+    return [ItemFields((_image(row, "image"),), _text(row, "Question"), options, answer)]
+
+
+def _sat(row: Row) -> list[ItemFields]:
+    cells = row.values.get("image_bytes")
+    if not isinstance(cells, Sequence) or isinstance(cells, (str, bytes)) or not cells:
+        raise ValueError(f"{row.where('image_bytes')}: expected a non-empty list of images")
+    images = tuple(_image(row, "image_bytes", cell) for cell in cells)
+    texts = list(_options_from_list(row, "answers").values())
+    correct = _integer(row, "correct_answer_idx")
+    if not 0 <= correct < len(texts):
+        raise ValueError(f"{row.where('correct_answer_idx')}: {correct} is not an index into the {len(texts)} answers")
+    question, count = _text(row, "question"), len(texts)
+    copies = []
+    for shift in range(count):
+        rotated = {OPTION_LETTERS[j]: texts[(j + shift) % count] for j in range(count)}
+        copies.append(ItemFields(images, question, rotated, OPTION_LETTERS[(correct - shift) % count], copy=shift))
+    return copies
+
+
+def _vstar(row: Row) -> list[ItemFields]:
+    lines = _text(row, "text").splitlines()
+    marked = [(i, _OPTION_LINE.match(line.strip())) for i, line in enumerate(lines)]
+    options = {match.group(1): match.group(2).strip() for _, match in marked if match}
+    first = next((i for i, match in marked if match), None)
+    if first is None or len(options) < 2:
+        raise ValueError(f"{row.where('text')}: expected the question followed by '(A) …' option lines")
+    question = "\n".join(lines[:first]).strip()
+    answer = _answer_letter(row, "label", options)
+    return [ItemFields((_image(row, "image"),), question, options, answer, category=row.values.get("category") or None)]
+
+
+_BLINK_COLUMNS = ("question", "choices", "answer", "image_1")
+RELEASES: dict[str, ParquetRelease] = {
+    "blink": ParquetRelease("BLINK", "val", _BLINK_COLUMNS, _blink, part="BLINK", configs=BLINK_SUBTASKS),
+    "blink-jigsaw": ParquetRelease("BLINK", "val", _BLINK_COLUMNS, _blink, part="BLINK_Jigsaw", configs=("Jigsaw",)),
+    "cv-bench": ParquetRelease("CV-Bench", "test", ("question", "choices", "answer", "image", "source", "type"), _cv_bench),
+    "mmvp": ParquetRelease(
+        "MMVP", None, ("Index", "Question", "Options", "Correct Answer", "image"), _mmvp, part="MMVP", index_column="Index"
+    ),
+    "sat": ParquetRelease("SAT", "test", ("image_bytes", "question", "answers", "correct_answer_idx"), _sat, part="SAT_circular"),
+    "vstar": ParquetRelease("vstar-bench", None, ("image", "text", "label"), _vstar, part="VStarBench"),
+}
+
+
+def where(name: str, root: Path) -> str:
+    """Where ``name``'s parquet release would be read from, or that it has none (for error messages)."""
+    release = RELEASES.get(name)
+    if release is None:
+        return f"{name!r} has no parquet release that can stand in for the TSV files"
+    return f"or its Hugging Face parquet release as {Path(root) / release.location()}"
