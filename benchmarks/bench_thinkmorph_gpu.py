@@ -13,6 +13,7 @@ Weights are random, so what the model says is meaningless; the arithmetic is the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -78,6 +79,27 @@ def forward_backward(backend, model, results: dict, image_side: int, completion_
     model.eval()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def repeated_kv_heads():
+    """Decode with keys and values copied per query head before attention (the baseline)."""
+    import torch.nn.functional as F
+
+    from opsd_thinkmorph import model as bagel
+
+    def repeated(q, k, v, mask):
+        group = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask
+        )
+
+    original = bagel.grouped_query_attention
+    bagel.grouped_query_attention = repeated
+    try:
+        yield
+    finally:
+        bagel.grouped_query_attention = original
 
 
 @torch.no_grad()
@@ -176,6 +198,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--profile-decode", action="store_true", help="print a torch profile of decode steps")
     parser.add_argument("--only", choices=["all", "decode", "vt", "latency"], default="all")
+    parser.add_argument(
+        "--attention-baseline", action="store_true",
+        help="also decode with the KV heads copied per query head (the previous attention), side by side",
+    )
     args = parser.parse_args()
     global PROFILE
     PROFILE = args.profile_decode
@@ -200,9 +226,17 @@ def main() -> None:
     if args.only == "all":
         forward_backward(backend, model, results, args.pack_image_side, args.completion_tokens)
         print(json.dumps(results["student_fwd_bwd"]), flush=True)
-    for batch in (1, 16) if args.only in ("all", "decode") else ():
+    for batch in (1, 16, 64) if args.only in ("all", "decode") else ():
         decoding(backend, model, results, batch, steps=64, image_side=448)
         print(json.dumps(results[f"decode_batch_{batch}"]), flush=True)
+        if args.attention_baseline:
+            with repeated_kv_heads():
+                decoding(backend, model, results, batch, steps=64, image_side=448)
+            baseline = results.pop(f"decode_batch_{batch}")
+            results[f"decode_batch_{batch}_repeated_kv"] = baseline  # re-run ours' key below
+            decoding(backend, model, results, batch, steps=64, image_side=448)
+            ratio = results[f"decode_batch_{batch}"]["tokens_per_s"] / baseline["tokens_per_s"]
+            print(json.dumps({f"decode_batch_{batch}_repeated_kv": baseline, "speedup": ratio}), flush=True)
     if not args.skip_vt and args.only in ("all", "vt"):
         visual_thought(backend, model, results, side=512, batch=1)
         print(json.dumps(results["visual_thought_batch_1"]), flush=True)

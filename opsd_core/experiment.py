@@ -94,8 +94,10 @@ class Experiment:
         self.components: Components = build_components(config)
         self.backend = self.components.backend
         self.backend.check_run(config)
-        self.start = self.backend.build_model().to(self.device)
-        self.start.requires_grad_(False)
+        # Several processes: the start model is sharded (skeleton: its weightless layout); it
+        # waits in host memory, one shard per rank, while phases train (see start_model()).
+        self.start, self.skeleton = distributed.build_start(self.backend, config, self.ranks, self.device)
+        self._parked_start: dict[str, torch.Tensor] | None = None
         self.eval_problems = list(self.components.task.eval_problems(config.eval.limit))
         self.results_path = directory / RESULTS
         self.results: dict[str, Any] = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
@@ -137,18 +139,36 @@ class Experiment:
             seed=diagnostics.seed,
         )
 
+    def start_model(self) -> torch.nn.Module:
+        """The start checkpoint's model, back on the device if it was parked."""
+        if self.start is None:
+            self.start = distributed.sharded_clone(self._parked_start, self.skeleton, self.backend, self.ranks, self.config)
+            self.start.requires_grad_(False)
+        return self.start
+
+    def park_start(self) -> None:
+        """With several processes, move the start model's shards to host memory until it is
+        needed again (a single process keeps it where it is: it is not sharded)."""
+        if self.skeleton is None or self.start is None:
+            return
+        if self._parked_start is None:
+            self._parked_start = distributed.local_tensors(self.start)
+        self.start = None
+        distributed.release_cached_memory(self.ranks.device)
+
     def diagnose_start(self) -> dict[str, Any]:
         """KL diagnostic and three-context evaluation of the start checkpoint."""
         if "start" in self.results:
             return self.results["start"]
         self.echo("Diagnosing the start checkpoint: KL(teacher || student) and greedy accuracy...")
         started = time.perf_counter()
-        start = self.start
-        record = {
-            "kl": self.kl(start, start, start),
-            "kl_noise": self.kl(start, start, start, noise=True),
-            "eval": self.evaluate(start, ("student", "teacher", "noise")),
-        }
+        start = self.start_model()
+        with distributed.gathered(start):
+            record = {
+                "kl": self.kl(start, start, start),
+                "kl_noise": self.kl(start, start, start, noise=True),
+                "eval": self.evaluate(start, ("student", "teacher", "noise")),
+            }
         record["wall_s"] = time.perf_counter() - started
         self.results["start"] = record
         self._save()
@@ -159,7 +179,12 @@ class Experiment:
         if mode.name in self.results:
             return self.results[mode.name]
         self.echo(f"Phase {mode.name!r}: training {self.config.schedule.total_steps} steps from the start checkpoint...")
-        student = copy.deepcopy(self.start).requires_grad_(True)
+        if self.skeleton is None:
+            student = copy.deepcopy(self.start_model()).requires_grad_(True)
+        else:
+            self.park_start()
+            student = distributed.sharded_clone(self._parked_start, self.skeleton, self.backend, self.ranks, self.config)
+            student.requires_grad_(True)
         components = self.components
         trainer = Trainer(
             self.config,
@@ -172,25 +197,36 @@ class Experiment:
             self.directory / "metrics.jsonl",
             mode,
             self.ranks,
+            skeleton=self.skeleton,
         )
         started = time.perf_counter()
         trainer.fit(progress=self.progress)
         train_s = time.perf_counter() - started
         started = time.perf_counter()
+        trainer.release_optimizer()
         student = trainer.student  # parallelize may have wrapped it
-        with distributed.gathered(student), distributed.gathered(trainer.teacher):
+        # Sharded models are gathered one or two at a time, and the teacher is let go before
+        # the start model comes back: with few GPUs, whole copies of three models do not fit.
+        with distributed.gathered(trainer.teacher):
+            teacher_eval = self.evaluate(trainer.teacher, ("teacher",))
+        if self.skeleton is not None:
+            trainer.teacher = None
+            distributed.release_cached_memory(self.ranks.device)
+        with distributed.gathered(student):
             record = {
                 "eval": self.evaluate(student, ("student", "teacher")),
-                "teacher_eval": self.evaluate(trainer.teacher, ("teacher",)),
-                "kl_t0": self.kl(student, self.start, student),
+                "teacher_eval": teacher_eval,
                 "kl": self.kl(student, student, student),
-                "train_s": train_s,
-                "sampler_tokens_per_s": self._sampler_throughput(mode.name),
             }
+            start = self.start_model()
+            with distributed.gathered(start):
+                record["kl_t0"] = self.kl(student, start, student)
+        record |= {"train_s": train_s, "sampler_tokens_per_s": self._sampler_throughput(mode.name)}
         record["eval_s"] = time.perf_counter() - started
         self.results[mode.name] = record
         self._save()
-        del trainer, student
+        del trainer, student, start
+        self.park_start()
         return record
 
     def _sampler_throughput(self, phase: str) -> float | None:

@@ -8,7 +8,7 @@ Does not know: how any of it is produced or consumed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Union
 
@@ -171,6 +171,20 @@ class CompletionBatch:
         )  # (B, N+1)
         return (positions.unsqueeze(0) < lengths) & token_rows | (positions.unsqueeze(0) == lengths)
 
+    def select(self, rows: Sequence[int]) -> CompletionBatch:
+        """The completions of ``rows`` (in that order), padded only to their own longest row."""
+        import torch
+
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.tokens.device)
+        lengths = self.lengths.index_select(0, index)
+        width = int(lengths.max()) if len(index) else 0
+        return CompletionBatch(
+            tokens=self.tokens.index_select(0, index)[:, :width],
+            lengths=lengths,
+            sampled=self.sampled.index_select(0, index)[:, :width],
+            finished=self.finished.index_select(0, index),
+        )
+
     def token_lists(self) -> list[list[int]]:
         """Unpadded completion tokens as Python lists."""
         return [row[:length].tolist() for row, length in zip(self.tokens, self.lengths.tolist())]
@@ -207,6 +221,26 @@ class CompletionLogits:
 
     logits: torch.Tensor
     mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CompletionHidden:
+    """Final hidden states a model gives at the completion rows of a context, and its lm_head.
+
+    The rows are those of :class:`CompletionLogits`: ``weight`` applied to ``hidden`` gives
+    its ``logits`` (``hidden @ weight.T``), without ever forming them.
+
+    Attributes:
+        hidden: float (B, N + 1, D), the final-norm output that the lm_head multiplies; row i
+            predicts completion token i, row N predicts EOS.
+        mask: bool (B, N + 1), the loss rows (``CompletionBatch.row_mask()``).
+        weight: float (V, D), the lm_head weight (the model's own parameter, so gradients
+            reach it); the lm_head has no bias.
+    """
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    weight: torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,10 @@ def run_command(
         saved = Path(resume_dir) / CONFIG
         if not saved.is_file():
             raise ConfigError(f"--resume: {resume_dir!r} holds no {CONFIG}; it is not a run directory")
-        config = load_config(saved, overrides)
+        # The run continues where it is now, even if its directory was moved or copied.
+        where = Path(resume_dir).resolve()
+        located = (f"run.output_dir={json.dumps(str(where.parent))}", f"run.name={json.dumps(where.name)}")
+        config = load_config(saved, (*located, *overrides))
     else:
         config = _load(config_path, overrides)
     launched = "WORLD_SIZE" in os.environ
@@ -211,7 +214,8 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
 @click.option(
     "--data-root",
     type=click.Path(exists=True, file_okay=False),
-    help="Directory holding the benchmarks' VLMEvalKit TSV files under their release names.",
+    help="Directory holding the benchmarks' VLMEvalKit TSV files under their release names "
+    "(or their Hugging Face parquet releases; see docs/evaluation.md).",
 )
 @click.option(
     "--predictions",
@@ -219,12 +223,14 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
     help="Re-score recorded answers (JSONL: benchmark, index, response[, mode, tokens, seconds]) without a model.",
 )
 @click.option("--mode", "benchmark_modes", default="text", show_default=True,
-              help="Benchmark mode(s): 'text' (no visual thought), 'vt' (draw one first), or 'text,vt'.")
+              help="Benchmark mode(s): 'text' (no visual thought), 'vt' (with visual thoughts), or 'text,vt'.")
 @click.option("--backend", metavar="NAME", help="With no CONFIG, use examples/NAME.toml; else --set backend.name=NAME.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where predictions and results go.")
 @click.option("--limit", type=click.IntRange(min=1), help="Answer only the first N items of each benchmark.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Items answered together.")
 @click.option("--chartqa-swapped", is_flag=True, help="ChartQA: 5 % relative to the prediction, as the paper's harness computed it.")
+@click.option("--max-visual-thoughts", type=click.IntRange(min=1), default=3, show_default=True,
+              help="vt mode, backends with interleaved inference: images drawn per answer at most (the paper's harness: 3).")
 def eval_command(
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -239,6 +245,7 @@ def eval_command(
     limit: int | None,
     batch_size: int,
     chartqa_swapped: bool,
+    max_visual_thoughts: int,
 ) -> None:
     """Greedy accuracy: of the task's student/teacher/noise contexts, or on the paper's benchmarks.
 
@@ -278,7 +285,8 @@ def eval_command(
         max_tokens = config.eval.max_completion_tokens or config.sampling.max_completion_tokens
         for mode in chosen:
             harness.answer_benchmarks(backend_instance, model, names, Path(data_root), target, mode,
-                                      batch_size, max_tokens, limit, config.run.seed)
+                                      batch_size, max_tokens, limit, config.run.seed,
+                                      max_visual_thoughts=max_visual_thoughts)
         records = harness.read_predictions(target / harness.PREDICTIONS)
     records = [r for r in records if r.get("mode", "text") in chosen]
     results = harness.score_predictions(records, names, Path(data_root), chartqa_swapped, limit)

@@ -57,6 +57,12 @@ class SamplingSection(Section):
     max_image_skips: int = Field(
         1, description="Rounds that may be continued after the model asks for an image.", ge=0
     )
+    whole_step: bool = Field(
+        False,
+        description="Decode the completions of all train.grad_accum micro-batches of a step in one batch (the "
+        "weights gathered once) instead of one micro-batch at a time: fewer decoding passes, a larger KV cache. "
+        "Greedy completions are the same either way; sampled ones come from another draw of the same stream.",
+    )
     visual_thoughts: Literal["auto", "stored", "generate"] = Field(
         "auto",
         description="Where the teacher's visual thoughts come from during training: 'stored' uses the task's "

@@ -1,6 +1,7 @@
 """Divergences between the student's and the teacher's next-token distributions.
 
-Owns: the public functional API (``generalized_jsd``, ``kl_divergence``), the registered
+Owns: the public functional API (``generalized_jsd``, ``kl_divergence``, and
+``fused_topk_jsd`` from hidden states in :mod:`.fused`), the registered
 classes (``JsdDivergence`` in :mod:`.jsd`; ``ForwardKlDivergence``, ``ReverseKlDivergence``
 in :mod:`.kl`) and their torch-free params (:mod:`.params`).
 Does not know: images, backends or contexts; a divergence sees logits and a mask.
@@ -17,6 +18,7 @@ from typing import Any
 _HOMES = {
     "generalized_jsd": "functional",
     "kl_divergence": "functional",
+    "fused_topk_jsd": "fused",
     "JsdDivergence": "jsd",
     "ForwardKlDivergence": "kl",
     "ReverseKlDivergence": "kl",

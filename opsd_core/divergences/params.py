@@ -43,6 +43,22 @@ class JsdParams(PluginParams):
     )
     temperature: float = Field(1.0, description=_TEMPERATURE, gt=0.0)
     chunk_size: int | None = Field(None, description=_CHUNK_SIZE, ge=1)
+    fused: bool = Field(
+        False,
+        description="Compute the loss from the final hidden states and the lm_head weight "
+        "(fused_topk_jsd) instead of full logits, so the student's (N, V) logits never exist; "
+        "needs a top_k and a backend that provides completion_hidden. The kl metric is then over "
+        "the teacher's top-K support.",
+    )
+
+    @model_validator(mode="after")
+    def _fused_needs_a_top_k(self) -> JsdParams:
+        if self.fused and self.top_k is None:
+            raise ValueError(
+                "fused = true computes the student's logits only at the teacher's top-K entries, so it needs "
+                "top_k (got top_k = None); set top_k (the paper's is 256) or fused = false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _entry_clip_needs_an_interior_beta(self) -> JsdParams:

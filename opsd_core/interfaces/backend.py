@@ -1,8 +1,8 @@
 """The Backend role: one unified multimodal model family.
 
-Owns: turning contexts (text and image segments) into model inputs, the logits at completion
-rows, incremental KV-cached decoding, visual-thought generation, parallelisation and the
-on-disk weight layout.
+Owns: turning contexts (text and image segments) into model inputs, the logits (or final
+hidden states) at completion rows, incremental KV-cached decoding, visual-thought
+generation, parallelisation and the on-disk weight layout.
 Does not know: losses, teachers, optimizers or sampling policy. The same backend serves the
 student and the teacher: every model-running method takes the ``model`` to run, so the
 teacher is simply another module built by :meth:`Backend.build_model` or a copy of the student.
@@ -15,13 +15,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opsd_core.errors import CapabilityError
+from opsd_core.errors import CapabilityError, ConfigError
 
 if TYPE_CHECKING:
     import torch
 
     from opsd_core.interfaces.context import PrivilegedContextBuilder
-    from opsd_core.types import CompletionBatch, CompletionLogits, Context, Image, Problem, Vocabulary
+    from opsd_core.types import (
+        CompletionBatch,
+        CompletionHidden,
+        CompletionLogits,
+        Context,
+        Image,
+        Problem,
+        Vocabulary,
+    )
 
 
 class DecodeState(ABC):
@@ -45,6 +53,19 @@ class Backend(ABC):
     @abstractmethod
     def build_model(self) -> torch.nn.Module:
         """The model with its initial weights (loaded from the configured local path)."""
+
+    def model_skeleton(self) -> torch.nn.Module | None:
+        """The model :meth:`build_model` returns, on the meta device: same modules, parameter
+        and buffer names, shapes, dtypes and ``requires_grad``, no memory.
+
+        Multi-process training uses it so that only rank 0 builds (or loads) the real weights
+        and the other ranks receive their shards: without it every rank holds the whole model
+        for a moment, which large models cannot afford. The default, None, means "not
+        available" (every rank then calls :meth:`build_model`). A backend that returns a
+        skeleton must accept it in :meth:`parallelize`: sharding a model on the meta device
+        (weights are filled in afterwards), so ``parallelize`` must not run the model.
+        """
+        return None
 
     def context_builder(self) -> PrivilegedContextBuilder:
         """The student/teacher context builder with this model family's prompt texts."""
@@ -75,6 +96,19 @@ class Backend(ABC):
         Row i predicts completion token i; row N (the completion's length) predicts EOS.
         Gradients flow when called with grad enabled; the caller decides.
         """
+
+    def completion_hidden(
+        self, model: torch.nn.Module, contexts: Sequence[Context], completions: CompletionBatch
+    ) -> CompletionHidden | None:
+        """Final hidden states at the rows :meth:`completion_logits` gives, and the lm_head weight.
+
+        Lets a fused divergence (``jsd`` with ``fused = true``) compute the loss without the
+        (B, N + 1, V) logits. Gradients flow as in :meth:`completion_logits`. The default
+        returns None: not supported (a run asking for the fused loss is then refused by
+        :meth:`check_run`). Backends whose lm_head has a bias or a logit transform beyond the
+        matmul must not provide it.
+        """
+        return None
 
     @abstractmethod
     def start_decoding(
@@ -116,10 +150,12 @@ class Backend(ABC):
         problems: Sequence[Problem],
         max_tokens: int,
         generator: torch.Generator | None = None,
+        max_visual_thoughts: int = 3,
     ) -> list[tuple[list[int], int]]:
-        """Greedy answers that may draw a visual thought mid-answer, as the model family's own
-        interleaved inference does: ``(tokens, images drawn)`` per context. Backends without such
-        a loop leave this unimplemented and evaluation draws the visual thought first."""
+        """Greedy answers that may draw visual thoughts mid-answer (at most
+        ``max_visual_thoughts`` each), as the model family's own interleaved inference does:
+        ``(tokens, images drawn)`` per context. Backends without such a loop leave this
+        unimplemented and evaluation draws the visual thought first."""
         raise CapabilityError(f"{type(self).__name__} has no interleaved visual-thought inference")
 
     def parallelize(self, model: torch.nn.Module, mesh: Any, config: Any) -> torch.nn.Module:
@@ -132,8 +168,17 @@ class Backend(ABC):
         Called with the resolved run config when a run starts (before the start checkpoint is
         diagnosed), so a limit of the model (positions, a checkpoint that cannot draw images)
         is a clear error then rather than a failure mid-run. Raise ``ConfigError`` naming the
-        field and what to set instead. The default accepts everything.
+        field and what to set instead. The default refuses only a fused divergence (a
+        ``divergence.fused`` param set) on a backend that does not override
+        :meth:`completion_hidden`; backends overriding this method call ``super().check_run``.
         """
+        divergence = getattr(config, "divergence", None)
+        fused = getattr(divergence, "fused", False) if divergence is not None else False
+        if fused and type(self).completion_hidden is Backend.completion_hidden:
+            raise ConfigError(
+                f"divergence.fused = true needs final hidden states, but backend {type(self).__name__} "
+                "does not provide completion_hidden; set divergence.fused = false"
+            )
 
     @abstractmethod
     def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:

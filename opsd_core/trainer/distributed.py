@@ -171,6 +171,107 @@ def shard(backend: Backend, model: torch.nn.Module, ranks: Ranks, config: RunCon
     return backend.parallelize(model, ranks.mesh, config), skeleton
 
 
+def build_start(backend: Backend, config: RunConfig, ranks: Ranks, device: torch.device):
+    """``(start, skeleton)``: the start checkpoint's model, which takes no gradient, and a
+    weightless unsharded copy of it (None in a single process).
+
+    A single process builds the model on ``device``. Several processes get it sharded by
+    ``backend.parallelize`` when the backend offers :meth:`~opsd_core.interfaces.Backend.model_skeleton`:
+    only rank 0 builds (or loads) the weights and every rank receives its shards from it, so
+    no other rank ever holds the whole model. A backend without a skeleton gets what a single
+    process gets, on every rank, with skeleton None: the whole start model, which the trainer
+    copies and shards (its ``parallelize`` may then run the model, e.g. to initialise FSDP
+    from the root). Every rank must call it.
+    """
+    skeleton = backend.model_skeleton() if ranks.distributed else None
+    if skeleton is None:
+        return backend.build_model().to(ranks.device if ranks.distributed else device).requires_grad_(False), None
+    full = backend.build_model().to(ranks.device) if ranks.is_main else None
+    mismatch = ranks.broadcast(_skeleton_mismatch(skeleton, full) if full is not None else None)
+    if mismatch:
+        raise ValueError(f"{type(backend).__name__}.model_skeleton does not match build_model: {mismatch}")
+    start = backend.parallelize(copy.deepcopy(skeleton).requires_grad_(False), ranks.mesh, config)
+    start.to_empty(device=ranks.device)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(start, state, options=_full_options(broadcast_from_rank0=True))
+    # Buffers outside the state dict (recomputed tables) come from rank 0 as well.
+    persistent = set(start.state_dict())
+    sources = dict(full.named_buffers()) if full is not None else {}
+    for name, buffer in start.named_buffers():
+        if name not in persistent:
+            if full is not None:
+                buffer.copy_(sources[name])
+            dist.broadcast(buffer, src=0)
+    del full, state, sources
+    release_cached_memory(ranks.device)
+    return start, skeleton
+
+
+def _skeleton_mismatch(skeleton: torch.nn.Module, full: torch.nn.Module) -> str | None:
+    """What differs between the tensors of ``skeleton`` and ``full`` (None when nothing does)."""
+
+    def described(module: torch.nn.Module) -> dict[str, tuple]:
+        tensors = itertools.chain(module.named_parameters(), module.named_buffers())
+        return {name: (tuple(t.shape), t.dtype, t.requires_grad) for name, t in tensors}
+
+    expected, got = described(full), described(skeleton)
+    if expected == got:
+        return None
+    names = sorted(expected.keys() ^ got.keys())
+    if names:
+        return f"tensors present in only one of them: {', '.join(names[:5])}"
+    wrong = [f"{name}: {got[name]} instead of {expected[name]}" for name in expected if expected[name] != got[name]]
+    return "; ".join(wrong[:4])
+
+
+def release_cached_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def local_tensors(model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """This rank's part of every parameter and buffer of a (sharded) ``model``, copied to
+    ``device``: what :func:`sharded_clone` needs to rebuild it, at 1/shards of its size."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    return {
+        name: (t.to_local() if isinstance(t, DTensor) else t).detach().to(device, copy=True) for name, t in tensors
+    }
+
+
+def sharded_clone(
+    source: torch.nn.Module | dict[str, torch.Tensor],
+    skeleton: torch.nn.Module,
+    backend: Backend,
+    ranks: Ranks,
+    config: RunConfig,
+) -> torch.nn.Module:
+    """A new sharded model laid out as ``skeleton`` (its dtypes, its ``requires_grad``) holding
+    the weights of ``source``: a model sharded the same way, or its :func:`local_tensors`.
+
+    Each rank copies its own shards; nothing is gathered, so a clone costs one shard of memory
+    per rank. Every rank must call it (``parallelize`` may communicate).
+    """
+    from torch.distributed.tensor import DTensor
+
+    clone = backend.parallelize(copy.deepcopy(skeleton), ranks.mesh, config)
+    clone.to_empty(device=ranks.device)
+    if isinstance(source, torch.nn.Module):
+        source = dict(itertools.chain(source.named_parameters(), source.named_buffers()))
+    with torch.no_grad():
+        for name, target in itertools.chain(clone.named_parameters(), clone.named_buffers()):
+            value = source[name]
+            value = value.to_local() if isinstance(value, DTensor) else value
+            (target.to_local() if isinstance(target, DTensor) else target).copy_(value)
+    return clone
+
+
 def meta_skeleton(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``module`` whose parameters and buffers live on the meta device (no memory)."""
     memo: dict[int, Any] = {}

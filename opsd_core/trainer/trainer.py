@@ -69,6 +69,9 @@ class Trainer:
         mode: OPSD, or the noise or SFT control.
         ranks: this process among the training processes (default: a single process). With
             more than one, ``student`` and its teacher are sharded by ``backend.parallelize``.
+        skeleton: with several processes, the weightless unsharded model of an already sharded
+            ``student`` (see :func:`~opsd_core.trainer.distributed.build_start`); the teacher is
+            then cloned from the student's shards. None: ``student`` is whole and is sharded here.
     """
 
     def __init__(
@@ -83,15 +86,22 @@ class Trainer:
         metrics_path: Path,
         mode: Mode = Mode("opsd"),
         ranks: distributed.Ranks | None = None,
+        skeleton: torch.nn.Module | None = None,
     ):
         self.config, self.backend, self.task = config, backend, task
         self.divergence, self.teacher_update, self.mode = divergence, teacher_update, mode
         self.ranks = ranks or distributed.Ranks()
         self.ranks.share(config.train.samples_per_step, "train.samples_per_step")  # fail now, not at step 1
         self.device = next(student.parameters()).device
-        teacher = teacher_update.create(student)
-        self.student, self._student_skeleton = distributed.shard(backend, student, self.ranks, config)
-        self.teacher, self._teacher_skeleton = distributed.shard(backend, teacher, self.ranks, config)
+        if self.ranks.distributed and skeleton is not None:
+            # Already sharded: the teacher is made from the student's shards, never whole.
+            self.student, self._student_skeleton = student, skeleton
+            self._teacher_skeleton = teacher_update.create(skeleton)
+            self.teacher = distributed.sharded_clone(student, self._teacher_skeleton, backend, self.ranks, config)
+        else:
+            teacher = teacher_update.create(student)
+            self.student, self._student_skeleton = distributed.shard(backend, student, self.ranks, config)
+            self.teacher, self._teacher_skeleton = distributed.shard(backend, teacher, self.ranks, config)
         self.builder = backend.context_builder()
         sampling = config.sampling
         self.sampler = BatchedSampler(
@@ -127,37 +137,59 @@ class Trainer:
         timings = {"visual_thought_s": 0.0, "sample_s": 0.0, "teacher_s": 0.0, "student_s": 0.0}
         loss_total, kl_total, tokens, finished = 0.0, 0.0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
-        for _ in range(train.grad_accum):
-            problems = self.ranks.local_slice(self._next_problems(train.samples_per_step))
-            pairs = self._context_pairs(problems, timings)
-            students = [pair.student for pair in pairs]
+        whole_step = self.config.sampling.whole_step and not self.mode.sft and train.grad_accum > 1
+        prepared = [self._prepare_micro_batch(timings) for _ in range(train.grad_accum)] if whole_step else []
+        drawn = self._sample_together(prepared, timings) if whole_step else []
+        for index in range(train.grad_accum):
+            if whole_step:
+                problems, students, teachers = prepared[index]
+                completions = drawn[index]
+            else:
+                problems, students, teachers = self._prepare_micro_batch(timings)
             if self.mode.sft:
                 started = time.perf_counter()
                 loss = self._sft_loss(students, problems, samples_per_step)
                 timings["student_s"] += time.perf_counter() - started
             else:
-                teachers = [self._teacher_context(pair.teacher) for pair in pairs]
+                if not whole_step:
+                    (completions,) = self._sample_together([(problems, students, teachers)], timings)
 
-                started = time.perf_counter()
-                self.student.eval()
-                with distributed.gathered(self.student):
-                    completions = self.sampler.sample(self.student, students, self.generator)
-                completions = self._fit_forward_cap(teachers, completions)
-                self.student.train()
-                timings["sample_s"] += time.perf_counter() - started
-
+                # A fused divergence takes final hidden states and the lm_head weight instead of
+                # logits, so the student's (B, T, V) logits never exist.
+                fused = bool(getattr(self.divergence, "fused", False))
+                rows_of = self.backend.completion_hidden if fused else self.backend.completion_logits
                 started = time.perf_counter()
                 with torch.no_grad(), self._precision():
-                    teacher_rows = self.backend.completion_logits(self.teacher, teachers, completions)
+                    teacher_rows = rows_of(self.teacher, teachers, completions)
+                if teacher_rows is None:
+                    raise ConfigError(
+                        f"divergence.fused = true but backend {type(self.backend).__name__} returns no "
+                        "completion_hidden; set divergence.fused = false"
+                    )
                 timings["teacher_s"] += time.perf_counter() - started
 
                 started = time.perf_counter()
                 with self._precision():
-                    student_rows = self.backend.completion_logits(self.student, students, completions)
-                per_row = self.divergence.per_token(student_rows.logits, teacher_rows.logits, student_rows.mask)
+                    student_rows = rows_of(self.student, students, completions)
+                    if fused:
+                        # Inside the forward's precision: the fused loss does the lm_head products.
+                        per_row, kl_rows = self.divergence.per_token_hidden(
+                            student_rows.hidden,
+                            teacher_rows.hidden,
+                            student_rows.weight,
+                            student_rows.mask,
+                            teacher_weight=teacher_rows.weight,
+                            with_kl=True,
+                        )
+                if fused:
+                    # kl is then KL(teacher || student) over the teacher's top-K support, both
+                    # renormalised on it, from the loss's own top-K logits (docs/divergences.md).
+                    kl_total += float(micro_batch_loss(kl_rows, student_rows.mask, samples_per_step))
+                else:
+                    per_row = self.divergence.per_token(student_rows.logits, teacher_rows.logits, student_rows.mask)
+                    kl_total += self._kl_share(student_rows, teacher_rows, samples_per_step)
                 loss = micro_batch_loss(per_row, student_rows.mask, samples_per_step)
                 timings["student_s"] += time.perf_counter() - started
-                kl_total += self._kl_share(student_rows, teacher_rows, samples_per_step)
                 tokens += int(completions.lengths.sum())
                 finished += int(completions.finished.sum())
             started = time.perf_counter()
@@ -177,6 +209,33 @@ class Trainer:
             metrics["completion_tokens"] = tokens / samples_per_step
             metrics["finished"] = finished / samples_per_step
         return self.ranks.mean(metrics | timings, skip=("grad_norm", "lr"))
+
+    def _prepare_micro_batch(self, timings: dict[str, float]):
+        """This rank's problems of the next micro-batch with their student and teacher contexts
+        (visual thoughts drawn, the noise control's noise in place)."""
+        problems = self.ranks.local_slice(self._next_problems(self.config.train.samples_per_step))
+        pairs = self._context_pairs(problems, timings)
+        students = [pair.student for pair in pairs]
+        teachers = None if self.mode.sft else [self._teacher_context(pair.teacher) for pair in pairs]
+        return problems, students, teachers
+
+    def _sample_together(self, micro_batches, timings: dict[str, float]) -> list[CompletionBatch]:
+        """On-policy completions of the student contexts of ``micro_batches``, decoded as one
+        batch (with the weights gathered once), cut to the forward cap and split back per
+        micro-batch."""
+        started = time.perf_counter()
+        contexts = [context for _, students, _ in micro_batches for context in students]
+        self.student.eval()
+        with distributed.gathered(self.student):
+            completions = self.sampler.sample(self.student, contexts, self.generator)
+        self.student.train()
+        parts, first = [], 0
+        for _, students, teachers in micro_batches:
+            part = completions.select(range(first, first + len(students)))
+            parts.append(self._fit_forward_cap(teachers, part))
+            first += len(students)
+        timings["sample_s"] += time.perf_counter() - started
+        return parts
 
     # ----------------------------------------------------------------- the loop
     def fit(self, progress: bool = True) -> None:
@@ -354,6 +413,13 @@ class Trainer:
         if self.ranks.distributed:
             state["rank_rng"] = every_rank_rng
         return state
+
+    def release_optimizer(self) -> None:
+        """Free the gradients and the optimizer's state (training is over: evaluation needs the
+        memory). The last checkpoint keeps them; :meth:`resume` restores them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        distributed.release_cached_memory(self.device)
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (atomic) and return its directory.

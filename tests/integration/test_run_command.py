@@ -65,6 +65,27 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run):
     assert (directory / "metrics.jsonl").read_text() == metrics
 
 
+def test_resume_continues_in_a_copied_run_directory(finished_run, tmp_path):
+    import shutil
+
+    directory, _ = finished_run
+    before = {path: path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+    copy = tmp_path / "copied-run"
+    shutil.copytree(directory, copy)
+    results = json.loads((copy / "results.json").read_text())
+    del results["sft"]
+    (copy / "results.json").write_text(json.dumps(results))
+    shutil.rmtree(copy / "sft" / "checkpoints" / "step-0000002")
+    result = CliRunner().invoke(cli, ["run", "--resume", str(copy), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (copy / "sft" / "checkpoints" / "step-0000002" / "manifest.json").is_file()
+    resumed = json.loads((copy / "results.json").read_text())["sft"]
+    original = json.loads(before[directory / "results.json"])["sft"]
+    assert resumed["eval"]["student"]["accuracy"] == original["eval"]["student"]["accuracy"]
+    assert str(copy / "report.md") in result.output
+    assert {path: path.read_bytes() for path in directory.rglob("*") if path.is_file()} == before  # untouched
+
+
 def test_resume_needs_a_run_directory(tmp_path):
     result = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path)])
     assert result.exit_code != 0 and "not a run directory" in result.output

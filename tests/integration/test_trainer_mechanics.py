@@ -79,6 +79,25 @@ def test_micro_batch_times_accumulation_is_invariant(tmp_path):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_sampling_a_whole_step_at_once_gives_the_micro_batch_results(tmp_path):
+    apart = _greedy(_setup(tmp_path, "train.samples_per_step=2", "train.grad_accum=3", name="apart"))
+    together = _greedy(
+        _setup(tmp_path, "train.samples_per_step=2", "train.grad_accum=3", "sampling.whole_step=true", name="together")
+    )
+    calls = []
+    sample = together.sampler.sample
+    together.sampler.sample = lambda model, contexts, generator: calls.append(len(contexts)) or sample(
+        model, contexts, generator
+    )
+    for _ in range(2):
+        metrics_apart, metrics_together = apart.train_step(), together.train_step()
+        for key in ("loss", "kl", "completion_tokens", "finished"):
+            assert metrics_together[key] == pytest.approx(metrics_apart[key], rel=1e-5, abs=1e-7), key
+    assert calls == [6, 6]  # one decoding pass per step over its three micro-batches
+    for (name, a), (_, b) in zip(apart.student.named_parameters(), together.student.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
     straight = _setup(tmp_path, name="straight")
     straight.fit(progress=False)

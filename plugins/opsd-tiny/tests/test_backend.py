@@ -183,3 +183,14 @@ def test_shipped_checkpoint_loads_and_reads_the_visual_thought():
     student = backend.context_builder().student_context(problems[0])
     completions = sample_completions(backend, model, [student], 0.0)
     assert completions.finished.all() and completions.lengths[0] % 2 == 0
+
+
+def test_completion_hidden_times_the_head_gives_the_completion_logits(backend, model, problems):
+    contexts = _mixed_contexts(backend, problems)
+    completions = _random_completions(backend, len(contexts), seed=3)
+    rows = backend.completion_logits(model, contexts, completions)
+    hidden = backend.completion_hidden(model, contexts, completions)
+    assert hidden.weight is model.lm_head.weight
+    assert hidden.hidden.shape == (*rows.logits.shape[:2], model.config.d_model)
+    assert torch.equal(hidden.mask, rows.mask)
+    torch.testing.assert_close(hidden.hidden @ hidden.weight.T, rows.logits, rtol=1e-5, atol=1e-5)

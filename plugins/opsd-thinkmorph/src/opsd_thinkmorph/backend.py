@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from opsd_core.batching import gather_rows
+from opsd_core.errors import CapabilityError, ConfigError
 from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
 from opsd_core.types import (
     CompletionBatch,
+    CompletionHidden,
     CompletionLogits,
     Context,
     ImageSegment,
@@ -115,6 +117,14 @@ class ThinkMorphBackend(Backend):
         _init_weights(model, generator)
         return model
 
+    def model_skeleton(self) -> Bagel:
+        """:meth:`build_model`'s model on the meta device (for sharded start-up)."""
+        with torch.device("meta"):
+            model = Bagel(self.config)
+        model = model.to(self.dtype)
+        _recompute_tables(model)
+        return model
+
     def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()
 
@@ -153,18 +163,49 @@ class ThinkMorphBackend(Backend):
         return pack_rows(sequences, self.special.endoftext)
 
     # ------------------------------------------------------------------ running the model
-    def completion_logits(
+    def _completion_hidden_rows(
         self, model: Bagel, contexts: Sequence[Context], completions: CompletionBatch
-    ) -> CompletionLogits:
-        """float (B, N + 1, V) at each completion's ``<|im_start|>`` and token slots, and the row mask."""
+    ) -> torch.Tensor:
+        """float (B, N + 1, D) final hidden states at each completion's ``<|im_start|>`` and token slots."""
         rows = self._rows(contexts, completions.token_lists())
         hidden = forward_rows(model, rows)  # (B, T, D)
         width = int(completions.tokens.shape[1]) + 1
         index = torch.zeros(len(contexts), width, dtype=torch.long)
         for row, positions in enumerate(rows.logit_rows):
             index[row, : len(positions)] = torch.tensor(positions)
-        gathered = gather_rows(hidden, index)  # (B, N + 1, D)
-        return CompletionLogits(model.lm_logits(gathered), completions.row_mask().to(hidden.device))
+        return gather_rows(hidden, index)  # (B, N + 1, D)
+
+    def completion_logits(
+        self, model: Bagel, contexts: Sequence[Context], completions: CompletionBatch
+    ) -> CompletionLogits:
+        """float (B, N + 1, V) at each completion's ``<|im_start|>`` and token slots, and the row mask."""
+        hidden = self._completion_hidden_rows(model, contexts, completions)
+        return CompletionLogits(model.lm_logits(hidden), completions.row_mask().to(hidden.device))
+
+    def completion_hidden(
+        self, model: Bagel, contexts: Sequence[Context], completions: CompletionBatch
+    ) -> CompletionHidden:
+        """float (B, N + 1, D) final-norm hidden states at the rows of :meth:`completion_logits`
+        (what ``lm_logits`` multiplies), the row mask and the (V, D) ``lm_head`` weight."""
+        weight = model.language_model.lm_head.weight
+        if type(weight).__name__ == "DTensor":
+            raise CapabilityError(
+                "divergence.fused = true needs the whole lm_head weight, but this model is sharded by FSDP; "
+                "set divergence.fused = false for multi-process runs"
+            )
+        hidden = self._completion_hidden_rows(model, contexts, completions)
+        return CompletionHidden(hidden, completions.row_mask().to(hidden.device), weight)
+
+    def check_run(self, config: Any) -> None:
+        """Also refuses the fused loss with several processes (the ``lm_head`` weight is sharded)."""
+        super().check_run(config)
+        from opsd_core.trainer.distributed import launched_world_size
+
+        if getattr(config.divergence, "fused", False) and launched_world_size() > 1:
+            raise ConfigError(
+                f"divergence.fused: the fused loss needs the whole lm_head weight, which FSDP shards over the "
+                f"{launched_world_size()} processes (got fused = true); set divergence.fused = false"
+            )
 
     @torch.no_grad()
     def start_decoding(self, model: Bagel, contexts: Sequence[Context], max_new_tokens: int) -> ThinkMorphDecodeState:
@@ -239,34 +280,61 @@ class ThinkMorphBackend(Backend):
 
     @torch.no_grad()
     def answer_with_visual_thoughts(
-        self, model: Bagel, contexts: Sequence[Context], problems: Sequence[Problem], max_tokens: int, generator=None
+        self,
+        model: Bagel,
+        contexts: Sequence[Context],
+        problems: Sequence[Problem],
+        max_tokens: int,
+        generator=None,
+        max_visual_thoughts: int = 3,
     ) -> list[tuple[list[int], int]]:
-        """ThinkMorph's interleaved inference, greedy: a first round; where it asks for an image
-        (``<image_start>``) and budget remains, draw a visual thought conditioned on that round,
-        add the round and the image to the context, and answer in a second round.
+        """ThinkMorph's interleaved inference, greedy, drawing up to ``max_visual_thoughts`` images.
 
-        The returned tokens are the first round, ``<|im_end|> <|im_start|>``, then the second
-        round, within ``max_tokens`` in all.
+        Rounds of text: a round that asks for an image (``<image_start>``) while fewer than
+        ``max_visual_thoughts`` have been drawn and budget remains gets a visual thought
+        conditioned on the reasoning so far; that round's text and the image join the context
+        (as ThinkMorph appends each round and each image) and the next round continues. A round
+        that does not ask, or asks once the cap is reached, ends the answer. The default, 3, is
+        the paper's harness's ``max_rounds``; unlike that loop, the last image drawn is always
+        followed by a round that reads it.
+
+        Returns, per context, the rounds joined by ``<|im_end|> <|im_start|>`` (within
+        ``max_tokens`` in all) and the number of images drawn.
         """
+        if max_visual_thoughts < 0:
+            raise ValueError(f"max_visual_thoughts must be >= 0, got {max_visual_thoughts}")
         from opsd_core.sampling import BatchedSampler
-        from opsd_core.types import VISUAL_THOUGHT, ImageSegment, TextSegment
 
-        first = BatchedSampler(self, 0.0, max_tokens, max_image_skips=0).sample(model, contexts).token_lists()
-        answers = [(tokens, 0) for tokens in first]
-        asking = [i for i, tokens in enumerate(first) if IMAGE_REQUEST in self.decode(tokens) and len(tokens) + 3 < max_tokens]
-        if not asking:
-            return answers
-        reasoning = {i: self.decode(first[i]) for i in asking}
-        thoughts = self.generate_visual_thought_after(model, [problems[i] for i in asking], [reasoning[i] for i in asking], generator)
-        follow = [
-            Context(contexts[i].segments + (TextSegment("reasoning", reasoning[i]), ImageSegment(VISUAL_THOUGHT, thought)))
-            for i, thought in zip(asking, thoughts)
-        ]
-        budget = {i: max_tokens - len(first[i]) - 2 for i in asking}
-        second = BatchedSampler(self, 0.0, max(budget.values()), max_image_skips=0).sample(model, follow).token_lists()
-        for i, tokens in zip(asking, second):
-            answers[i] = (first[i] + [self.special.im_end, self.special.im_start] + tokens[: budget[i]], 1)
-        return answers
+        rounds = BatchedSampler(self, 0.0, max_tokens, max_image_skips=0).sample(model, contexts).token_lists()
+        tokens, drawn = [list(first) for first in rounds], [0] * len(contexts)
+        texts = [[self.decode(first)] for first in rounds]
+        current, active = list(contexts), range(len(contexts))
+        for _ in range(max_visual_thoughts):
+            active = [i for i in active if IMAGE_REQUEST in texts[i][-1] and len(tokens[i]) + 3 < max_tokens]
+            if not active:
+                break
+            reasoning = ["\n".join(texts[i]) for i in active]
+            thoughts = self.generate_visual_thought_after(model, [problems[i] for i in active], reasoning, generator)
+            for i, thought in zip(active, thoughts):
+                current[i] = self._with_round(current[i], texts[i][-1], thought, drawn[i])
+                drawn[i] += 1
+            budget = {i: max_tokens - len(tokens[i]) - 2 for i in active}
+            sampler = BatchedSampler(self, 0.0, max(budget.values()), max_image_skips=0)
+            for i, round_tokens in zip(active, sampler.sample(model, [current[i] for i in active]).token_lists()):
+                round_tokens = round_tokens[: budget[i]]
+                tokens[i] += [self.special.im_end, self.special.im_start, *round_tokens]
+                texts[i].append(self.decode(round_tokens))
+        return [(row, count) for row, count in zip(tokens, drawn)]
+
+    @staticmethod
+    def _with_round(context: Context, reasoning: str, thought: Any, earlier: int) -> Context:
+        """``context`` followed by a round's text and the visual thought drawn after it; the first
+        pair is named ``reasoning`` / ``visual_thought``, later ones ``reasoning_2`` / ``visual_thought_2``, ..."""
+        from opsd_core.types import VISUAL_THOUGHT
+
+        suffix = "" if earlier == 0 else f"_{earlier + 1}"
+        added = (TextSegment(f"reasoning{suffix}", reasoning), ImageSegment(f"{VISUAL_THOUGHT}{suffix}", thought))
+        return Context(context.segments + added)
 
     def generate_visual_thought_after(self, model: Bagel, problems: Sequence[Problem], reasoning: Sequence[str], generator=None):
         """Visual thoughts whose conditional context also holds the model's reasoning so far."""

@@ -69,10 +69,48 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """
     if not q.is_cuda or q.shape[2] >= _SHORT_QUERIES:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     with sdpa_kernel(_CUDA_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return grouped_query_attention(q, k, v, mask)
+
+
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`attention` for short query blocks without copying keys and values per query head.
+
+    The G = H / Hk query heads that share a KV head become G blocks of queries of that KV head:
+    queries (B, Hk, G*T, d) over the (B, Hk, S, d) keys as they are, the mask repeated per
+    block. Every query row still has its own softmax, so this is the same attention; what it
+    saves is writing (and reading) G copies of the cache per step, which dominates batched
+    decoding over long contexts.
+    """
+    batch, heads, length, width = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    queries = q.reshape(batch, kv_heads, group * length, width)  # head h = kv * G + g
+    blocks = mask.unsqueeze(2).expand(batch, 1, group, length, mask.shape[-1]).reshape(batch, 1, group * length, -1)
+    if length <= _DECODE_QUERIES and batch <= _DECODE_ROWS:
+        out = _few_query_attention(queries, k, v, blocks)
+    else:
+        out = F.scaled_dot_product_attention(queries, k, v, attn_mask=blocks)
+    return out.reshape(batch, heads, length, width)
+
+
+# Decode steps of a few rows (a query or a few per row) attend with two batched matmuls and a
+# float32 softmax: the fused kernel tiles 64 or more queries per block and spends most of a
+# small decode step's attention on empty tiles (measured on an H200 with 1.7k keys: 72 us per
+# layer at batch 1; the whole step 9.3 ms fused, 7.9 ms written out). From batch 16 on the
+# fused kernel wins (10.4 against 11.5 ms per step; 11.4 against 18.4 ms at batch 64).
+_DECODE_QUERIES = 4
+_DECODE_ROWS = 4
+
+
+def _few_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of (B, H, Q, d) queries over (B, H, S, d) keys/values, bool (B, 1, Q, S)
+    mask, written out: scores in the inputs' dtype (float32 accumulation), softmax in float32 (or
+    float64 for float64 inputs)."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * (q.shape[-1] ** -0.5)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
 class SwiGLU(nn.Module):

@@ -5,7 +5,7 @@ Owns: rendering contexts into token and patch rows (``<bos>``; the system text a
 cell, ``</img>``; then ``<ans>`` opens the completion), the pixel normalisation, batching
 (prompts left-padded so every row's completion starts in the same column, completions
 right-padded, positions counted per row so a batched row equals the row alone), completion-row
-logits, KV-cached decoding, and saving/loading through :mod:`opsd_tiny.state_dict`.
+logits and final hidden states, KV-cached decoding, and saving/loading through :mod:`opsd_tiny.state_dict`.
 Does not know: losses, teachers or sampling policy.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from opsd_core.errors import CapabilityError
 from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
-from opsd_core.types import SYSTEM, CompletionBatch, CompletionLogits, Context, ImageSegment, TextSegment, Vocabulary
+from opsd_core.types import SYSTEM, CompletionBatch, CompletionHidden, CompletionLogits, Context, ImageSegment, TextSegment, Vocabulary
 from opsd_tiny import context as prompts
 from opsd_tiny import state_dict
 from opsd_tiny.config import RANDOM_WEIGHTS, SHIPPED_CHECKPOINT, TinyBackendParams
@@ -221,6 +221,17 @@ class TinyBackend(Backend):
         logits = model(inputs)  # (B, W + N, V)
         rows = logits[:, width - 1 : width + completions.tokens.shape[1]]  # (B, N + 1, V)
         return CompletionLogits(rows, completions.row_mask().to(parameter.device))
+
+    def completion_hidden(
+        self, model: TinyUMM, contexts: Sequence[Context], completions: CompletionBatch
+    ) -> CompletionHidden:
+        """float (B, N + 1, D) final hidden states at the rows of :meth:`completion_logits`,
+        the row mask and the (V, D) lm_head weight."""
+        parameter = next(model.parameters())
+        inputs, width = self.model_inputs(contexts, completions, parameter.device, parameter.dtype)
+        hidden = model.final_hidden(inputs)  # (B, W + N, D)
+        rows = hidden[:, width - 1 : width + completions.tokens.shape[1]]  # (B, N + 1, D)
+        return CompletionHidden(rows, completions.row_mask().to(parameter.device), model.lm_head.weight)
 
     def start_decoding(self, model: TinyUMM, contexts: Sequence[Context], max_new_tokens: int) -> TinyDecodeState:
         parameter = next(model.parameters())

@@ -162,6 +162,10 @@ class TinyUMM(nn.Module):
         that follow the cached ones and are appended to it; an image block must then lie wholly
         inside one call (the prefill), since bidirectional attention does not reach the cache.
         """
+        return self.lm_head(self.final_hidden(inputs, cache))
+
+    def final_hidden(self, inputs: ModelInputs, cache: KVCache | None = None) -> torch.Tensor:
+        """float (B, T, D) final-norm output at every position: what ``lm_head`` multiplies."""
         if cache is not None and cache.length + inputs.tokens.shape[1] > cache.capacity:
             raise ValueError(
                 f"KV cache holds {cache.capacity} positions; {cache.length} used, {inputs.tokens.shape[1]} more asked"
@@ -174,7 +178,7 @@ class TinyUMM(nn.Module):
         if cache is not None:
             cache.valid[:, cache.length : cache.length + inputs.tokens.shape[1]] = inputs.valid
             cache.length += inputs.tokens.shape[1]
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
 
 def attention_mask(inputs: ModelInputs, past_valid: torch.Tensor | None) -> torch.Tensor:
