@@ -221,7 +221,8 @@ class ByteBackend(Backend):
 
     def check_run(self, config: Any) -> None:
         """Refuse runs whose teacher forwards could outgrow the position table, and runs that
-        would need this model to draw visual thoughts."""
+        would need this model to draw visual thoughts (and what the base class refuses)."""
+        super().check_run(config)
         if config.sampling.max_forward_tokens > self.config.max_positions:
             raise ConfigError(
                 f"sampling.max_forward_tokens: byte-umm holds {self.config.max_positions} positions, got "
