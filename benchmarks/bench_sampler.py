@@ -11,7 +11,9 @@ decodes all ``--tokens`` tokens):
   sampling (what ``sampling.whole_step`` changes in a step of 2 micro-batches);
 * ``transformers generate``: a Qwen2-7B-shaped ``Qwen2ForCausalLM`` with random weights (the
   same decoder as ThinkMorph's understanding path) sampling with its default dynamic cache, at
-  the same batch sizes, from a prompt of the same length.
+  the same batch sizes, from a prompt of the same length;
+* ``--naive``: the paper code's way on that model: batch 1, the KV cache grown by concatenation
+  at every token, the sampled token read back to the host at every step.
 
 Usage::
 
@@ -80,14 +82,7 @@ def time_micro_batches(backend, model, tokens: int) -> dict:
 
 
 def time_generate(batches, tokens: int, prompt: int) -> list[dict]:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=152_064, hidden_size=3584, intermediate_size=18_944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32_768, rope_theta=1e6,
-    )  # fmt: skip
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    model = _qwen2_7b()
     results = []
     for batch in batches:
         ids = torch.randint(0, 150_000, (batch, prompt), device="cuda")
@@ -106,11 +101,54 @@ def time_generate(batches, tokens: int, prompt: int) -> list[dict]:
     return results
 
 
+def time_naive_loop(tokens: int, prompt: int) -> dict:
+    """Batch 1, the KV cache grown by concatenation at every token, the sampled token read back
+    to the host at every step (how the paper's code samples), on the Qwen2-7B-shaped model."""
+    from transformers import DynamicCache
+
+    model = _qwen2_7b()
+    ids = torch.randint(0, 150_000, (1, prompt), device="cuda")
+
+    def run(count: int) -> int:
+        cache = DynamicCache()  # appends each step's keys and values with torch.cat
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        produced = 0
+        for _ in range(count):
+            token = int(torch.multinomial(torch.softmax(logits.float(), dim=-1), 1))  # host sync
+            produced += 1
+            step = torch.tensor([[token]], device="cuda")
+            logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]
+        return produced
+
+    with torch.no_grad():
+        run(8)
+        synchronize()
+        started = time.perf_counter()
+        produced = run(tokens)
+        synchronize()
+    seconds = time.perf_counter() - started
+    del model
+    torch.cuda.empty_cache()
+    return {"batch": 1, "tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds}
+
+
+def _qwen2_7b():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=152_064, hidden_size=3584, intermediate_size=18_944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32_768, rope_theta=1e6,
+    )  # fmt: skip
+    with torch.device("cuda"):
+        return Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--naive", action="store_true", help="also time the paper-style batch-1 loop (torch.cat cache)")
     parser.add_argument("--json")
     parser.add_argument("--flavour", default="7b-random", help="'debug' (with --device cpu) smoke-tests the script")
     parser.add_argument("--device", default="cuda")
@@ -129,6 +167,11 @@ def main() -> None:
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if args.naive:
+        results["naive_loop"] = time_naive_loop(args.tokens, prompt)
+        ours = results["opsd"][0]
+        print(json.dumps({"naive_loop": results["naive_loop"], "opsd_batch": ours["batch"],
+                          "speedup": ours["tokens_per_s"] / results["naive_loop"]["tokens_per_s"]}), flush=True)
     if not args.skip_generate:
         results["generate"] = time_generate(args.batches, args.tokens, prompt)
         for row in results["generate"]:
