@@ -60,26 +60,45 @@ def _check_common(student, teacher, mask, top_k, temperature, reduction, chunk_s
     if teacher.device != student.device:
         raise ValueError(f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
     batch_shape, vocab = tuple(student.shape[:-1]), student.shape[-1]
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a bool tensor of shape {batch_shape}, got {got}")
-        if tuple(mask.shape) != batch_shape:
-            raise ValueError(f"mask must have shape {batch_shape} (the logits without V), got {tuple(mask.shape)}")
-        if mask.device != student.device:
-            raise ValueError(f"mask is on {mask.device} but student_logits is on {student.device}")
+    _check_mask(mask, batch_shape, student.device, "student_logits", "the logits without V")
     if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool)):
         raise ValueError(f"top_k must be an integer in [1, V] or None, got {top_k!r}")
     if top_k is not None and not 1 <= top_k <= vocab:
         raise ValueError(f"top_k must be in [1, V] = [1, {vocab}] or None, got {top_k}")
-    if not (_is_real(temperature) and 0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    _check_temperature_and_reduction(temperature, reduction)
     if chunk_size is not None and not (
         isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size >= 1
     ):
         raise ValueError(f"chunk_size must be an integer >= 1 or None (automatic), got {chunk_size!r}")
+
+
+def _check_mask(mask, batch_shape: tuple, device: torch.device, reference: str, without: str) -> None:
+    """A mask is None or bool with the rows' shape ``batch_shape`` on the ``reference`` input's device."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor of shape {batch_shape}, got {got}")
+    if tuple(mask.shape) != batch_shape:
+        raise ValueError(f"mask must have shape {batch_shape} ({without}), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but {reference} is on {device}")
+
+
+def _check_temperature_and_reduction(temperature, reduction) -> None:
+    if not (_is_real(temperature) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+
+
+def _check_jsd_options(beta, clip, clip_mode) -> None:
+    if not (_is_real(beta) and 0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if clip is not None and not (_is_real(clip) and clip > 0):
+        raise ValueError(f"clip must be a number > 0 or None, got {clip!r}")
+    if clip_mode not in _CLIP_MODES:
+        raise ValueError(f"clip_mode must be one of {', '.join(_CLIP_MODES)}, got {clip_mode!r}")
 
 
 def _divergence(student, teacher, mask, top_k, reduction, chunk_size, spec: RowSpec) -> torch.Tensor:
@@ -166,12 +185,7 @@ def generalized_jsd(
         ValueError: an argument is invalid; the message names it.
     """
     _check_common(student_logits, teacher_logits, mask, top_k, temperature, reduction, chunk_size)
-    if not (_is_real(beta) and 0.0 <= beta <= 1.0):
-        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
-    if clip is not None and not (_is_real(clip) and clip > 0):
-        raise ValueError(f"clip must be a number > 0 or None, got {clip!r}")
-    if clip_mode not in _CLIP_MODES:
-        raise ValueError(f"clip_mode must be one of {', '.join(_CLIP_MODES)}, got {clip_mode!r}")
+    _check_jsd_options(beta, clip, clip_mode)
     kind = "forward" if beta == 0 else "reverse" if beta == 1 else "jsd"
     spec = RowSpec(
         kind=kind,

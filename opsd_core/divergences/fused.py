@@ -25,20 +25,19 @@ import numbers
 import torch
 from torch.autograd.function import once_differentiable
 
-from opsd_core.divergences.functional import generalized_jsd
+from opsd_core.divergences.functional import (
+    _check_jsd_options,
+    _check_mask,
+    _check_temperature_and_reduction,
+    generalized_jsd,
+)
 
 __all__ = ["fused_topk_jsd", "top_k_logits"]
 
-_REDUCTIONS = ("none", "sum", "mean")
-_CLIP_MODES = ("entry", "token")
 _IMPLS = ("auto", "torch", "triton")
 # Automatic blocks hold about this many elements: the teacher pass's (R, V) logits block, and
 # the torch student pass's (R, K, D) gathered weight rows. 2**26 bf16 elements are 128 MiB.
 _BLOCK_ELEMENTS = 1 << 26
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_int(value: object) -> bool:
@@ -77,14 +76,7 @@ def _check_tensors(student_hidden, teacher_hidden, weight, teacher_weight, mask,
             f"and {tuple(weight.shape)}"
         )
     batch_shape, vocab = tuple(student_hidden.shape[:-1]), weight.shape[0]
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a bool tensor of shape {batch_shape}, got {got}")
-        if tuple(mask.shape) != batch_shape:
-            raise ValueError(f"mask must have shape {batch_shape} (the hidden states without D), got {tuple(mask.shape)}")
-        if mask.device != student_hidden.device:
-            raise ValueError(f"mask is on {mask.device} but student_hidden is on {student_hidden.device}")
+    _check_mask(mask, batch_shape, student_hidden.device, "student_hidden", "the hidden states without D")
     if not (_is_int(top_k) and 1 <= top_k <= vocab):
         raise ValueError(f"top_k must be an integer in [1, V] = [1, {vocab}] (required here), got {top_k!r}")
     if chunk_size is not None and not (_is_int(chunk_size) and chunk_size >= 1):
@@ -97,16 +89,8 @@ def _check_tensors(student_hidden, teacher_hidden, weight, teacher_weight, mask,
 
 def _check_loss(beta, clip, clip_mode, temperature, reduction) -> None:
     # The same checks and messages as generalized_jsd, made before any matmul runs.
-    if not (_is_real(beta) and 0.0 <= beta <= 1.0):
-        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
-    if clip is not None and not (_is_real(clip) and clip > 0):
-        raise ValueError(f"clip must be a number > 0 or None, got {clip!r}")
-    if clip_mode not in _CLIP_MODES:
-        raise ValueError(f"clip_mode must be one of {', '.join(_CLIP_MODES)}, got {clip_mode!r}")
-    if not (_is_real(temperature) and 0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    _check_jsd_options(beta, clip, clip_mode)
+    _check_temperature_and_reduction(temperature, reduction)
 
 
 def _use_triton(impl: str, hidden: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -168,7 +168,7 @@ def test_the_sharded_start_model_is_the_model_one_process_builds(runs):
     reference = ThinkMorphBackend(ThinkMorphParams(**PARAMS)).build_model()
     expected = dict([*reference.named_parameters(), *reference.named_buffers()])
     for saved in ("start.pt", "start-unparked.pt"):
-        whole = torch.load(runs / saved)
+        whole = torch.load(runs / saved, weights_only=True)
         assert whole.keys() == expected.keys()
         for name, tensor in expected.items():
             assert whole[name].dtype == tensor.dtype and torch.equal(whole[name], tensor.detach()), f"{saved} {name}"
