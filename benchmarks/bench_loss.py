@@ -37,6 +37,7 @@ Usage (needs a CUDA GPU; bf16 inputs of the default shapes take about 1 GiB)::
     python benchmarks/bench_loss.py                       # N in {4096, 8192}, D 3584, V 152064
     python benchmarks/bench_loss.py --rows 4096 --repeats 10 --out loss.json
     python benchmarks/bench_loss.py --variants fused-auto,paper --rows 8192
+    python benchmarks/bench_loss.py --variants fused-auto --rows 8192 --profile   # kernel breakdown
 """
 
 from __future__ import annotations
@@ -180,6 +181,16 @@ def _measure(loss_fn, inputs, warmup, repeats):
     return statistics.median(times), extra
 
 
+def _profile(name, loss_fn, inputs):
+    """Print the CUDA kernels of one forward + backward, most time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        _step(loss_fn, inputs)
+        torch.cuda.synchronize()
+    print(f"\n# kernels of one {name} step\n" + trace.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+
+
 def _inputs(rows, hidden, vocab, seed):
     generator = torch.Generator(device="cuda").manual_seed(seed)
     kwargs = {"device": "cuda", "dtype": torch.bfloat16, "generator": generator}
@@ -201,6 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--profile", action="store_true", help="also print the CUDA kernels of one step of each variant at the largest N")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_loss.py needs a CUDA GPU", file=sys.stderr)
@@ -228,6 +240,8 @@ def main(argv=None) -> int:
                     record["error"] = "OOM"
                 except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others' figures
                     record["error"] = f"{type(error).__name__}: {error}"
+                if args.profile and rows == max(args.rows) and "ms" in record:
+                    _profile(name, loss_fn, inputs)
                 for tensor in inputs:
                     tensor.grad = None
                 torch.cuda.empty_cache()

@@ -35,8 +35,11 @@ from opsd_core.divergences.functional import (
 __all__ = ["fused_topk_jsd", "top_k_logits"]
 
 _IMPLS = ("auto", "torch", "triton")
-# Automatic blocks hold about this many elements: the teacher pass's (R, V) logits block, and
-# the torch student pass's (R, K, D) gathered weight rows. 2**26 bf16 elements are 128 MiB.
+# Automatic blocks hold about this many elements: the teacher pass's (R, V) logits block
+# (2**28 bf16 elements are 512 MiB; on an H200 at N = 8192, V = 152,064, blocks of ~1,800 rows
+# take the matmul and top-K 10 % less time than blocks of ~440), and the torch student pass's
+# (R, K, D) gathered weight rows (2**26).
+_TEACHER_BLOCK_ELEMENTS = 1 << 28
 _BLOCK_ELEMENTS = 1 << 26
 
 
@@ -160,10 +163,11 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 class _GatheredLogits(torch.autograd.Function):
     """Student logits at the support, float (N', K), from hidden (N', D) and weight (V, D).
 
-    Backward recomputes the gathers a block at a time. The weight gradient is accumulated in
-    float32 (float64 for float64 weights) over only the vocabulary rows that some support
-    holds, (U, D) with U <= min(V, N' * K), then written into a zero (V, D) gradient of the
-    weight's dtype, so a bf16 weight's many per-token contributions do not round one by one.
+    Backward recomputes the gathers a block at a time. The weight gradient is summed in
+    float32 (float64 for float64 weights) and rounded once into a zero (V, D) gradient of the
+    weight's dtype, so a bf16 weight's many per-token contributions do not round one by one:
+    on the torch path in a (U, D) buffer over the U <= min(V, N' * K) vocabulary rows some
+    support holds, in the Triton kernel in registers, one vocabulary row per program.
     """
 
     @staticmethod
@@ -183,32 +187,34 @@ class _GatheredLogits(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = grad_weight = None
         grad_logits = grad_logits.contiguous()
-        if want_weight:
-            used, inverse = torch.unique(support, return_inverse=True)  # (U,), (N', K)
-            accumulator = torch.zeros(
-                used.shape[0], weight.shape[1], dtype=_accumulation_dtype(weight.dtype), device=weight.device
-            )  # (U, D)
         if ctx.triton:
             from opsd_core.divergences import _fused_triton
 
             if want_hidden:
                 grad_hidden = _fused_triton.gathered_logits_grad_hidden(grad_logits, weight, support, hidden.dtype)
             if want_weight:
-                _fused_triton.gathered_logits_grad_weight(grad_logits, hidden, inverse, accumulator)
-        else:
+                grad_weight = _fused_triton.gathered_logits_grad_weight(
+                    grad_logits, hidden, support, weight.shape[0], weight.dtype
+                )
+            return grad_hidden, grad_weight, None, None, None
+        if want_hidden:
+            grad_hidden = torch.empty_like(hidden)
+        if want_weight:
+            used, inverse = torch.unique(support, return_inverse=True)  # (U,), (N', K)
+            accumulator = torch.zeros(
+                used.shape[0], weight.shape[1], dtype=_accumulation_dtype(weight.dtype), device=weight.device
+            )  # (U, D)
+        for start in range(0, hidden.shape[0], ctx.block_rows):
+            block = slice(start, start + ctx.block_rows)
+            grad = grad_logits[block]  # (R, K)
             if want_hidden:
-                grad_hidden = torch.empty_like(hidden)
-            for start in range(0, hidden.shape[0], ctx.block_rows):
-                block = slice(start, start + ctx.block_rows)
-                grad = grad_logits[block]  # (R, K)
-                if want_hidden:
-                    rows = weight[support[block]]  # (R, K, D)
-                    grad_hidden[block] = torch.einsum("rk,rkd->rd", grad.to(rows.dtype), rows).to(hidden.dtype)
-                    del rows
-                if want_weight:
-                    outer = grad.to(accumulator.dtype).unsqueeze(-1) * hidden[block].to(accumulator.dtype).unsqueeze(1)
-                    accumulator.index_add_(0, inverse[block].reshape(-1), outer.reshape(-1, weight.shape[1]))
-                    del outer
+                rows = weight[support[block]]  # (R, K, D)
+                grad_hidden[block] = torch.einsum("rk,rkd->rd", grad.to(rows.dtype), rows).to(hidden.dtype)
+                del rows
+            if want_weight:
+                outer = grad.to(accumulator.dtype).unsqueeze(-1) * hidden[block].to(accumulator.dtype).unsqueeze(1)
+                accumulator.index_add_(0, inverse[block].reshape(-1), outer.reshape(-1, weight.shape[1]))
+                del outer
         if want_weight:
             grad_weight = torch.zeros_like(weight).index_copy_(0, used, accumulator.to(weight.dtype))
         return grad_hidden, grad_weight, None, None, None
@@ -263,7 +269,7 @@ def _top_k_logits(student_hidden, teacher_hidden, weight, top_k, mask, teacher_w
         keep = mask.reshape(-1).nonzero().squeeze(-1)  # (N',)
         # Masked rows are dropped before any product, so garbage in them reaches nothing.
         student, teacher = student.index_select(0, keep), teacher.index_select(0, keep)  # (N', D)
-    teacher_rows = chunk_size or max(1, _BLOCK_ELEMENTS // vocab)
+    teacher_rows = chunk_size or max(1, _TEACHER_BLOCK_ELEMENTS // vocab)
     student_rows = chunk_size or max(1, _BLOCK_ELEMENTS // (top_k * hidden_size))
     support, teacher_logits = _teacher_top_k(teacher, teacher_weight, int(top_k), teacher_rows)  # (N', K)
     triton = _use_triton(impl, student, weight)
@@ -312,8 +318,8 @@ def fused_topk_jsd(
             valid rows (0 when none is valid).
         teacher_weight: float (V, D) the teacher's lm_head weight; None uses ``weight``
             (detached for the teacher). Never receives gradient.
-        chunk_size: rows per block of both passes; None sizes blocks to about 2**26 elements
-            ((R, V) teacher logits; (R, K, D) gathered weight rows on the torch path).
+        chunk_size: rows per block of both passes; None sizes blocks to about 2**28 elements
+            of (R, V) teacher logits and 2**26 of (R, K, D) gathered weight rows (torch path).
         impl: "torch", "triton" (CUDA only) or "auto" (Triton on CUDA when it imports,
             else torch).
 

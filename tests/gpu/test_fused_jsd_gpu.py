@@ -96,3 +96,26 @@ def test_fused_bf16_stays_close_to_the_unfused_bf16_loss():
     torch.testing.assert_close(fused[0], plain[0], rtol=2e-2, atol=1e-3)
     for got, expected in zip(fused[1:], plain[1:]):
         assert _relative_error(got, expected) < 5e-2
+
+
+@needs_triton
+def test_triton_weight_gradient_with_rows_shared_by_many_tokens():
+    # Real supports overlap: a few vocabulary rows are in nearly every token's top-K. One row
+    # here has 303 entries (many loop iterations of its program), others one or none.
+    from opsd_core.divergences import _fused_triton
+
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    rows, top_k, hidden, vocab = 303, 40, 200, 997
+    support = torch.randint(0, vocab, (rows, top_k), device="cuda", generator=generator)
+    support[:, :5] = torch.tensor([3, 17, 500, 996, 0], device="cuda")
+    grad = torch.randn(rows, top_k, device="cuda", generator=generator)
+    states = torch.randn(rows, hidden, device="cuda", generator=generator).to(torch.bfloat16)
+    got = _fused_triton.gathered_logits_grad_weight(grad, states, support, vocab, torch.bfloat16)
+    expected = torch.zeros(vocab, hidden, dtype=torch.float64, device="cuda")
+    outer = grad.double().unsqueeze(-1) * states.double().unsqueeze(1)  # (N, K, D)
+    expected.index_add_(0, support.reshape(-1), outer.reshape(-1, hidden))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expected.to(torch.bfloat16).double(), rtol=1e-2, atol=1e-2)
+    unused = torch.ones(vocab, dtype=torch.bool, device="cuda")
+    unused[support.reshape(-1)] = False
+    assert bool((got[unused] == 0).all())
