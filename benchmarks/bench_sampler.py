@@ -12,6 +12,8 @@ decodes all ``--tokens`` tokens):
 * ``transformers generate``: a Qwen2-7B-shaped ``Qwen2ForCausalLM`` with random weights (the
   same decoder as ThinkMorph's understanding path) sampling with its default dynamic cache, at
   the same batch sizes, from a prompt of the same length;
+* ``--sync-baseline``: our sampler with the host looking at the batch after every token
+  (``sync_every = 1``) against the default (every 16 tokens);
 * ``--naive``: the paper code's way on that model: batch 1, the KV cache grown by concatenation
   at every token, the sampled token read back to the host at every step.
 
@@ -48,8 +50,8 @@ def contexts(backend, batch: int, side: int = 448):
     ]
 
 
-def time_sampler(backend, model, batch: int, tokens: int) -> dict:
-    sampler = BatchedSampler(backend, 1.0, tokens, max_image_skips=1)
+def time_sampler(backend, model, batch: int, tokens: int, sync_every: int | None = None) -> dict:
+    sampler = BatchedSampler(backend, 1.0, tokens, max_image_skips=1, sync_every=sync_every)
     rows = contexts(backend, batch)
     generator = torch.Generator(device=backend.device).manual_seed(0)
     sampler.sample(model, rows[:batch], generator)  # warm-up: graph capture for this batch size
@@ -59,7 +61,7 @@ def time_sampler(backend, model, batch: int, tokens: int) -> dict:
     synchronize()
     seconds = time.perf_counter() - started
     produced = int(completions.lengths.sum())
-    return {"batch": batch, "tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds}
+    return {"batch": batch, "sync_every": sampler.sync_every, "tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds}
 
 
 def time_micro_batches(backend, model, tokens: int) -> dict:
@@ -150,6 +152,10 @@ def main() -> None:
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--naive", action="store_true", help="also time the paper-style batch-1 loop (torch.cat cache)")
     parser.add_argument("--json")
+    parser.add_argument(
+        "--sync-baseline", action="store_true",
+        help="also sample with the host looking at the batch after every token (sync_every = 1), side by side",
+    )
     parser.add_argument("--flavour", default="7b-random", help="'debug' (with --device cpu) smoke-tests the script")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
@@ -162,6 +168,11 @@ def main() -> None:
     results["opsd"] = [time_sampler(backend, model, batch, args.tokens) for batch in args.batches]
     for row in results["opsd"]:
         print(json.dumps({"opsd": row}), flush=True)
+    if args.sync_baseline:
+        results["opsd_sync_every_token"] = [time_sampler(backend, model, batch, args.tokens, 1) for batch in args.batches]
+        for ours, synced in zip(results["opsd"], results["opsd_sync_every_token"]):
+            speedup = ours["tokens_per_s"] / synced["tokens_per_s"]
+            print(json.dumps({"opsd_sync_every_token": synced, "speedup": speedup}), flush=True)
     results["micro_batches"] = time_micro_batches(backend, model, args.tokens)
     print(json.dumps({"micro_batches": results["micro_batches"]}), flush=True)
     del model

@@ -109,7 +109,7 @@ def decoding(backend, model, results: dict, batch: int, steps: int, image_side: 
         builder.student_context(Problem(f"p{i}", image(image_side, i), f"Question {i}: where is the goal?"))
         for i in range(batch)
     ]
-    state = backend.start_decoding(model, contexts, steps + 1)
+    state = backend.start_decoding(model, contexts, steps + 16)  # same shapes as the timed state: compiled once
     feed = torch.full((batch,), 65, dtype=torch.long, device=backend.device)
     for _ in range(4):  # warm-up inside the same cache
         backend.decode_step(state, feed)
@@ -202,6 +202,10 @@ def main() -> None:
         "--attention-baseline", action="store_true",
         help="also decode with the KV heads copied per query head (the previous attention), side by side",
     )
+    parser.add_argument(
+        "--compile-baseline", action="store_true",
+        help="also decode without torch.compile (CUDA graphs of eager layers), side by side",
+    )
     args = parser.parse_args()
     global PROFILE
     PROFILE = args.profile_decode
@@ -237,6 +241,14 @@ def main() -> None:
             decoding(backend, model, results, batch, steps=64, image_side=448)
             ratio = results[f"decode_batch_{batch}"]["tokens_per_s"] / baseline["tokens_per_s"]
             print(json.dumps({f"decode_batch_{batch}_repeated_kv": baseline, "speedup": ratio}), flush=True)
+        if args.compile_baseline:
+            eager = ThinkMorphBackend(params.model_copy(update={"compile_decoding": False}))
+            decoding(eager, model, results, batch, steps=64, image_side=448)
+            baseline = results.pop(f"decode_batch_{batch}")
+            results[f"decode_batch_{batch}_not_compiled"] = baseline
+            decoding(backend, model, results, batch, steps=64, image_side=448)
+            ratio = results[f"decode_batch_{batch}"]["tokens_per_s"] / baseline["tokens_per_s"]
+            print(json.dumps({"compiled": results[f"decode_batch_{batch}"], "not_compiled": baseline, "speedup": ratio}), flush=True)
     if not args.skip_vt and args.only in ("all", "vt"):
         visual_thought(backend, model, results, side=512, batch=1)
         print(json.dumps(results["visual_thought_batch_1"]), flush=True)

@@ -134,6 +134,17 @@ class Backend(ABC):
         replaced by ``<|im_end|>`` and a fresh ``<|im_start|>``, and sampling continues. Return
         the injected tokens (they are fed, not trained on), or None to let the EOS stand.
         ``completion`` is the round's tokens so far, without the EOS.
+
+        A backend that overrides this also overrides :meth:`image_skip_injection`.
+        """
+        return None
+
+    def image_skip_injection(self) -> list[int] | None:
+        """The tokens :meth:`image_skip_tokens` injects whenever it injects (None: it never does).
+
+        The sampler injects them on the device as soon as a row samples EOS, without waiting
+        for the host, and asks :meth:`image_skip_tokens` a few steps later; where the rule did
+        not apply, the row is cut back to that EOS.
         """
         return None
 

@@ -21,6 +21,11 @@ class OnPolicySampler(ABC):
 
     @abstractmethod
     def sample(
-        self, model: torch.nn.Module, contexts: Sequence[Context], generator: torch.Generator | None = None
+        self,
+        model: torch.nn.Module,
+        contexts: Sequence[Context],
+        generator: torch.Generator | None = None,
+        seeds: torch.Tensor | Sequence[int] | None = None,
     ) -> CompletionBatch:
-        """One completion per context, sampled from ``model``."""
+        """One completion per context, sampled from ``model``; ``seeds`` (one per context) key
+        each row's random draws, else they come from ``generator``."""

@@ -2,9 +2,15 @@
 
 Owns: the decoding loop over a batch (temperature or greedy choice, the completion cap,
 finished rows, and the paper's image-skip rule as tokens injected into one row while the
-other rows keep sampling).
+other rows keep sampling), kept on the model's device: the host looks at the batch only once
+every ``sync_every`` tokens.
 Does not know: the model's architecture or cache; it drives the backend through
-``start_decoding`` / ``decode_step`` and asks ``image_skip_tokens`` what to inject.
+``start_decoding`` / ``decode_step`` and asks ``image_skip_tokens`` whether a round that ended
+may go on.
+
+Sampling noise is a function of (row seed, completion position, token id) only
+(:func:`seeded_choice`), so a row's completion does not depend on which other rows share its
+batch, on the batch's order, or on how often the host looks.
 """
 
 from __future__ import annotations
@@ -17,16 +23,18 @@ from opsd_core.interfaces.backend import Backend
 from opsd_core.interfaces.sampler import OnPolicySampler
 from opsd_core.types import CompletionBatch, Context
 
+_MASK32 = 0xFFFFFFFF
+_MULTIPLIER = 0x45D9F3B  # < 2**27: products of 32-bit values stay below 2**59 (no int64 overflow)
+_SEED_LIMIT = 2**62
+
 
 def choose_tokens(
     logits: torch.Tensor, temperature: float, generator: torch.Generator | None, valid_size: int | None = None
 ) -> torch.Tensor:
     """int64 (B,) next tokens from float (B, V) logits: argmax when ``temperature`` is 0,
-    else a sample of softmax(logits / temperature). Ids >= ``valid_size`` are never chosen."""
-    logits = logits.float()
-    if valid_size is not None and valid_size < logits.shape[-1]:
-        logits = logits.clone()
-        logits[:, valid_size:] = float("-inf")
+    else a sample of softmax(logits / temperature) from ``generator``'s stream. Ids >=
+    ``valid_size`` are never chosen."""
+    logits = _valid_logits(logits, valid_size)
     if temperature == 0:
         return logits.argmax(dim=-1)
     probabilities = torch.softmax(logits / temperature, dim=-1)
@@ -34,6 +42,81 @@ def choose_tokens(
         # A generator draws only on its own device; sample there so seeded runs stay reproducible.
         return torch.multinomial(probabilities.to(generator.device), 1, generator=generator).squeeze(1).to(logits.device)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+
+
+def _valid_logits(logits: torch.Tensor, valid_size: int | None) -> torch.Tensor:
+    logits = logits.float()
+    if valid_size is not None and valid_size < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, valid_size:] = float("-inf")
+    return logits
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of int64 values in [0, 2**32) (two multiply-xorshift rounds)."""
+    x = ((x >> 16) ^ x) * _MULTIPLIER & _MASK32
+    x = ((x >> 16) ^ x) * _MULTIPLIER & _MASK32
+    return (x >> 16) ^ x
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, size: int) -> torch.Tensor:
+    """float32 (B, size) values in (0, 1), a pure function of each row's int64 ``seeds`` (in
+    [0, 2**62)) and ``counters`` (>= 0) and of the column: the same (seed, counter, column)
+    gives the same value on every device and in every batch. 23 random bits per value."""
+    key = _mix(_mix(_mix(seeds & _MASK32) ^ (seeds >> 32)) ^ (counters & _MASK32))  # (B,)
+    second = _mix(key ^ 0x5BD1E995)  # (B,)
+    columns = _mix(torch.arange(size, device=seeds.device, dtype=torch.int64) + 0x68E31DA4)  # (size,)
+    bits = _mix((_mix(key.unsqueeze(1) ^ columns) + second.unsqueeze(1)) & _MASK32)  # (B, size)
+    return unit_interval(bits)
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """float32 values strictly inside (0, 1) from int64 32-bit ``bits``: their top 23 bits,
+    centred in their bins. 24 bits would round the top bin to exactly 1.0 in float32, where
+    -log(-log u) is infinite and would force that token whatever its probability."""
+    return ((bits >> 9).float() + 0.5) * 2.0**-23
+
+
+def seeded_choice(
+    logits: torch.Tensor,
+    temperature: float,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+    valid_size: int | None = None,
+) -> torch.Tensor:
+    """int64 (B,) next tokens from float (B, V) logits, one draw per row keyed by (seed, counter).
+
+    argmax when ``temperature`` is 0; otherwise the Gumbel-max draw argmax(logits / T + G) with
+    G = -log(-log U) and U = :func:`uniform_noise`, which picks token v with probability
+    softmax(logits / T)[v]. Ids >= ``valid_size`` are never chosen.
+    """
+    logits = _valid_logits(logits, valid_size)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    noise = uniform_noise(seeds.to(logits.device), counters.to(logits.device), logits.shape[-1])
+    return (logits / temperature - torch.log(-torch.log(noise))).argmax(dim=-1)
+
+
+def row_seeds(count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """int64 (count,) CPU seeds in [0, 2**62) drawn from ``generator`` (default: torch's global one)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, _SEED_LIMIT, (count,), generator=generator, device=device).cpu()
+
+
+class _Rows:
+    """The batch's decoding bookkeeping as device tensors (B rows, cap completion positions)."""
+
+    def __init__(self, batch: int, cap: int, pad_id: int, skips: int, device: torch.device):
+        self.tokens = torch.full((batch, cap), pad_id, dtype=torch.long, device=device)
+        self.sampled = torch.zeros(batch, cap, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.skips_left = torch.full((batch,), skips, dtype=torch.long, device=device)
+        # Where each row's image skips replaced an EOS (-1: not used); checked by the host later.
+        self.skipped_at = torch.full((batch, max(skips, 1)), -1, dtype=torch.long, device=device)
+        self.checked = torch.zeros(self.skipped_at.shape, dtype=torch.bool)  # host side: skips already checked
+        self.forced_at = torch.zeros(batch, dtype=torch.long, device=device)  # next injected token, 0 = none
 
 
 class BatchedSampler(OnPolicySampler):
@@ -44,77 +127,148 @@ class BatchedSampler(OnPolicySampler):
         temperature: sampling temperature; 0 means greedy.
         max_completion_tokens: cap on completion tokens, injected ones included.
         max_image_skips: rounds per completion that may continue after asking for an image.
+        sync_every: decode steps between looks of the host at the batch (stop when every row
+            is done, check image skips); None: 16 on GPUs, 1 elsewhere. The completions do not
+            depend on it; after the last row ends, up to ``sync_every - 1`` steps are wasted.
+
+    The image-skip rule runs on the device without waiting for the host: a row that samples
+    EOS while it may still skip (skips left, room for the injected tokens and one more) gets
+    the backend's :meth:`~opsd_core.interfaces.backend.Backend.image_skip_injection` at once,
+    and the host asks :meth:`~opsd_core.interfaces.backend.Backend.image_skip_tokens` at its
+    next look; where the round had not asked for an image, the row is cut back to that EOS and
+    ends there, exactly as if it had never gone on.
     """
 
     def __init__(
-        self, backend: Backend, temperature: float = 1.0, max_completion_tokens: int = 1024, max_image_skips: int = 1
+        self,
+        backend: Backend,
+        temperature: float = 1.0,
+        max_completion_tokens: int = 1024,
+        max_image_skips: int = 1,
+        sync_every: int | None = None,
     ):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if max_completion_tokens < 1:
             raise ValueError(f"max_completion_tokens must be >= 1, got {max_completion_tokens}")
+        if max_image_skips < 0:
+            raise ValueError(f"max_image_skips must be >= 0, got {max_image_skips}")
+        if sync_every is not None and sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self.backend = backend
         self.temperature = temperature
         self.max_completion_tokens = max_completion_tokens
         self.max_image_skips = max_image_skips
+        self.sync_every = sync_every
+        self._injection = self._declared_injection() if max_image_skips else None
+
+    def _declared_injection(self) -> list[int] | None:
+        injection = self.backend.image_skip_injection()
+        overrides_rule = type(self.backend).image_skip_tokens is not Backend.image_skip_tokens
+        if injection is None and overrides_rule:
+            raise ValueError(
+                f"{type(self.backend).__name__} implements image_skip_tokens but not image_skip_injection "
+                "(the tokens a skip injects, needed before the rule is checked); implement it or set "
+                "max_image_skips = 0"
+            )
+        if injection is not None and not injection:
+            raise ValueError(f"{type(self.backend).__name__}.image_skip_injection() returned no tokens")
+        return None if injection is None else [int(t) for t in injection]
 
     @torch.no_grad()
     def sample(
-        self, model: torch.nn.Module, contexts: Sequence[Context], generator: torch.Generator | None = None
+        self,
+        model: torch.nn.Module,
+        contexts: Sequence[Context],
+        generator: torch.Generator | None = None,
+        seeds: torch.Tensor | Sequence[int] | None = None,
     ) -> CompletionBatch:
-        vocabulary = self.backend.vocabulary
+        """One completion per context. Row b's draws are keyed by ``seeds[b]`` (int64 in
+        [0, 2**62)); without ``seeds`` they are drawn from ``generator``."""
         batch, cap = len(contexts), self.max_completion_tokens
+        seeds = row_seeds(batch, generator) if seeds is None else torch.as_tensor(seeds, dtype=torch.long)
+        if seeds.shape != (batch,) or bool(((seeds < 0) | (seeds >= _SEED_LIMIT)).any()):
+            raise ValueError(f"seeds must be {batch} int64 values in [0, 2**62), got {seeds.tolist()}")
+        vocabulary = self.backend.vocabulary
         state = self.backend.start_decoding(model, contexts, cap)
         device = state.logits.device
-        tokens = torch.full((batch, cap), vocabulary.pad_id, dtype=torch.long)
-        sampled = torch.zeros(batch, cap, dtype=torch.bool)
-        lengths = [0] * batch
-        finished = [False] * batch
-        active = [True] * batch
-        pending: list[list[int]] = [[] for _ in range(batch)]
-        skips_left = [self.max_image_skips] * batch
-        logits = state.logits
+        seeds = seeds.to(device)
+        sync_every = self.sync_every or (16 if device.type == "cuda" else 1)
+        injection = torch.tensor(self._injection or [vocabulary.pad_id], dtype=torch.long, device=device)
+        rows = _Rows(batch, cap, vocabulary.pad_id, self.max_image_skips if self._injection else 0, device)
+        logits, step = state.logits, 0
         while True:
-            chosen = choose_tokens(logits, self.temperature, generator, vocabulary.valid_size).tolist()
-            feed = [vocabulary.pad_id] * batch
-            for row in range(batch):
-                if not active[row]:
-                    continue
-                token, was_sampled = chosen[row], True
-                if pending[row]:
-                    token, was_sampled = pending[row].pop(0), False
-                elif token == vocabulary.eos_id:
-                    injected = self._image_skip(row, tokens, lengths, skips_left)
-                    if injected is None:
-                        active[row], finished[row] = False, True
-                        continue
-                    token, was_sampled, pending[row] = injected[0], False, injected[1:]
-                tokens[row, lengths[row]] = token
-                sampled[row, lengths[row]] = was_sampled
-                lengths[row] += 1
-                feed[row] = token
-                if lengths[row] == cap:
-                    active[row] = False
-            if not any(active):
-                break
-            logits = self.backend.decode_step(state, torch.tensor(feed, dtype=torch.long, device=device))
-        width = max(lengths, default=0)
-        return CompletionBatch(
-            tokens=tokens[:, :width].to(device),
-            lengths=torch.tensor(lengths, dtype=torch.long, device=device),
-            sampled=sampled[:, :width].to(device),
-            finished=torch.tensor(finished, dtype=torch.bool, device=device),
-        )
+            feed = self._advance(rows, logits, seeds, injection, cap)
+            step += 1
+            look = step % sync_every == 0 or step == cap
+            if look:
+                self._check_skips(rows)
+                if step == cap or not bool(rows.active.any()):
+                    break
+            logits = self.backend.decode_step(state, feed)
+        return self._completions(rows)
 
-    def _image_skip(
-        self, row: int, tokens: torch.Tensor, lengths: list[int], skips_left: list[int]
-    ) -> list[int] | None:
-        """Tokens to inject instead of an EOS that asks for an image, if the rule applies."""
-        if skips_left[row] == 0:
-            return None
-        injected = self.backend.image_skip_tokens(tokens[row, : lengths[row]].tolist())
-        # Injected tokens need room, and one more position for the round to say anything.
-        if not injected or lengths[row] + len(injected) >= self.max_completion_tokens:
-            return None
-        skips_left[row] -= 1
-        return list(injected)
+    def _advance(self, rows: _Rows, logits: torch.Tensor, seeds, injection: torch.Tensor, cap: int) -> torch.Tensor:
+        """Choose and record each active row's next token (all on the device); return the (B,)
+        tokens to feed (pad for rows that wrote nothing)."""
+        vocabulary = self.backend.vocabulary
+        chosen = seeded_choice(logits, self.temperature, seeds, rows.lengths, vocabulary.valid_size)
+        forced = rows.forced_at > 0
+        token = torch.where(forced, injection[rows.forced_at.clamp(max=injection.numel() - 1)], chosen)
+        eos = rows.active & ~forced & (chosen == vocabulary.eos_id)
+        skip = eos & (rows.skips_left > 0) & (rows.lengths + injection.numel() < cap)
+        used = (rows.skipped_at >= 0).sum(dim=1, keepdim=True).clamp(max=rows.skipped_at.shape[1] - 1)
+        rows.skipped_at.scatter_(1, used, torch.where(skip, rows.lengths, rows.skipped_at.gather(1, used).squeeze(1)).unsqueeze(1))
+        rows.skips_left -= skip.long()
+        token = torch.where(skip, injection[0], token)
+        write = rows.active & ~(eos & ~skip)
+        rows.finished |= eos & ~skip
+        step_forced = forced & rows.active
+        rows.forced_at = torch.where(
+            skip, 1 if injection.numel() > 1 else 0,
+            torch.where(step_forced, (rows.forced_at + 1) % injection.numel(), rows.forced_at),
+        )
+        at = rows.lengths.clamp(max=cap - 1).unsqueeze(1)
+        rows.tokens.scatter_(1, at, torch.where(write, token, rows.tokens.gather(1, at).squeeze(1)).unsqueeze(1))
+        was_sampled = write & ~forced & ~skip
+        rows.sampled.scatter_(1, at, torch.where(write, was_sampled, rows.sampled.gather(1, at).squeeze(1)).unsqueeze(1))
+        rows.lengths += write.long()
+        rows.active = write & (rows.lengths < cap)
+        return torch.where(write, token, torch.full_like(token, vocabulary.pad_id))
+
+    def _check_skips(self, rows: _Rows) -> None:
+        """Ask the backend about image skips taken since the last look; cut back the rows whose
+        round had not asked for an image (they end at that EOS)."""
+        if not self._injection:
+            return
+        skipped_at = rows.skipped_at.cpu()
+        new = (skipped_at >= 0) & ~rows.checked
+        if not bool(new.any()):
+            return
+        tokens = rows.tokens.cpu()
+        for row in new.any(dim=1).nonzero().flatten().tolist():
+            for column in new[row].nonzero().flatten().tolist():
+                rows.checked[row, column] = True
+                at = int(skipped_at[row, column])
+                injected = self.backend.image_skip_tokens(tokens[row, :at].tolist())
+                if injected is None:
+                    rows.checked[row] = True  # later skips of this row never happened
+                    rows.lengths[row], rows.active[row], rows.finished[row] = at, False, True
+                    break
+                if [int(t) for t in injected] != self._injection:
+                    raise RuntimeError(
+                        f"{type(self.backend).__name__}.image_skip_tokens returned {list(injected)}, "
+                        f"image_skip_injection declared {self._injection}"
+                    )
+
+    def _completions(self, rows: _Rows) -> CompletionBatch:
+        pad = self.backend.vocabulary.pad_id
+        positions = torch.arange(rows.tokens.shape[1], device=rows.tokens.device)
+        past = positions.unsqueeze(0) >= rows.lengths.unsqueeze(1)  # (B, cap)
+        width = int(rows.lengths.max()) if rows.lengths.numel() else 0
+        return CompletionBatch(
+            tokens=rows.tokens.masked_fill(past, pad)[:, :width],
+            lengths=rows.lengths.clone(),
+            sampled=(rows.sampled & ~past)[:, :width],
+            finished=rows.finished.clone(),
+        )

@@ -2,7 +2,8 @@
 
 Owns: the equivalences the trainer relies on, checked on a backend and a few problems:
 KV-cached decoding gives the same logits as the full forward at every completion row;
-batched scoring equals scoring each row alone; N + 1 aligned rows with the sampler's mask;
+batched sampling with fixed seeds equals sampling each row alone; batched scoring equals
+scoring each row alone; N + 1 aligned rows with the sampler's mask;
 preprocessed pixels given on a segment are used as is; save -> load is exact.
 Does not know: any particular model family.
 
@@ -53,8 +54,14 @@ def check_backend_contract(
     builder = backend.context_builder()
     pairs = [builder.build(problem) for problem in problems]
     for kind, contexts in (("student", [p.student for p in pairs]), ("teacher", [p.teacher for p in pairs])):
-        generator = torch.Generator().manual_seed(seed)
-        completions = BatchedSampler(backend, 1.0, max_tokens).sample(model, contexts, generator)
+        sampler = BatchedSampler(backend, 1.0, max_tokens)
+        seeds = [seed * 1009 + 17 * row + 1 for row in range(len(contexts))]
+        completions = sampler.sample(model, contexts, seeds=seeds)
+        for row, context in enumerate(contexts):
+            alone = sampler.sample(model, [context], seeds=seeds[row : row + 1])
+            assert alone.token_lists()[0] == completions.token_lists()[row], (
+                f"{kind}: row {row} sampled alone (same seed) differs from the batch"
+            )
         rows = backend.completion_logits(model, contexts, completions)
         batch, width = completions.tokens.shape
         assert rows.logits.shape[:2] == (batch, width + 1), f"{kind}: logits {tuple(rows.logits.shape)}, want ({batch}, {width + 1}, V)"

@@ -1,9 +1,14 @@
-"""The batched sampler's policy: caps, finished rows, the image-skip rule, greedy choice."""
+"""The batched sampler's policy: caps, finished rows, the image-skip rule, greedy choice, and
+seeded draws that do not depend on the batch."""
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from opsd_core.interfaces.backend import Backend, DecodeState
 from opsd_core.sampling import BatchedSampler, choose_tokens
+from opsd_core.sampling.sampler import seeded_choice, uniform_noise, unit_interval
 from opsd_core.types import Context, TextSegment, Vocabulary
 
 EOS, PAD, IMAGE_START, IM_END, IM_START = 0, 1, 5, 6, 7
@@ -63,6 +68,9 @@ class ScriptedBackend(Backend):
 
     def image_skip_tokens(self, completion):
         return [IM_END, IM_START] if IMAGE_START in completion else None
+
+    def image_skip_injection(self):
+        return [IM_END, IM_START]
 
     def save_pretrained(self, model, directory):
         raise NotImplementedError
@@ -124,3 +132,141 @@ def test_truncation_keeps_rows_aligned_and_unfinishes_cut_rows():
     assert cut.token_lists() == [[2, 3], [2]]
     assert cut.finished.tolist() == [False, True]
     assert cut.tokens.shape == (2, 2) and cut.sampled.shape == (2, 2)
+
+
+# ---------------------------------------------------------------------------------------------- seeded draws
+def test_an_eos_without_an_image_request_ends_the_row_whatever_the_sync_interval():
+    # The EOS of row 0 is injected over at once and cut back at the host's next look.
+    scripts = [[2, 3, EOS, 4, 4, 4], [2, IMAGE_START, EOS, 8, 3], [4, 4, 4, 4, 4, 4, 4, 4]]
+    results = []
+    for sync_every in (1, 3, 4, 16):
+        sampler = BatchedSampler(ScriptedBackend(), 0.0, 8, max_image_skips=1, sync_every=sync_every)
+        results.append(sampler.sample(None, _contexts(*scripts)))
+    for batch in results:
+        assert batch.token_lists() == [[2, 3], [2, IMAGE_START, IM_END, IM_START, 8, 3], [4] * 8]
+        assert batch.finished.tolist() == [True, True, False]
+        assert batch.sampled.tolist() == results[0].sampled.tolist()
+        assert batch.tokens[0, 2:].tolist() == [PAD] * 6
+
+
+def test_a_second_skip_is_checked_and_cut_back_on_its_own():
+    # Round 1 asks for an image (kept); round 2 ends plainly: the image request is still in the
+    # completion, so the rule applies again, as it does for the paper's sampler.
+    sampler = BatchedSampler(ScriptedBackend(), 0.0, 12, max_image_skips=2, sync_every=5)
+    batch = sampler.sample(None, _contexts([IMAGE_START, EOS, 8, EOS, 3]))
+    assert batch.token_lists() == [[IMAGE_START, IM_END, IM_START, 8, IM_END, IM_START, 3]]
+    no_request = BatchedSampler(ScriptedBackend(), 0.0, 12, max_image_skips=2, sync_every=5)
+    assert no_request.sample(None, _contexts([2, EOS, 8, EOS, 3])).token_lists() == [[2]]
+
+
+def test_a_backend_with_a_rule_but_no_declared_injection_is_refused():
+    class Undeclared(ScriptedBackend):
+        def image_skip_injection(self):
+            return None
+
+    with pytest.raises(ValueError, match="image_skip_injection"):
+        BatchedSampler(Undeclared(), 0.0, 8, max_image_skips=1)
+    BatchedSampler(Undeclared(), 0.0, 8, max_image_skips=0)  # no skips: nothing to declare
+
+
+def test_a_rule_that_injects_other_tokens_than_declared_is_an_error():
+    class Inconsistent(ScriptedBackend):
+        def image_skip_tokens(self, completion):
+            return [IM_START, IM_END] if IMAGE_START in completion else None
+
+    sampler = BatchedSampler(Inconsistent(), 0.0, 8, max_image_skips=1)
+    with pytest.raises(RuntimeError, match="declared"):
+        sampler.sample(None, _contexts([IMAGE_START, EOS, 8]))
+
+
+class _FixedLogits(ScriptedBackend):
+    """Every step returns the same per-context logits (context text: the row index)."""
+
+    def __init__(self, table):
+        self.table = table  # (rows, V)
+
+    def start_decoding(self, model, contexts, max_new_tokens):
+        state = _State([[] for _ in contexts])
+        state.rows = [int(c.segments[0].text) for c in contexts]
+        state.logits = self.table[state.rows]
+        return state
+
+    def decode_step(self, state, tokens):
+        return self.table[state.rows]
+
+
+def test_batched_sampling_with_fixed_seeds_equals_each_row_alone():
+    table = torch.randn(5, V, generator=torch.Generator().manual_seed(0)) * 2
+    table[:, EOS] = -4.0
+    backend = _FixedLogits(table)
+    contexts = [Context((TextSegment("question", str(row)),)) for row in range(5)]
+    seeds = [11, 12, 13, 14, 2**62 - 1]
+    sampler = BatchedSampler(backend, 1.0, 30, max_image_skips=0, sync_every=7)
+    together = sampler.sample(None, contexts, seeds=seeds)
+    for row in range(5):
+        alone = BatchedSampler(backend, 1.0, 30, max_image_skips=0).sample(None, contexts[row : row + 1], seeds=seeds[row : row + 1])
+        assert alone.token_lists()[0] == together.token_lists()[row]
+        assert alone.finished.tolist()[0] == together.finished.tolist()[row]
+    reordered = sampler.sample(None, contexts[::-1], seeds=seeds[::-1])
+    assert reordered.token_lists()[::-1] == together.token_lists()
+    other = sampler.sample(None, contexts, seeds=[s + 1 for s in seeds[:4]] + [0])
+    assert other.token_lists() != together.token_lists()
+
+
+def test_seeds_are_drawn_from_the_generator_when_not_given():
+    table = torch.randn(3, V, generator=torch.Generator().manual_seed(1))
+    backend = _FixedLogits(table)
+    contexts = [Context((TextSegment("question", str(row)),)) for row in range(3)]
+    sampler = BatchedSampler(backend, 1.0, 20, max_image_skips=0)
+    first = sampler.sample(None, contexts, torch.Generator().manual_seed(5))
+    second = sampler.sample(None, contexts, torch.Generator().manual_seed(5))
+    assert first.token_lists() == second.token_lists()
+    with pytest.raises(ValueError, match="seeds"):
+        sampler.sample(None, contexts, seeds=[1, 2])
+    with pytest.raises(ValueError, match="seeds"):
+        sampler.sample(None, contexts, seeds=[1, 2, -3])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**62 - 1), st.integers(0, 10**6), st.integers(1, 6), st.integers(0, 5))
+def test_a_rows_draw_depends_only_on_its_seed_counter_and_logits(seed, counter, batch, where):
+    where = min(where, batch - 1)
+    logits = torch.randn(batch, 50, generator=torch.Generator().manual_seed(seed % 1000))
+    seeds = torch.randint(0, 2**62, (batch,), generator=torch.Generator().manual_seed(counter))
+    counters = torch.randint(0, 10**6, (batch,), generator=torch.Generator().manual_seed(seed % 997))
+    seeds[where], counters[where] = seed, counter
+    together = seeded_choice(logits, 0.7, seeds, counters)
+    alone = seeded_choice(logits[where : where + 1], 0.7, seeds[where : where + 1], counters[where : where + 1])
+    assert int(together[where]) == int(alone[0])
+    noise = uniform_noise(seeds, counters, 50)
+    assert bool(((noise > 0) & (noise < 1)).all())
+
+
+@pytest.mark.parametrize("vary", ["seed", "counter"])
+def test_seeded_draws_follow_the_softmax(vary):
+    # 20,000 draws from one 6-way distribution: every frequency within 4.5 standard errors.
+    probabilities = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.07, 0.03])
+    draws = 20_000
+    logits = (probabilities.log() * 2.0).expand(draws, -1)  # temperature 2 undoes the doubling
+    index = torch.arange(draws)
+    seeds = index if vary == "seed" else torch.full((draws,), 12345)
+    counters = torch.full((draws,), 7) if vary == "seed" else index
+    chosen = seeded_choice(logits, 2.0, seeds, counters)
+    frequencies = torch.bincount(chosen, minlength=6).double() / draws
+    standard_error = (probabilities.double() * (1 - probabilities.double()) / draws).sqrt()
+    assert bool(((frequencies - probabilities.double()).abs() <= 4.5 * standard_error).all()), frequencies.tolist()
+    # Neighbouring counters of one seed are not correlated: the next draw's distribution does not
+    # depend on the previous draw.
+    if vary == "counter":
+        previous, following = chosen[:-1], chosen[1:]
+        after_top = following[previous == 0]
+        share = float((after_top == 0).double().mean())
+        assert abs(share - 0.4) <= 4.5 * (0.4 * 0.6 / after_top.numel()) ** 0.5
+
+
+def test_noise_stays_strictly_inside_the_unit_interval_at_the_extreme_bits():
+    bits = torch.tensor([0, 1, 2**9 - 1, 2**31, 2**32 - 2**9, 2**32 - 1], dtype=torch.int64)
+    u = unit_interval(bits)
+    assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all()), u.tolist()
+    gumbel = -torch.log(-torch.log(u))
+    assert bool(torch.isfinite(gumbel).all()) and float(gumbel.max()) < 17

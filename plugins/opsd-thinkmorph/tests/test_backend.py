@@ -140,3 +140,18 @@ def test_interleaved_answer_draws_a_visual_thought_after_an_image_request(monkey
     assert follow.names()[-2:] == ("reasoning", "visual_thought")
     assert follow.get("reasoning").text == backend.decode(asks)
     assert conditioned_on == [[backend.decode(asks)]], "the drawing must see the reasoning so far"
+
+
+@pytest.mark.slow
+def test_compiled_decode_layers_equal_eager_ones():
+    from opsd_thinkmorph.runtime import FixedShapeDecoder
+
+    backend = debug_backend()
+    model = backend.build_model().eval()
+    contexts = [backend.context_builder().build(p).teacher for p in problems(2)]
+    feeds = torch.randint(0, 256, (4, 2), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = backend.start_decoding(model, contexts, 4), backend.start_decoding(model, contexts, 4)
+        a.fixed = FixedShapeDecoder(model, a.cache, 2, capture=False, compile=True)
+        for feed in feeds:
+            torch.testing.assert_close(backend.decode_step(a, feed), backend.decode_step(b, feed), atol=1e-5, rtol=1e-5)

@@ -53,15 +53,44 @@ def test_cached_decoding_equals_full_forward_on_cuda(dtype, atol):
     assert float(gap.max()) <= atol
 
 
-def test_graph_replayed_decoding_equals_growing_steps_on_cuda():
+def _same_decode_steps(first_options: dict, second_options: dict, check, seed: int) -> None:
+    """Decode the same feeds with two debug backends (options of each) on one model: equal logits."""
     from test_backend import debug_backend, problems
 
-    graphs, growing = debug_backend(device="cuda"), debug_backend(device="cuda", fixed_shape_decoding=False)
-    model = graphs.build_model().eval()
-    contexts = [graphs.context_builder().build(p).teacher for p in problems(3)]
-    feeds = torch.randint(0, 256, (5, 3), generator=torch.Generator().manual_seed(1)).cuda()
+    first, second = debug_backend(device="cuda", **first_options), debug_backend(device="cuda", **second_options)
+    model = first.build_model().eval()
+    contexts = [first.context_builder().build(p).teacher for p in problems(3)]
+    feeds = torch.randint(0, 256, (5, 3), generator=torch.Generator().manual_seed(seed)).cuda()
     with torch.no_grad():
-        a, b = graphs.start_decoding(model, contexts, 5), growing.start_decoding(model, contexts, 5)
-        assert a.fixed is not None and a.fixed.graph is not None
+        a, b = first.start_decoding(model, contexts, 5), second.start_decoding(model, contexts, 5)
+        check(a, b)
         for feed in feeds:
-            torch.testing.assert_close(graphs.decode_step(a, feed), growing.decode_step(b, feed), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(first.decode_step(a, feed), second.decode_step(b, feed), atol=1e-4, rtol=1e-4)
+
+
+def test_graph_replayed_decoding_equals_growing_steps_on_cuda():
+    def check(graphs, growing):
+        assert graphs.fixed is not None and graphs.fixed.graph is not None and growing.fixed is None
+
+    _same_decode_steps({}, {"fixed_shape_decoding": False}, check, seed=1)
+
+
+def test_compiled_decode_steps_equal_eager_ones_on_cuda():
+    def check(compiled, eager):
+        assert compiled.fixed.run_layer is not None and eager.fixed.run_layer is None
+
+    _same_decode_steps({}, {"compile_decoding": False}, check, seed=2)
+
+
+def test_batched_sampling_with_fixed_seeds_equals_each_row_alone_on_cuda():
+    from test_backend import debug_backend, problems
+
+    from opsd_core.sampling import BatchedSampler
+
+    backend = debug_backend(device="cuda")
+    model = backend.build_model().eval()
+    contexts = [backend.context_builder().build(p).student for p in problems(3)]
+    sampler = BatchedSampler(backend, 1.0, 24)
+    together = sampler.sample(model, contexts, seeds=[5, 6, 7])
+    for row in range(3):
+        assert sampler.sample(model, contexts[row : row + 1], seeds=[5 + row]).token_lists()[0] == together.token_lists()[row]

@@ -32,9 +32,9 @@ from opsd_core.types import (
 from opsd_thinkmorph import architecture, prompts, state_dict
 from opsd_thinkmorph.config import CHECKPOINT, DEBUG, ThinkMorphParams
 from opsd_thinkmorph.images import ImageTransform
-from opsd_thinkmorph.model import Bagel, KVCache
+from opsd_thinkmorph.model import Bagel, KVCache, SiglipAttention
 from opsd_thinkmorph.packing import TextItem, ViTItem, lay_out, pack_rows
-from opsd_thinkmorph.runtime import FixedShapeDecoder, forward_rows
+from opsd_thinkmorph.runtime import FixedShapeDecoder, forward_rows, is_sharded
 from opsd_thinkmorph.tokenizer import load_tokenizer
 
 # ThinkMorph asks for a visual thought with this plain-text tag, then closes its turn.
@@ -78,6 +78,8 @@ class ThinkMorphBackend(Backend):
         self.vit_transform = ImageTransform(p.vit_max_size, p.vit_min_size, config.vit.patch_size, p.vit_max_pixels)
         self.vae_transform = ImageTransform(p.vae_max_size, p.vae_min_size, config.latent_downsample)
         self._vae = None
+        if p.vit_attention == "flash-attn":
+            _check_flash_attn(self.device)
         if len(self.tokenizer) > config.llm.vocab_size:
             raise ValueError(
                 f"tokenizer has {len(self.tokenizer)} tokens but the model only {config.llm.vocab_size} rows"
@@ -103,7 +105,7 @@ class ThinkMorphBackend(Backend):
     def build_model(self) -> Bagel:
         """The model on ``params.device`` in ``params.dtype``, with the checkpoint's weights or seeded random ones."""
         with torch.device("meta"):
-            model = Bagel(self.config)
+            model = self._bagel()
         if self.directory is not None:
             model = model.to_empty(device="cpu")
             _recompute_tables(model)
@@ -120,9 +122,16 @@ class ThinkMorphBackend(Backend):
     def model_skeleton(self) -> Bagel:
         """:meth:`build_model`'s model on the meta device (for sharded start-up)."""
         with torch.device("meta"):
-            model = Bagel(self.config)
+            model = self._bagel()
         model = model.to(self.dtype)
         _recompute_tables(model)
+        return model
+
+    def _bagel(self) -> Bagel:
+        model = Bagel(self.config)
+        for module in model.vit_model.modules():
+            if isinstance(module, SiglipAttention):
+                module.flash = self.params.vit_attention == "flash-attn"
         return model
 
     def context_builder(self) -> PrivilegedContextBuilder:
@@ -218,7 +227,8 @@ class ThinkMorphBackend(Backend):
         logits = model.lm_logits(hidden[torch.arange(len(contexts), device=hidden.device), last])  # (B, V)
         state = ThinkMorphDecodeState(model, cache, rows.next_positions.to(parameter.device), logits)
         if self.params.fixed_shape_decoding:
-            state.fixed = FixedShapeDecoder(model, cache, len(contexts), capture=parameter.is_cuda)
+            compile = self.params.compile_decoding and parameter.is_cuda and not is_sharded(model)
+            state.fixed = FixedShapeDecoder(model, cache, len(contexts), capture=parameter.is_cuda, compile=compile)
         return state
 
     @torch.no_grad()
@@ -248,8 +258,11 @@ class ThinkMorphBackend(Backend):
         tokens sampled after them are scored in the context they were sampled in.
         """
         if IMAGE_REQUEST in self.decode(completion):
-            return [self.special.im_end, self.special.im_start]
+            return self.image_skip_injection()
         return None
+
+    def image_skip_injection(self) -> list[int]:
+        return [self.special.im_end, self.special.im_start]
 
     # ------------------------------------------------------------------ visual thoughts
     def vae(self):
@@ -362,6 +375,19 @@ class ThinkMorphBackend(Backend):
 
     def load_weights(self, model: Bagel, directory: Path) -> None:
         state_dict.load_into(model, Path(directory))
+
+
+def _check_flash_attn(device: torch.device) -> None:
+    """Refuse ``vit_attention = 'flash-attn'`` where it cannot run."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "backend.vit_attention = 'flash-attn' needs the flash-attn package (pip install flash-attn); "
+            "it is not installed. Set backend.vit_attention = 'sdpa'"
+        )
+    if device.type != "cuda":
+        raise ConfigError(f"backend.vit_attention = 'flash-attn' runs on CUDA devices only, got backend.device = '{device}'")
 
 
 def _recompute_tables(model: Bagel) -> None:

@@ -60,6 +60,19 @@ class ThinkMorphParams(PluginParams):
         "mask), captured once in a CUDA graph and replayed on GPUs; false uses steps that grow with the "
         "cache and launch every kernel anew.",
     )
+    vit_attention: Literal["sdpa", "flash-attn"] = Field(
+        "sdpa",
+        description="Attention kernel of the ViT: torch SDPA one image at a time, or 'flash-attn' (one "
+        "flash_attn_varlen_func call over all images; needs the flash-attn package and a GPU). The LLM's "
+        "packed rows carry a mask that mixes causal text with bidirectional image blocks and always use SDPA.",
+    )
+    compile_decoding: bool = Field(
+        True,
+        description="On GPUs, run each decoder layer of the fixed-shape decode step through torch.compile "
+        "(fusing its small elementwise kernels) before the CUDA graph is captured. Compiling takes tens of "
+        "seconds on first use and once more when batch or cache shapes change; models sharded by FSDP "
+        "decode without it.",
+    )
     vit_max_size: int = Field(980, description="ViT transform: longest image side in pixels.", ge=14)
     vit_min_size: int = Field(378, description="ViT transform: shortest image side in pixels.", ge=14)
     vit_max_pixels: int = Field(2_007_040, description="ViT transform: cap on pixels per image.", ge=196)

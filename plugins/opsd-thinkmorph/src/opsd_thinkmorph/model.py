@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -227,6 +228,10 @@ class MoTDecoderLayer(nn.Module):
         return h + Routing.route(self.mlp, twin("mlp"), normed, gen, D)
 
 
+def _call_layer(layer: MoTDecoderLayer, h, routing, rope, mask, cache):
+    return layer(h, routing, rope, mask, cache)
+
+
 class Qwen2MoTModel(nn.Module):
     def __init__(self, config: LLMConfig, with_gen: bool):
         super().__init__()
@@ -317,16 +322,22 @@ class KVCache:
 
 # ---------------------------------------------------------------------------------------------- vision
 class SiglipAttention(nn.Module):
+    """Per-image attention over the patches of several images, with SDPA one image at a time or,
+    with ``flash = True``, one ``flash_attn.flash_attn_varlen_func`` call for all of them."""
+
     def __init__(self, config: ViTConfig):
         super().__init__()
         Dv = config.hidden_size
         self.num_heads = config.num_heads
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(Dv, Dv), nn.Linear(Dv, Dv), nn.Linear(Dv, Dv)
         self.out_proj = nn.Linear(Dv, Dv)
+        self.flash = False
 
     def forward(self, x: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         """(N, Dv) patches of several images -> (N, Dv); each image attends only to itself."""
         N, Dv = x.shape
+        if self.flash:
+            return self.out_proj(self._flash(x, seqlens).reshape(N, Dv))
         heads = lambda t: t.view(N, self.num_heads, -1).transpose(0, 1)  # noqa: E731  (H, N, d)
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         outputs, start = [], 0
@@ -337,6 +348,18 @@ class SiglipAttention(nn.Module):
                 start = end
         out = torch.cat(outputs, dim=1).transpose(0, 1).reshape(N, Dv)
         return self.out_proj(out)
+
+    def _flash(self, x: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        """(N, H, d) outputs from flash-attn's variable-length kernel: q, k, v packed as (N, H, d),
+        image i spanning rows cu[i]:cu[i + 1], no causal mask, the default 1/sqrt(d) scale."""
+        from flash_attn import flash_attn_varlen_func
+
+        N = x.shape[0]
+        q, k, v = (proj(x).view(N, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        lengths = torch.tensor(seqlens, dtype=torch.int32, device=x.device)
+        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # (images + 1,)
+        longest = max(seqlens)
+        return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=False)
 
 
 class SiglipMLP(nn.Module):
@@ -543,6 +566,7 @@ class Bagel(nn.Module):
         mask: torch.Tensor,
         gen: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        run_layer: Callable | None = None,
     ) -> torch.Tensor:
         """Run the decoder. Returns the final hidden states (B, T, D), normalised per expert.
 
@@ -552,12 +576,15 @@ class Bagel(nn.Module):
             mask: bool (B, T, S) True where query t may attend key s; S = cache.length + T.
             gen: bool (B, T) generation-expert positions, or None when there are none.
             cache: keys/values of earlier positions; extended unless frozen.
+            run_layer: ``run_layer(layer, h, routing, rope, mask, layer_cache)`` in place of
+                ``layer(h, routing, rope, mask, layer_cache)`` (e.g. a compiled call).
         """
         llm = self.language_model
         routing = Routing(gen) if gen is not None and bool(gen.any()) else None
         rope = rope_tables(positions, llm.config.head_dim, llm.config.rope_theta, h.dtype)
+        run_layer = run_layer or _call_layer
         for index, layer in enumerate(llm.model.layers):
-            h = layer(h, routing, rope, mask, None if cache is None else cache.layers[index])
+            h = run_layer(layer, h, routing, rope, mask, None if cache is None else cache.layers[index])
         twin = llm.model.norm_moe_gen if routing is not None else None
         return Routing.route(llm.model.norm, twin, h, routing, h.shape[-1])
 
