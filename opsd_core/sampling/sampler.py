@@ -103,6 +103,16 @@ def row_seeds(count: int, generator: torch.Generator | None = None) -> torch.Ten
     return torch.randint(0, _SEED_LIMIT, (count,), generator=generator, device=device).cpu()
 
 
+def sample_seed(base: int, index: int) -> int:
+    """A row seed in [0, 2**62) for the ``index``-th sample of the stream keyed by ``base``
+    (SplitMix64's finaliser over the pair; a pure function, the same on every process)."""
+    mask = 2**64 - 1
+    x = (base * 0x9E3779B97F4A7C15 + index * 0xD1B54A32D192ED03 + 1) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return (x ^ (x >> 31)) >> 2
+
+
 class _Rows:
     """The batch's decoding bookkeeping as device tensors (B rows, cap completion positions)."""
 

@@ -2,8 +2,9 @@
 the same steps trained in one.
 
 Owns: an endless seeded task with stored visual thoughts (no data files, no drawing), the run
-config of such comparisons, a trainer with greedy sampling (completions then do not depend on
-how a step's problems are split over ranks), straight training and training resumed from a
+config of such comparisons, a trainer sampling at temperature 1 (each problem's draws are keyed
+by its place in the problem stream, so completions do not depend on how a step's problems are
+split over ranks), straight training and training resumed from a
 straight run's checkpoint,
 launching a worker script under torchrun, and the comparisons of per-step metrics and final
 student and teacher weights.
@@ -53,10 +54,11 @@ paper's 1e-15) keeps that far below a real fault, which moves weights by about l
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, LR / 500
 """Final weights: a lost or double-counted sample, or an EMA of the wrong weights, moves
 weights by about lr = 1e-3, 500 times the absolute tolerance."""
-METRIC_RTOL, METRIC_ATOL = 1e-4, 1e-8
+METRIC_RTOL, METRIC_ATOL = 1e-4, 1e-7
 """Per-step metrics: step 1 agrees to about 1e-6, later steps carry the reduction-order noise;
 a wrong loss scale or sample split is off by tens of percent. abs covers the 8 decimals
-metrics.jsonl keeps."""
+metrics.jsonl keeps and float32 rounding of near-zero KLs: a KL of 2e-4 between two nearly
+equal distributions over the vocabulary comes out of float32 log-softmaxes to about 1e-7."""
 
 
 class SeededProblems(Task):
@@ -108,9 +110,8 @@ def comparison_config(steps: int = STEPS, max_completion_tokens: int = 6, **trai
 def make_trainer(
     build_backend: Callable[[], Backend], directory: Path, ranks: Any, config: RunConfig, task: Task | None = None
 ):
-    """A Trainer of the backend's freshly built model with greedy sampling, writing to ``directory``."""
+    """A Trainer of the backend's freshly built model, writing to ``directory``."""
     from opsd_core.divergences.jsd import JsdDivergence
-    from opsd_core.sampling import BatchedSampler
     from opsd_core.teachers.ema import EmaTeacher
     from opsd_core.trainer.trainer import Trainer
 
@@ -121,7 +122,6 @@ def make_trainer(
         config, backend, task or SeededProblems(), JsdDivergence(), EmaTeacher(), student,
         directory, directory / "metrics.jsonl", ranks=ranks,
     )  # fmt: skip
-    trainer.sampler = BatchedSampler(backend, 0.0, config.sampling.max_completion_tokens)  # greedy
     return trainer
 
 

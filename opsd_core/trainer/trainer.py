@@ -26,7 +26,7 @@ from opsd_core.diagnostics.noise import with_noise_visual_thought
 from opsd_core.divergences import kl_divergence
 from opsd_core.errors import ConfigError
 from opsd_core.interfaces import Backend, Divergence, Task, TeacherUpdate
-from opsd_core.sampling import BatchedSampler
+from opsd_core.sampling import BatchedSampler, sample_seed
 from opsd_core.trainer import checkpoint, distributed
 from opsd_core.trainer.loss import micro_batch_loss, token_cross_entropy
 from opsd_core.trainer.schedule import build_scheduler
@@ -142,17 +142,17 @@ class Trainer:
         drawn = self._sample_together(prepared, timings) if whole_step else []
         for index in range(train.grad_accum):
             if whole_step:
-                problems, students, teachers = prepared[index]
+                problems, students, teachers, seeds = prepared[index]
                 completions = drawn[index]
             else:
-                problems, students, teachers = self._prepare_micro_batch(timings)
+                problems, students, teachers, seeds = self._prepare_micro_batch(timings)
             if self.mode.sft:
                 started = time.perf_counter()
                 loss = self._sft_loss(students, problems, samples_per_step)
                 timings["student_s"] += time.perf_counter() - started
             else:
                 if not whole_step:
-                    (completions,) = self._sample_together([(problems, students, teachers)], timings)
+                    (completions,) = self._sample_together([(problems, students, teachers, seeds)], timings)
 
                 # A fused divergence takes final hidden states and the lm_head weight instead of
                 # logits, so the student's (B, T, V) logits never exist.
@@ -212,25 +212,36 @@ class Trainer:
 
     def _prepare_micro_batch(self, timings: dict[str, float]):
         """This rank's problems of the next micro-batch with their student and teacher contexts
-        (visual thoughts drawn, the noise control's noise in place)."""
-        problems = self.ranks.local_slice(self._next_problems(self.config.train.samples_per_step))
+        (visual thoughts drawn, the noise control's noise in place) and sampling seeds.
+
+        A problem's seed is keyed by its position in the problem stream, so its completion is
+        the same whichever rank samples it, in whichever batch (the sampler's draws depend only
+        on a row's seed): runs on any number of processes, with or without whole-step sampling,
+        sample the same completions.
+        """
+        first = self.position
+        everyone = self._next_problems(self.config.train.samples_per_step)
+        problems = self.ranks.local_slice(everyone)
+        offset = first + self.ranks.rank * len(problems)
+        seeds = [sample_seed(self.config.run.seed, offset + i) for i in range(len(problems))]
         pairs = self._context_pairs(problems, timings)
         students = [pair.student for pair in pairs]
         teachers = None if self.mode.sft else [self._teacher_context(pair.teacher) for pair in pairs]
-        return problems, students, teachers
+        return problems, students, teachers, seeds
 
     def _sample_together(self, micro_batches, timings: dict[str, float]) -> list[CompletionBatch]:
         """On-policy completions of the student contexts of ``micro_batches``, decoded as one
         batch (with the weights gathered once), cut to the forward cap and split back per
         micro-batch."""
         started = time.perf_counter()
-        contexts = [context for _, students, _ in micro_batches for context in students]
+        contexts = [context for _, students, _, _ in micro_batches for context in students]
+        seeds = [seed for *_, part in micro_batches for seed in part]
         self.student.eval()
         with distributed.gathered(self.student):
-            completions = self.sampler.sample(self.student, contexts, self.generator)
+            completions = self.sampler.sample(self.student, contexts, seeds=seeds)
         self.student.train()
         parts, first = [], 0
-        for _, students, teachers in micro_batches:
+        for _, students, teachers, _ in micro_batches:
             part = completions.select(range(first, first + len(students)))
             parts.append(self._fit_forward_cap(teachers, part))
             first += len(students)

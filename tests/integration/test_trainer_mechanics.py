@@ -10,7 +10,6 @@ from opsd_core.components import build_components
 from opsd_core.config import load_config
 from opsd_core.diagnostics.noise import with_noise_visual_thought
 from opsd_core.errors import CheckpointError
-from opsd_core.sampling import BatchedSampler
 from opsd_core.trainer.checkpoint import list_checkpoints
 from opsd_core.trainer.trainer import Mode, Trainer
 from opsd_core.types import VISUAL_THOUGHT, ImageSegment
@@ -46,11 +45,6 @@ def _setup(tmp_path, *overrides, mode=Mode("opsd"), name="run"):
     return trainer
 
 
-def _greedy(trainer):
-    trainer.sampler = BatchedSampler(trainer.backend, 0.0, trainer.config.sampling.max_completion_tokens)
-    return trainer
-
-
 def test_teacher_gets_no_gradient_and_ema_follows_by_the_decay(tmp_path):
     trainer = _setup(tmp_path)
     before_teacher = {n: p.clone() for n, p in trainer.teacher.named_parameters()}
@@ -66,8 +60,11 @@ def test_teacher_gets_no_gradient_and_ema_follows_by_the_decay(tmp_path):
 
 
 def test_micro_batch_times_accumulation_is_invariant(tmp_path):
-    whole = _greedy(_setup(tmp_path, "train.samples_per_step=4", "train.grad_accum=1", name="a"))
-    split = _greedy(_setup(tmp_path, "train.samples_per_step=2", "train.grad_accum=2", name="b"))
+    # Sampled at temperature 1: each problem's draws are keyed by its place in the stream, so
+    # both splits sample the same completions.
+    whole = _setup(tmp_path, "train.samples_per_step=4", "train.grad_accum=1", name="a")
+    split = _setup(tmp_path, "train.samples_per_step=2", "train.grad_accum=2", name="b")
+    assert whole.sampler.temperature == 1.0
     metrics_whole = whole.train_step()
     metrics_split = split.train_step()
     assert metrics_whole["loss"] == pytest.approx(metrics_split["loss"], rel=1e-5, abs=1e-7)
@@ -80,14 +77,12 @@ def test_micro_batch_times_accumulation_is_invariant(tmp_path):
 
 
 def test_sampling_a_whole_step_at_once_gives_the_micro_batch_results(tmp_path):
-    apart = _greedy(_setup(tmp_path, "train.samples_per_step=2", "train.grad_accum=3", name="apart"))
-    together = _greedy(
-        _setup(tmp_path, "train.samples_per_step=2", "train.grad_accum=3", "sampling.whole_step=true", name="together")
-    )
+    apart = _setup(tmp_path, "train.samples_per_step=2", "train.grad_accum=3", name="apart")
+    together = _setup(tmp_path, "train.samples_per_step=2", "train.grad_accum=3", "sampling.whole_step=true", name="together")
     calls = []
     sample = together.sampler.sample
-    together.sampler.sample = lambda model, contexts, generator: calls.append(len(contexts)) or sample(
-        model, contexts, generator
+    together.sampler.sample = lambda model, contexts, **kwargs: calls.append(len(contexts)) or sample(
+        model, contexts, **kwargs
     )
     for _ in range(2):
         metrics_apart, metrics_together = apart.train_step(), together.train_step()
@@ -172,3 +167,23 @@ def test_forward_cap_cuts_completions_to_fit_the_teacher(tmp_path):
     trainer.config.sampling.max_forward_tokens = length + 1
     with pytest.raises(Exception, match="max_forward_tokens"):
         trainer._fit_forward_cap(teachers, completions)
+
+
+def test_a_problems_sampling_seed_does_not_depend_on_the_rank_that_samples_it(tmp_path):
+    from opsd_core.trainer.distributed import Ranks
+
+    def timings():
+        return {"visual_thought_s": 0.0, "sample_s": 0.0, "teacher_s": 0.0, "student_s": 0.0}
+
+    single = _setup(tmp_path, "train.samples_per_step=4", name="one")
+    first = single._prepare_micro_batch(timings())
+    second = single._prepare_micro_batch(timings())
+    split = []
+    for rank in range(2):
+        trainer = _setup(tmp_path, "train.samples_per_step=4", name=f"rank{rank}")
+        trainer.ranks = Ranks(rank=rank, world_size=2)
+        problems, _, _, seeds = trainer._prepare_micro_batch(timings())
+        assert [p.id for p in problems] == [p.id for p in first[0][2 * rank : 2 * rank + 2]]
+        split += seeds
+    assert split == first[3]
+    assert len(set(first[3] + second[3])) == 8  # every place in the stream has its own seed

@@ -1,6 +1,6 @@
 """FSDP2 training of the emu3 debug flavour in 2 CPU processes (gloo) equals one process.
 
-Greedy sampling, stored visual thoughts, 3 OPSD steps of 2 problems each (see
+Sampling at temperature 1, stored visual thoughts, 3 OPSD steps of 2 problems each (see
 :mod:`opsd_core.testing.fsdp`): the per-step metrics and the final student and EMA teacher
 weights of a 2-process FSDP run with activation checkpointing match the single-process run
 within the harness's tolerances (metrics: see METRIC_ATOL), and the 2-process run resumed

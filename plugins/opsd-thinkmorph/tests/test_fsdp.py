@@ -1,7 +1,7 @@
 """FSDP2 training of the debug flavour in 2 CPU processes (gloo) equals the single-process run.
 
-The comparison harness of :mod:`opsd_core.testing.fsdp`: same config, greedy sampling (so
-completions do not depend on how a step's problems are split over ranks), 3 OPSD steps of 2
+The comparison harness of :mod:`opsd_core.testing.fsdp`: same config, sampling at temperature
+1 (completions do not depend on how a step's problems are split over ranks), 3 OPSD steps of 2
 problems each: per-step metrics (loss, gradient norm, KL, ...)
 and the final student and EMA teacher weights must match the single-process run, for FSDP
 (with activation checkpointing) and for HSDP (replicate 2 x shard 1); the 2-process run
