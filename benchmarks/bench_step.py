@@ -112,8 +112,8 @@ class RecordingSampler:
         self.sampler = sampler
         self.last: CompletionBatch | None = None
 
-    def sample(self, model, contexts, generator=None) -> CompletionBatch:
-        self.last = self.sampler.sample(model, contexts, generator)
+    def sample(self, model, contexts, generator=None, seeds=None) -> CompletionBatch:
+        self.last = self.sampler.sample(model, contexts, generator, seeds=seeds)
         return self.last
 
 
