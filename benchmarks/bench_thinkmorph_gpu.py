@@ -141,6 +141,18 @@ def decoding(backend, model, results: dict, batch: int, steps: int, image_side: 
     }
 
 
+def side_by_side(backend, model, results: dict, batch: int, baseline_backend, name: str) -> None:
+    """Decode with ``baseline_backend`` (under whatever the caller changed), then with ours again
+    right after, and print both with the speedup; the baseline stays in ``results`` under
+    ``decode_batch_{batch}_{name}``."""
+    key = f"decode_batch_{batch}"
+    decoding(baseline_backend, model, results, batch, steps=64, image_side=448)
+    baseline = results[f"{key}_{name}"] = results.pop(key)
+    decoding(backend, model, results, batch, steps=64, image_side=448)
+    ratio = results[key]["tokens_per_s"] / baseline["tokens_per_s"]
+    print(json.dumps({"ours": results[key], name: baseline, "speedup": ratio}), flush=True)
+
+
 @torch.no_grad()
 def visual_thought(backend, model, results: dict, side: int, batch: int) -> None:
     problems = [Problem(f"vt{i}", image(side, i), "Draw the path from start to goal.") for i in range(batch)]
@@ -235,20 +247,10 @@ def main() -> None:
         print(json.dumps(results[f"decode_batch_{batch}"]), flush=True)
         if args.attention_baseline:
             with repeated_kv_heads():
-                decoding(backend, model, results, batch, steps=64, image_side=448)
-            baseline = results.pop(f"decode_batch_{batch}")
-            results[f"decode_batch_{batch}_repeated_kv"] = baseline  # re-run ours' key below
-            decoding(backend, model, results, batch, steps=64, image_side=448)
-            ratio = results[f"decode_batch_{batch}"]["tokens_per_s"] / baseline["tokens_per_s"]
-            print(json.dumps({f"decode_batch_{batch}_repeated_kv": baseline, "speedup": ratio}), flush=True)
+                side_by_side(backend, model, results, batch, backend, "repeated_kv")
         if args.compile_baseline:
             eager = ThinkMorphBackend(params.model_copy(update={"compile_decoding": False}))
-            decoding(eager, model, results, batch, steps=64, image_side=448)
-            baseline = results.pop(f"decode_batch_{batch}")
-            results[f"decode_batch_{batch}_not_compiled"] = baseline
-            decoding(backend, model, results, batch, steps=64, image_side=448)
-            ratio = results[f"decode_batch_{batch}"]["tokens_per_s"] / baseline["tokens_per_s"]
-            print(json.dumps({"compiled": results[f"decode_batch_{batch}"], "not_compiled": baseline, "speedup": ratio}), flush=True)
+            side_by_side(backend, model, results, batch, eager, "not_compiled")
     if not args.skip_vt and args.only in ("all", "vt"):
         visual_thought(backend, model, results, side=512, batch=1)
         print(json.dumps(results["visual_thought_batch_1"]), flush=True)

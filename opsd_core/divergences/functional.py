@@ -44,12 +44,25 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_float_tensor(name: str, tensor: object) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must have a floating point dtype, got {tensor.dtype}")
+
+
+def _check_chunk_size(chunk_size: object) -> None:
+    if chunk_size is not None and not (_is_int(chunk_size) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 or None (automatic), got {chunk_size!r}")
+
+
 def _check_common(student, teacher, mask, top_k, temperature, reduction, chunk_size) -> None:
     for name, logits in (("student_logits", student), ("teacher_logits", teacher)):
-        if not isinstance(logits, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-        if not logits.is_floating_point():
-            raise ValueError(f"{name} must have a floating point dtype, got {logits.dtype}")
+        _check_float_tensor(name, logits)
         if logits.dim() < 1 or logits.shape[-1] < 1:
             raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
     if teacher.shape != student.shape:
@@ -61,15 +74,12 @@ def _check_common(student, teacher, mask, top_k, temperature, reduction, chunk_s
         raise ValueError(f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
     batch_shape, vocab = tuple(student.shape[:-1]), student.shape[-1]
     _check_mask(mask, batch_shape, student.device, "student_logits", "the logits without V")
-    if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool)):
+    if top_k is not None and not _is_int(top_k):
         raise ValueError(f"top_k must be an integer in [1, V] or None, got {top_k!r}")
     if top_k is not None and not 1 <= top_k <= vocab:
         raise ValueError(f"top_k must be in [1, V] = [1, {vocab}] or None, got {top_k}")
     _check_temperature_and_reduction(temperature, reduction)
-    if chunk_size is not None and not (
-        isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size >= 1
-    ):
-        raise ValueError(f"chunk_size must be an integer >= 1 or None (automatic), got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
 
 
 def _check_mask(mask, batch_shape: tuple, device: torch.device, reference: str, without: str) -> None:

@@ -20,15 +20,17 @@ N is the number of rows of (...), N' the number of valid ones, K the top-K.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from opsd_core.divergences.functional import (
+    _check_chunk_size,
+    _check_float_tensor,
     _check_jsd_options,
     _check_mask,
     _check_temperature_and_reduction,
+    _is_int,
     generalized_jsd,
 )
 
@@ -43,10 +45,6 @@ _TEACHER_BLOCK_ELEMENTS = 1 << 28
 _BLOCK_ELEMENTS = 1 << 26
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_tensors(student_hidden, teacher_hidden, weight, teacher_weight, mask, top_k, chunk_size, impl) -> None:
     tensors = (
         ("student_hidden", student_hidden),
@@ -57,10 +55,7 @@ def _check_tensors(student_hidden, teacher_hidden, weight, teacher_weight, mask,
     for name, tensor in tensors:
         if name == "teacher_weight" and tensor is None:
             continue
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise ValueError(f"{name} must have a floating point dtype, got {tensor.dtype}")
+        _check_float_tensor(name, tensor)
         if tensor.device != student_hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but student_hidden is on {student_hidden.device}")
     if student_hidden.dim() < 1 or student_hidden.shape[-1] < 1:
@@ -82,8 +77,7 @@ def _check_tensors(student_hidden, teacher_hidden, weight, teacher_weight, mask,
     _check_mask(mask, batch_shape, student_hidden.device, "student_hidden", "the hidden states without D")
     if not (_is_int(top_k) and 1 <= top_k <= vocab):
         raise ValueError(f"top_k must be an integer in [1, V] = [1, {vocab}] (required here), got {top_k!r}")
-    if chunk_size is not None and not (_is_int(chunk_size) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be an integer >= 1 or None (automatic), got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {', '.join(_IMPLS)}, got {impl!r}")
     if impl == "triton" and not student_hidden.is_cuda:

@@ -34,7 +34,10 @@ def choose_tokens(
     """int64 (B,) next tokens from float (B, V) logits: argmax when ``temperature`` is 0,
     else a sample of softmax(logits / temperature) from ``generator``'s stream. Ids >=
     ``valid_size`` are never chosen."""
-    logits = _valid_logits(logits, valid_size)
+    logits = logits.float()
+    if valid_size is not None and valid_size < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, valid_size:] = float("-inf")
     if temperature == 0:
         return logits.argmax(dim=-1)
     probabilities = torch.softmax(logits / temperature, dim=-1)
@@ -42,14 +45,6 @@ def choose_tokens(
         # A generator draws only on its own device; sample there so seeded runs stay reproducible.
         return torch.multinomial(probabilities.to(generator.device), 1, generator=generator).squeeze(1).to(logits.device)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
-
-
-def _valid_logits(logits: torch.Tensor, valid_size: int | None) -> torch.Tensor:
-    logits = logits.float()
-    if valid_size is not None and valid_size < logits.shape[-1]:
-        logits = logits.clone()
-        logits[:, valid_size:] = float("-inf")
-    return logits
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +85,7 @@ def seeded_choice(
     G = -log(-log U) and U = :func:`uniform_noise`, which picks token v with probability
     softmax(logits / T)[v]. Ids >= ``valid_size`` are never chosen.
     """
-    logits = _valid_logits(logits, valid_size)
+    logits = logits[:, :valid_size].float()  # the same argmax as masking the rest with -inf
     if temperature == 0:
         return logits.argmax(dim=-1)
     noise = uniform_noise(seeds.to(logits.device), counters.to(logits.device), logits.shape[-1])
@@ -114,18 +109,23 @@ def sample_seed(base: int, index: int) -> int:
 
 
 class _Rows:
-    """The batch's decoding bookkeeping as device tensors (B rows, cap completion positions)."""
+    """The batch's decoding bookkeeping as device tensors (B rows, cap completion positions).
+
+    ``tokens``, ``sampled`` and ``skipped_at`` have one spare column, so every step can write
+    each row at its next free index unconditionally: a row that writes nothing writes padding
+    past its length (or, for ``skipped_at``, -1 into an unused column), which is never read.
+    """
 
     def __init__(self, batch: int, cap: int, pad_id: int, skips: int, device: torch.device):
-        self.tokens = torch.full((batch, cap), pad_id, dtype=torch.long, device=device)
-        self.sampled = torch.zeros(batch, cap, dtype=torch.bool, device=device)
+        self.tokens = torch.full((batch, cap + 1), pad_id, dtype=torch.long, device=device)
+        self.sampled = torch.zeros(batch, cap + 1, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.skips_left = torch.full((batch,), skips, dtype=torch.long, device=device)
-        # Where each row's image skips replaced an EOS (-1: not used); checked by the host later.
-        self.skipped_at = torch.full((batch, max(skips, 1)), -1, dtype=torch.long, device=device)
-        self.checked = torch.zeros(self.skipped_at.shape, dtype=torch.bool)  # host side: skips already checked
+        self.skips = skips
+        # Where each row's image skips replaced an EOS, in order (-1: not taken); the host checks them.
+        self.skipped_at = torch.full((batch, skips + 1), -1, dtype=torch.long, device=device)
+        self.checked = torch.zeros(batch, skips, dtype=torch.bool)  # host side: skips already checked
         self.forced_at = torch.zeros(batch, dtype=torch.long, device=device)  # next injected token, 0 = none
 
 
@@ -226,10 +226,9 @@ class BatchedSampler(OnPolicySampler):
         forced = rows.forced_at > 0
         token = torch.where(forced, injection[rows.forced_at.clamp(max=injection.numel() - 1)], chosen)
         eos = rows.active & ~forced & (chosen == vocabulary.eos_id)
-        skip = eos & (rows.skips_left > 0) & (rows.lengths + injection.numel() < cap)
-        used = (rows.skipped_at >= 0).sum(dim=1, keepdim=True).clamp(max=rows.skipped_at.shape[1] - 1)
-        rows.skipped_at.scatter_(1, used, torch.where(skip, rows.lengths, rows.skipped_at.gather(1, used).squeeze(1)).unsqueeze(1))
-        rows.skips_left -= skip.long()
+        taken = (rows.skipped_at >= 0).sum(dim=1)  # (B,)
+        skip = eos & (taken < rows.skips) & (rows.lengths + injection.numel() < cap)
+        rows.skipped_at.scatter_(1, taken.unsqueeze(1), torch.where(skip, rows.lengths, -1).unsqueeze(1))
         token = torch.where(skip, injection[0], token)
         write = rows.active & ~(eos & ~skip)
         rows.finished |= eos & ~skip
@@ -238,20 +237,20 @@ class BatchedSampler(OnPolicySampler):
             skip, 1 if injection.numel() > 1 else 0,
             torch.where(step_forced, (rows.forced_at + 1) % injection.numel(), rows.forced_at),
         )
-        at = rows.lengths.clamp(max=cap - 1).unsqueeze(1)
-        rows.tokens.scatter_(1, at, torch.where(write, token, rows.tokens.gather(1, at).squeeze(1)).unsqueeze(1))
-        was_sampled = write & ~forced & ~skip
-        rows.sampled.scatter_(1, at, torch.where(write, was_sampled, rows.sampled.gather(1, at).squeeze(1)).unsqueeze(1))
+        pad = torch.full_like(token, vocabulary.pad_id)
+        at = rows.lengths.unsqueeze(1)
+        rows.tokens.scatter_(1, at, torch.where(write, token, pad).unsqueeze(1))
+        rows.sampled.scatter_(1, at, (write & ~forced & ~skip).unsqueeze(1))
         rows.lengths += write.long()
         rows.active = write & (rows.lengths < cap)
-        return torch.where(write, token, torch.full_like(token, vocabulary.pad_id))
+        return torch.where(write, token, pad)
 
     def _check_skips(self, rows: _Rows) -> None:
         """Ask the backend about image skips taken since the last look; cut back the rows whose
         round had not asked for an image (they end at that EOS)."""
         if not self._injection:
             return
-        skipped_at = rows.skipped_at.cpu()
+        skipped_at = rows.skipped_at[:, : rows.skips].cpu()
         new = (skipped_at >= 0) & ~rows.checked
         if not bool(new.any()):
             return
@@ -274,7 +273,7 @@ class BatchedSampler(OnPolicySampler):
     def _completions(self, rows: _Rows) -> CompletionBatch:
         pad = self.backend.vocabulary.pad_id
         positions = torch.arange(rows.tokens.shape[1], device=rows.tokens.device)
-        past = positions.unsqueeze(0) >= rows.lengths.unsqueeze(1)  # (B, cap)
+        past = positions.unsqueeze(0) >= rows.lengths.unsqueeze(1)  # (B, cap + 1)
         width = int(rows.lengths.max()) if rows.lengths.numel() else 0
         return CompletionBatch(
             tokens=rows.tokens.masked_fill(past, pad)[:, :width],

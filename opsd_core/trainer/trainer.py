@@ -222,8 +222,7 @@ class Trainer:
         first = self.position
         everyone = self._next_problems(self.config.train.samples_per_step)
         problems = self.ranks.local_slice(everyone)
-        offset = first + self.ranks.rank * len(problems)
-        seeds = [sample_seed(self.config.run.seed, offset + i) for i in range(len(problems))]
+        seeds = self.ranks.local_slice([sample_seed(self.config.run.seed, first + i) for i in range(len(everyone))])
         pairs = self._context_pairs(problems, timings)
         students = [pair.student for pair in pairs]
         teachers = None if self.mode.sft else [self._teacher_context(pair.teacher) for pair in pairs]

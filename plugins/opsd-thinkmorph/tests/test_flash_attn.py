@@ -5,18 +5,17 @@ into one call must give the SDPA path's output."""
 import importlib.machinery
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
-from opsd_thinkmorph.backend import ThinkMorphBackend
-from opsd_thinkmorph.config import ThinkMorphParams
 from opsd_thinkmorph.model import ImageInputs, SiglipAttention
 
 from opsd_core.errors import ConfigError
 
-
-def debug_backend(**overrides) -> ThinkMorphBackend:
-    return ThinkMorphBackend(ThinkMorphParams(flavour="debug", generation=False, **overrides))
+# The CPU tests' helpers, imported by name (the suite runs in importlib mode).
+sys.path.insert(0, str(Path(__file__).parent))
+from test_backend import debug_backend
 
 
 def _stand_in(calls: list) -> types.ModuleType:

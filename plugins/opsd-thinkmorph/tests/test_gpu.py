@@ -85,8 +85,6 @@ def test_compiled_decode_steps_equal_eager_ones_on_cuda():
 def test_batched_sampling_with_fixed_seeds_equals_each_row_alone_on_cuda():
     from test_backend import debug_backend, problems
 
-    from opsd_core.sampling import BatchedSampler
-
     backend = debug_backend(device="cuda")
     model = backend.build_model().eval()
     contexts = [backend.context_builder().build(p).student for p in problems(3)]

@@ -228,7 +228,8 @@ class MoTDecoderLayer(nn.Module):
         return h + Routing.route(self.mlp, twin("mlp"), normed, gen, D)
 
 
-def _call_layer(layer: MoTDecoderLayer, h, routing, rope, mask, cache):
+def call_layer(layer: MoTDecoderLayer, h, routing, rope, mask, cache):
+    """``layer(h, routing, rope, mask, cache)``: the default ``run_layer`` of :meth:`Bagel.llm_forward`."""
     return layer(h, routing, rope, mask, cache)
 
 
@@ -582,7 +583,7 @@ class Bagel(nn.Module):
         llm = self.language_model
         routing = Routing(gen) if gen is not None and bool(gen.any()) else None
         rope = rope_tables(positions, llm.config.head_dim, llm.config.rope_theta, h.dtype)
-        run_layer = run_layer or _call_layer
+        run_layer = run_layer or call_layer
         for index, layer in enumerate(llm.model.layers):
             h = run_layer(layer, h, routing, rope, mask, None if cache is None else cache.layers[index])
         twin = llm.model.norm_moe_gen if routing is not None else None

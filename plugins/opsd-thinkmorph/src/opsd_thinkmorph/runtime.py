@@ -7,11 +7,12 @@ Does not know: contexts, tokenizers, sampling policy or losses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
-from opsd_thinkmorph.model import Bagel, KVCache
+from opsd_thinkmorph.model import Bagel, KVCache, call_layer
 from opsd_thinkmorph.packing import PackedRows
 
 
@@ -29,20 +30,11 @@ def forward_rows(model: Bagel, rows: PackedRows, cache: KVCache | None = None) -
     return model.llm_forward(h, rows.positions, mask, rows.gen, cache)
 
 
-def _decode_layer(layer, h, routing, rope, mask, cache):
-    return layer(h, routing, rope, mask, cache)
-
-
-_compiled_layer: Callable | None = None
-
-
+@functools.cache
 def compiled_decode_layer() -> Callable:
     """One decoder layer's decode step through ``torch.compile``, shared by every layer (the
     weights are graph inputs, so the 28 layers reuse one compiled graph)."""
-    global _compiled_layer
-    if _compiled_layer is None:
-        _compiled_layer = torch.compile(_decode_layer)
-    return _compiled_layer
+    return torch.compile(call_layer)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
