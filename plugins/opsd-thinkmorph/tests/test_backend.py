@@ -91,6 +91,78 @@ def test_fixed_shape_decoding_equals_growing_steps():
             fixed.decode_step(a, feeds[0])
 
 
+@pytest.mark.parametrize("compile_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_one_row_layer_decodes_like_the_layer(compile_layers):
+    """Batch-1 fixed-shape steps through one_row_layer (the torch path of the kernels here)
+    equal the layer as written, step after step."""
+    from opsd_thinkmorph.model import call_layer, one_row_layer
+    from opsd_thinkmorph.runtime import FixedShapeDecoder
+
+    backend, plain = debug_backend(), debug_backend(decode_kernels=False)
+    model = backend.build_model().eval()
+    context = [backend.context_builder().build(problems(1)[0]).teacher]
+    feeds = torch.randint(0, 256, (5, 1), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = backend.start_decoding(model, context, 5), plain.start_decoding(model, context, 5)
+        assert a.fixed.run_layer is one_row_layer and b.fixed.run_layer is call_layer
+        if compile_layers:
+            a.fixed = FixedShapeDecoder(model, a.cache, 1, capture=False, compile=True, kernels=True)
+        for feed in feeds:
+            torch.testing.assert_close(backend.decode_step(a, feed), plain.decode_step(b, feed), atol=1e-5, rtol=1e-5)
+
+
+def test_one_row_layer_leaves_other_steps_to_the_layer():
+    """Several rows, several positions or generation-expert positions take the layer as written."""
+    from opsd_thinkmorph.model import Routing, one_row_layer, rope_tables
+
+    model = debug_backend().build_model().eval()
+    layer, config = model.language_model.model.layers[0], model.config.llm
+    for rows, length, gen in ((2, 1, False), (1, 3, False), (1, 3, True)):
+        h = torch.randn(rows, length, config.hidden_size)
+        positions = torch.arange(length).expand(rows, length)
+        rope = rope_tables(positions, config.head_dim, config.rope_theta, h.dtype)
+        mask = torch.ones(rows, length, length, dtype=torch.bool).tril()
+        routing = Routing(torch.tensor([[False, True, True]])) if gen else None
+        with torch.no_grad():
+            torch.testing.assert_close(one_row_layer(layer, h, routing, rope, mask, None), layer(h, routing, rope, mask))
+
+
+def test_sharded_models_decode_one_row_with_the_kernels_while_gathered():
+    """one_row_layer reads the layers' weights without calling the layers (whose FSDP hooks
+    gather them), so it runs only while a sharded model's weights are whole, as they are in
+    the trainer's sampling (distributed.gathered); there it gives the unsharded logits."""
+    import os
+    import socket
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from opsd_core.trainer.distributed import gathered
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        backend = debug_backend()
+        reference, sharded = backend.build_model().eval(), backend.build_model().eval()
+        config = SimpleNamespace(train=SimpleNamespace(mixed_precision="none", activation_checkpointing=False))
+        backend.parallelize(sharded, init_device_mesh("cpu", (1,)), config)
+        context = [backend.context_builder().build(problems(1)[0]).student]
+        feeds = torch.randint(0, 256, (3, 1), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            assert not backend.start_decoding(sharded, context, 3).fixed.one_row
+            with gathered(sharded):
+                a, b = backend.start_decoding(reference, context, 3), backend.start_decoding(sharded, context, 3)
+                assert a.fixed.one_row and b.fixed.one_row
+                for feed in feeds:
+                    torch.testing.assert_close(backend.decode_step(b, feed), backend.decode_step(a, feed), atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
 def _batch(rows, pad):
     from opsd_core.types import CompletionBatch
 

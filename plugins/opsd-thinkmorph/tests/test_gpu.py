@@ -53,19 +53,19 @@ def test_cached_decoding_equals_full_forward_on_cuda(dtype, atol):
     assert float(gap.max()) <= atol
 
 
-def _same_decode_steps(first_options: dict, second_options: dict, check, seed: int) -> None:
+def _same_decode_steps(first_options: dict, second_options: dict, check, seed: int, rows: int = 3, atol=1e-4) -> None:
     """Decode the same feeds with two debug backends (options of each) on one model: equal logits."""
     from test_backend import debug_backend, problems
 
     first, second = debug_backend(device="cuda", **first_options), debug_backend(device="cuda", **second_options)
     model = first.build_model().eval()
-    contexts = [first.context_builder().build(p).teacher for p in problems(3)]
-    feeds = torch.randint(0, 256, (5, 3), generator=torch.Generator().manual_seed(seed)).cuda()
+    contexts = [first.context_builder().build(p).teacher for p in problems(rows)]
+    feeds = torch.randint(0, 256, (5, rows), generator=torch.Generator().manual_seed(seed)).cuda()
     with torch.no_grad():
         a, b = first.start_decoding(model, contexts, 5), second.start_decoding(model, contexts, 5)
         check(a, b)
         for feed in feeds:
-            torch.testing.assert_close(first.decode_step(a, feed), second.decode_step(b, feed), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(first.decode_step(a, feed), second.decode_step(b, feed), atol=atol, rtol=atol)
 
 
 def test_graph_replayed_decoding_equals_growing_steps_on_cuda():
@@ -77,9 +77,24 @@ def test_graph_replayed_decoding_equals_growing_steps_on_cuda():
 
 def test_compiled_decode_steps_equal_eager_ones_on_cuda():
     def check(compiled, eager):
-        assert compiled.fixed.run_layer is not None and eager.fixed.run_layer is None
+        assert compiled.fixed.compiled and not eager.fixed.compiled
 
     _same_decode_steps({}, {"compile_decoding": False}, check, seed=2)
+    _same_decode_steps({}, {"compile_decoding": False}, check, seed=2, rows=1)
+
+
+@pytest.mark.parametrize("compile", [True, False])
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("bfloat16", 0.1)])
+def test_one_row_kernels_decode_like_the_layer_on_cuda(compile, dtype, atol):
+    from opsd_thinkmorph.model import call_layer
+
+    def check(kernels, layer):
+        assert kernels.fixed.run_layer is not layer.fixed.run_layer
+        if not compile:
+            assert layer.fixed.run_layer is call_layer
+
+    options = {"compile_decoding": compile, "dtype": dtype}
+    _same_decode_steps(options, {**options, "decode_kernels": False}, check, seed=4, rows=1, atol=atol)
 
 
 def test_batched_sampling_with_fixed_seeds_equals_each_row_alone_on_cuda():

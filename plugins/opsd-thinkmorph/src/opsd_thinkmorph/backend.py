@@ -228,7 +228,13 @@ class ThinkMorphBackend(Backend):
         state = ThinkMorphDecodeState(model, cache, rows.next_positions.to(parameter.device), logits)
         if self.params.fixed_shape_decoding:
             compile = self.params.compile_decoding and parameter.is_cuda and not is_sharded(model)
-            state.fixed = FixedShapeDecoder(model, cache, len(contexts), capture=parameter.is_cuda, compile=compile)
+            # one_row_layer reads the layers' weights without calling the layers, so it needs them
+            # whole: unsharded, or gathered (opsd_core.trainer.distributed.gathered) for sampling.
+            layer = model.language_model.model.layers[0]
+            kernels = self.params.decode_kernels and type(layer.mlp.down_proj.weight).__name__ != "DTensor"
+            state.fixed = FixedShapeDecoder(
+                model, cache, len(contexts), capture=parameter.is_cuda, compile=compile, kernels=kernels
+            )
         return state
 
     @torch.no_grad()

@@ -73,6 +73,15 @@ class ThinkMorphParams(PluginParams):
         "seconds on first use and once more when batch or cache shapes change; models sharded by FSDP "
         "decode without it.",
     )
+    decode_kernels: bool = Field(
+        True,
+        description="Fixed-shape decode steps of one row run each decoder layer in four weight passes "
+        "(opsd_core.kernels.gemv: q/k/v together, o with the residual, gate/up with SwiGLU, down with the "
+        "residual) and one-query attention (opsd_core.kernels.attention): Triton kernels on GPUs, the same "
+        "arithmetic in torch elsewhere (sharded models use them while their weights are gathered, as "
+        "they are for sampling). False runs the layer as written (a library matrix product per "
+        "projection, library attention).",
+    )
     vit_max_size: int = Field(980, description="ViT transform: longest image side in pixels.", ge=14)
     vit_min_size: int = Field(378, description="ViT transform: shortest image side in pixels.", ge=14)
     vit_max_pixels: int = Field(2_007_040, description="ViT transform: cap on pixels per image.", ge=196)

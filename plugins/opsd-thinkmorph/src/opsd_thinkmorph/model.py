@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from opsd_core.kernels import gemv
+from opsd_core.kernels.attention import one_query_attention
 from opsd_thinkmorph.architecture import BagelConfig, LLMConfig, ViTConfig
 
 
@@ -192,18 +194,38 @@ class MoTAttention(nn.Module):
         cache: LayerCache | None,
     ) -> torch.Tensor:
         """(B, T, D) ``x`` -> (B, T, D); ``mask`` bool (B, T, S) over cache + query keys."""
-        B, T, _ = x.shape
-        q = self._project("q", x, gen, self.num_heads).transpose(1, 2)  # (B, H, T, d)
-        k = self._project("k", x, gen, self.num_kv_heads).transpose(1, 2)  # (B, Hk, T, d)
-        v = self._project("v", x, gen, self.num_kv_heads).transpose(1, 2)  # (B, Hk, T, d)
+        q = self._project("q", x, gen, self.num_heads)
+        k = self._project("k", x, gen, self.num_kv_heads)
+        v = self._project("v", x, gen, self.num_kv_heads)
+        out = self.attend(q, k, v, rope, mask, cache)
+        twin = self.o_proj_moe_gen if gen is not None else None
+        return Routing.route(self.o_proj, twin, out, gen, x.shape[-1])
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache: LayerCache | None,
+        one_query: bool = False,
+    ) -> torch.Tensor:
+        """(B, T, H*d) attention outputs of (B, T, H / Hk / Hk, d) projections (q and k normalised).
+
+        ``one_query`` (B = T = 1 only): attend with :func:`opsd_core.kernels.attention.one_query_attention`.
+        """
+        B, T = q.shape[:2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, Hk, S, d)
+        if one_query:
+            out = one_query_attention(q.reshape(self.num_heads, -1), k[0], v[0], mask.reshape(-1))  # (H, d)
+            return out.view(1, 1, -1)
         out = attention(q, k, v, mask.unsqueeze(1))
-        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*d)
-        twin = self.o_proj_moe_gen if gen is not None else None
-        return Routing.route(self.o_proj, twin, out, gen, x.shape[-1])
+        return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*d)
 
 
 class MoTDecoderLayer(nn.Module):
@@ -231,6 +253,30 @@ class MoTDecoderLayer(nn.Module):
 def call_layer(layer: MoTDecoderLayer, h, routing, rope, mask, cache):
     """``layer(h, routing, rope, mask, cache)``: the default ``run_layer`` of :meth:`Bagel.llm_forward`."""
     return layer(h, routing, rope, mask, cache)
+
+
+def one_row_layer(layer: MoTDecoderLayer, h, routing, rope, mask, cache):
+    """:func:`call_layer` for a step of one row and one position through the understanding
+    expert, in four weight passes (:mod:`opsd_core.kernels.gemv`): q, k and v; o with the
+    residual; gate, up and SwiGLU; down with the residual; attention over the cache by
+    :mod:`opsd_core.kernels.attention`. Other steps go to :func:`call_layer`. The arithmetic is
+    the layer's, rounded where the layer rounds; what changes is that each weight is read
+    once, in few launches.
+    """
+    if routing is not None or h.shape[0] * h.shape[1] != 1:
+        return call_layer(layer, h, routing, rope, mask, cache)
+    attn, mlp = layer.self_attn, layer.mlp
+    heads, kv_heads, width = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    qkv = gemv.linear(
+        layer.input_layernorm(h),
+        [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+        [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias],
+    )
+    q, k, v = qkv.view(1, 1, heads + 2 * kv_heads, width).split([heads, kv_heads, kv_heads], dim=2)
+    out = attn.attend(attn.q_norm(q), attn.k_norm(k), v, rope, mask, cache, one_query=True)  # (1, 1, H*d)
+    row = gemv.linear(out, [attn.o_proj.weight], residual=h.reshape(-1))  # (D,)
+    activated = gemv.swiglu(layer.post_attention_layernorm(row), mlp.gate_proj.weight, mlp.up_proj.weight)
+    return gemv.linear(activated, [mlp.down_proj.weight], residual=row).view_as(h)
 
 
 class Qwen2MoTModel(nn.Module):

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from opsd_thinkmorph.model import Bagel, KVCache, call_layer
+from opsd_core.kernels import gemv
+from opsd_thinkmorph.model import Bagel, KVCache, call_layer, one_row_layer
 from opsd_thinkmorph.packing import PackedRows
 
 
@@ -31,10 +32,10 @@ def forward_rows(model: Bagel, rows: PackedRows, cache: KVCache | None = None) -
 
 
 @functools.cache
-def compiled_decode_layer() -> Callable:
-    """One decoder layer's decode step through ``torch.compile``, shared by every layer (the
-    weights are graph inputs, so the 28 layers reuse one compiled graph)."""
-    return torch.compile(call_layer)
+def compiled_decode_layer(run_layer: Callable = call_layer) -> Callable:
+    """``run_layer`` (a decoder layer's step) through ``torch.compile``, shared by every layer
+    (the weights are graph inputs, so the 28 layers reuse one compiled graph)."""
+    return torch.compile(run_layer)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -51,15 +52,22 @@ class FixedShapeDecoder:
     whole preallocated cache with a mask of the written slots, so nothing depends on the
     length: on CUDA the step is captured once and replayed, which removes the per-step launch
     overhead that bounds cached decoding of a large model. On CPU the same step runs eagerly.
+    With ``kernels``, steps of one row run :func:`~opsd_thinkmorph.model.one_row_layer` (four
+    weight passes and one-query attention per layer) and the lm_head as a one-row kernel.
     With ``compile``, each decoder layer runs through ``torch.compile`` (its RMSNorms, RoPE,
     attention softmax and SwiGLU become a few fused kernels instead of dozens of small ones);
     the compile happens in the warm-up, before the capture.
     """
 
-    def __init__(self, model: Bagel, cache: KVCache, batch: int, capture: bool, compile: bool = False):
+    def __init__(
+        self, model: Bagel, cache: KVCache, batch: int, capture: bool, compile: bool = False, kernels: bool = False
+    ):
         device = cache.valid.device
         self.model, self.cache = model, cache
-        self.run_layer = compiled_decode_layer() if compile else None
+        self.one_row = kernels and batch == 1
+        run_layer = one_row_layer if self.one_row else call_layer
+        self.run_layer = compiled_decode_layer(run_layer) if compile else run_layer
+        self.compiled = compile
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -83,7 +91,7 @@ class FixedShapeDecoder:
         try:
             self._step()
         except Exception as error:
-            if self.run_layer is None:
+            if not self.compiled:
                 raise
             raise RuntimeError(
                 f"compiling the decode step failed ({type(error).__name__}: {error}); set "
@@ -95,6 +103,8 @@ class FixedShapeDecoder:
         mask = self.cache.valid.unsqueeze(1)  # (B, 1, capacity)
         h = self.model.language_model.model.embed_tokens(self.tokens)
         hidden = self.model.llm_forward(h, self.positions, mask, None, self.cache, run_layer=self.run_layer)
+        if self.one_row:
+            return gemv.linear(hidden, [self.model.language_model.lm_head.weight]).view(1, -1)
         return self.model.lm_logits(hidden[:, -1])
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
