@@ -33,11 +33,21 @@ def test_swiglu_is_silu_of_gate_times_up():
 
 
 def test_linear_refuses_bad_arguments():
-    x, weights, biases, _ = _inputs([4, 4, 4, 4])
+    x, weights, biases, residual = _inputs([4, 4, 4, 4])
     with pytest.raises(ValueError, match="one to three stacked weights, got 4"):
         gemv.linear(x, weights)
     with pytest.raises(ValueError, match="one bias per weight: got 1 biases for 2 weights"):
         gemv.linear(x, weights[:2], biases[:1])
+    with pytest.raises(ValueError, match=r"weight 1 must be \(N, 24\) for an input row of 24, got \(4, 23\)"):
+        gemv.linear(x, [weights[0], weights[1][:, :23]])
+    with pytest.raises(ValueError, match="weight 0 is torch.float32 but the input is torch.float64"):
+        gemv.linear(x, [weights[0].float()])
+    with pytest.raises(ValueError, match=r"bias 1 must have shape \(4,\), got \(3,\)"):
+        gemv.linear(x, weights[:2], [biases[0], biases[1][:3]])
+    with pytest.raises(ValueError, match=r"residual must have shape \(8,\), one entry per output, got \(16,\)"):
+        gemv.linear(x, weights[:2], residual=residual)
+    with pytest.raises(ValueError, match="gate and up must have one shape"):
+        gemv.swiglu(x, weights[0], torch.cat(weights[:2]))
 
 
 def test_ops_compile_whole():
@@ -76,6 +86,11 @@ def test_one_query_attention_is_softmax_attention_over_valid_keys(heads, kv_head
     assert not attention.available(q)
 
 
-def test_one_query_attention_refuses_heads_that_do_not_group():
+def test_one_query_attention_refuses_inputs_that_do_not_fit():
+    keys, valid = torch.randn(4, 3, 16), torch.ones(3, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of KV heads \(4\)"):
-        attention.one_query_attention(torch.randn(6, 16), torch.randn(4, 3, 16), torch.randn(4, 3, 16), torch.ones(3, dtype=torch.bool))
+        attention.one_query_attention(torch.randn(6, 16), keys, keys, valid)
+    with pytest.raises(ValueError, match=r"keys \(4, 3, 16\), values \(4, 3, 8\)"):
+        attention.one_query_attention(torch.randn(8, 16), keys, torch.randn(4, 3, 8), valid)
+    with pytest.raises(ValueError, match=r"valid must be bool \(3,\), one flag per key"):
+        attention.one_query_attention(torch.randn(8, 16), keys, keys, torch.ones(4, dtype=torch.bool))

@@ -48,6 +48,13 @@ def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     Returns:
         (H, d) in ``q``'s dtype: sum_s softmax_s(q_h . k_s / sqrt(d)) v_s over valid s.
     """
+    if q.dim() != 2 or keys.dim() != 3 or keys.shape != values.shape or keys.shape[2] != q.shape[1]:
+        raise ValueError(
+            f"expected q (H, d) and keys, values (Hk, S, d) of one d; got q {tuple(q.shape)}, "
+            f"keys {tuple(keys.shape)}, values {tuple(values.shape)}"
+        )
+    if valid.shape != (keys.shape[1],) or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be bool ({keys.shape[1]},), one flag per key; got {valid.dtype} {tuple(valid.shape)}")
     if q.shape[0] % keys.shape[0]:
         raise ValueError(f"query heads ({q.shape[0]}) must be a multiple of KV heads ({keys.shape[0]})")
     return torch.ops.opsd.one_query_attention(q, keys, values, valid)

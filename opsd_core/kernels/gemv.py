@@ -70,6 +70,13 @@ def linear(
         raise ValueError(f"linear takes one to three stacked weights, got {len(weights)}")
     if biases is not None and len(biases) != len(weights):
         raise ValueError(f"one bias per weight: got {len(biases)} biases for {len(weights)} weights")
+    _check_weights(x, weights)
+    for i, bias in enumerate(biases or []):
+        if bias.shape != (weights[i].shape[0],):
+            raise ValueError(f"bias {i} must have shape ({weights[i].shape[0]},), got {tuple(bias.shape)}")
+    total = sum(w.shape[0] for w in weights)
+    if residual is not None and residual.shape != (total,):
+        raise ValueError(f"residual must have shape ({total},), one entry per output, got {tuple(residual.shape)}")
     padded = list(weights) + [None] * (3 - len(weights))
     bias_list = list(biases) + [None] * (3 - len(biases)) if biases is not None else [None] * 3
     return torch.ops.opsd.row_linear(x.reshape(-1), *padded, *bias_list, residual)
@@ -78,7 +85,20 @@ def linear(
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(F.linear(x, gate)) * F.linear(x, up)`` of one input row ((K,) or any shape holding
     K elements) with (N, K) ``gate`` and ``up``: (N,) in ``x``'s dtype."""
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    _check_weights(x, [gate, up])
     return torch.ops.opsd.row_swiglu(x.reshape(-1), gate, up)
+
+
+def _check_weights(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
+    """Each weight is (N_i, K) for the K elements of ``x``, in ``x``'s dtype (the kernels read
+    raw memory, so a mismatch must stop here)."""
+    for i, weight in enumerate(weights):
+        if weight.dim() != 2 or weight.shape[1] != x.numel():
+            raise ValueError(f"weight {i} must be (N, {x.numel()}) for an input row of {x.numel()}, got {tuple(weight.shape)}")
+        if weight.dtype != x.dtype:
+            raise ValueError(f"weight {i} is {weight.dtype} but the input is {x.dtype}; cast one of them")
 
 
 # ---------------------------------------------------------------------------------------------- the ops
