@@ -60,12 +60,17 @@ def test_ops_compile_whole():
     torch.testing.assert_close(compiled(x), step(x))
 
 
-def test_kernels_are_not_used_off_cuda_or_with_gradients():
-    x = torch.randn(8)
-    assert not gemv.available(x)
-    if torch.cuda.is_available():
-        y = torch.randn(8, device="cuda", requires_grad=True)
-        assert not gemv.available(y)
+def test_kernels_are_for_cuda_and_refuse_gradients():
+    x, weights, _, _ = _inputs([4])
+    assert not gemv.available(x) and not attention.available(x.view(1, -1))
+    weight = weights[0].requires_grad_()
+    with pytest.raises(RuntimeError, match=r"no backward: call them under torch.no_grad\(\)"):
+        gemv.linear(x, [weight])
+    with torch.no_grad():
+        gemv.linear(x, [weight])
+    q = torch.randn(2, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="one_query_attention has no backward"):
+        attention.one_query_attention(q, torch.randn(1, 3, 16), torch.randn(1, 3, 16), torch.ones(3, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (7, 1)])

@@ -7,7 +7,7 @@ merges the chunks in a second one (Triton, on CUDA).
 
 Owns: the op (a torch custom op, so compiled decode layers keep it whole and CUDA graphs
 capture it) and its plain-torch path elsewhere (CPU, no triton, float64, head widths that are
-not powers of two).
+not powers of two); neither has a backward (decode steps run under ``torch.no_grad()``).
 Does not know: RoPE, caches or models.
 
 Rounding: the torch path scores in the inputs' dtype (float32 accumulation) and normalises the
@@ -32,7 +32,6 @@ def available(q: torch.Tensor) -> bool:
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and width >= 16
         and width & (width - 1) == 0
-        and not (torch.is_grad_enabled() and q.requires_grad)
         and _triton_imports()
     )
 
@@ -57,6 +56,8 @@ def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         raise ValueError(f"valid must be bool ({keys.shape[1]},), one flag per key; got {valid.dtype} {tuple(valid.shape)}")
     if q.shape[0] % keys.shape[0]:
         raise ValueError(f"query heads ({q.shape[0]}) must be a multiple of KV heads ({keys.shape[0]})")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values)):
+        raise RuntimeError("one_query_attention has no backward: call it under torch.no_grad() (decode steps)")
     return torch.ops.opsd.one_query_attention(q, keys, values, valid)
 
 

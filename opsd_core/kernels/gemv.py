@@ -11,7 +11,8 @@ per program and made a 7B decode step 4 % slower on an H200.)
 
 Owns: :func:`linear` and :func:`swiglu` on one input row, as torch custom ops (so a decode
 layer compiled with ``torch.compile`` keeps them whole and CUDA graphs capture them), with Triton
-kernels on CUDA and plain torch elsewhere (CPU, no triton, float64, gradients wanted).
+kernels on CUDA and plain torch elsewhere (CPU, no triton, float64). Neither has a backward:
+they are for decode steps, under ``torch.no_grad()``.
 Does not know: models, caches or when a backend decodes; :func:`available` says whether the
 kernels will run.
 
@@ -40,13 +41,8 @@ def _triton_imports() -> bool:
 
 def available(x: torch.Tensor) -> bool:
     """Whether :func:`linear` / :func:`swiglu` on ``x`` run the Triton kernels (a CUDA tensor in
-    float16, bfloat16 or float32, the triton package importable, no gradient wanted)."""
-    return (
-        x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and _triton_imports()
-    )
+    float16, bfloat16 or float32, the triton package importable)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and _triton_imports()
 
 
 def linear(
@@ -93,7 +89,9 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tenso
 
 def _check_weights(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
     """Each weight is (N_i, K) for the K elements of ``x``, in ``x``'s dtype (the kernels read
-    raw memory, so a mismatch must stop here)."""
+    raw memory, so a mismatch must stop here), and nothing asks for a gradient."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
+        raise RuntimeError("the one-row kernels have no backward: call them under torch.no_grad() (decode steps)")
     for i, weight in enumerate(weights):
         if weight.dim() != 2 or weight.shape[1] != x.numel():
             raise ValueError(f"weight {i} must be (N, {x.numel()}) for an input row of {x.numel()}, got {tuple(weight.shape)}")
