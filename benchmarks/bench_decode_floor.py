@@ -28,13 +28,13 @@ import itertools
 import json
 import statistics
 
+import bench_thinkmorph_gpu  # the sibling script (this directory is on sys.path when run)
 import torch
 import torch.nn.functional as F
 from opsd_thinkmorph.backend import ThinkMorphBackend
 from opsd_thinkmorph.config import ThinkMorphParams
 
 from opsd_core.kernels import gemv
-from opsd_core.types import Problem
 
 
 def graph_ms(fn, replays: int = 20) -> float:
@@ -72,6 +72,7 @@ def measured_bandwidth() -> dict:
     return {"read_tb_s": 2**32 / read_ms / 1e9, "copy_tb_s": 2 * 2**31 / copy_ms / 1e9}
 
 
+@torch.no_grad()
 def matmul_families(model) -> dict:
     """Each family of a batch-1 decode step's weight passes over the 28 layers, alone, from one
     CUDA graph: as the layer runs them (one library product per projection, then the SwiGLU
@@ -139,6 +140,7 @@ def _family(nbytes: float, library_ms: float, kernel_ms: float) -> dict:
     }
 
 
+@torch.no_grad()
 def sweep_block_configs(model) -> dict:
     """Time every launch setting of the one-row kernels on the 7B shapes (28 layers each, from a
     CUDA graph) and return the fastest per family; ``block_config`` in
@@ -196,33 +198,14 @@ def decode_bytes(model, cache_positions: int) -> int:
 
 @torch.no_grad()
 def decode_step_ms(backend, model, steps: int, profile: bool) -> dict:
-    builder = backend.context_builder()
-    torch.manual_seed(0)
-    problem = Problem("p0", torch.rand(3, 448, 448), "Question 0: where is the goal?")
-    contexts = [builder.student_context(problem)]
-    warm = backend.start_decoding(model, contexts, steps + 16)
-    feed = torch.full((1,), 65, dtype=torch.long, device="cuda")
-    for _ in range(4):
-        backend.decode_step(warm, feed)
-    state = backend.start_decoding(model, contexts, steps + 16)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        backend.decode_step(state, feed)
-    end.record()
-    end.synchronize()
-    result = {"ms_per_step": start.elapsed_time(end) / steps, "capacity": state.cache.capacity}
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as trace:
-            for _ in range(4):
-                backend.decode_step(state, feed)
-            torch.cuda.synchronize()
-        print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90), flush=True)
-    return result
+    """Milliseconds per batch-1 decode step and the cache's slots, timed as
+    ``bench_thinkmorph_gpu.py`` times decoding (its 448x448 problem image, room for ``steps`` + 16
+    tokens)."""
+    bench_thinkmorph_gpu.PROFILE = profile
+    results: dict = {}
+    bench_thinkmorph_gpu.decoding(backend, model, results, batch=1, steps=steps, image_side=448)
+    step = results["decode_batch_1"]
+    return {"ms_per_step": step["ms_per_step"], "capacity": step["context_tokens"] + steps + 16}
 
 
 def main() -> None:
