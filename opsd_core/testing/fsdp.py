@@ -31,11 +31,13 @@ module collected by pytest)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +154,24 @@ def train_resumed(
     trainer = make_trainer(build_backend, directory, ranks, config, task)
     assert trainer.resume() and trainer.step == from_step, f"no step-{from_step} checkpoint in {straight}"
     trainer.fit(progress=False)
+
+
+@contextlib.contextmanager
+def one_process_group() -> Iterator[Any]:
+    """A gloo process group of this process alone (on a free local port) and its one-rank CPU
+    mesh, for sharding a model inside a test; destroyed on exit."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
 
 
 def run_torchrun(script: str | Path, *arguments: str | Path, nproc: int = 2, timeout: float = 300) -> None:

@@ -3,8 +3,6 @@ checkpoints in the Hugging Face layout, config refusals and FSDP2 in one process
 
 from __future__ import annotations
 
-import os
-import socket
 from types import SimpleNamespace
 
 from pathlib import Path
@@ -147,18 +145,12 @@ def test_too_long_a_context_is_a_clear_error(model):
 
 
 def test_fsdp_in_one_process_gives_the_unsharded_logits_and_gradients(backend):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+    from opsd_core.testing.fsdp import one_process_group
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with one_process_group() as mesh:
         reference, sharded = backend.build_model(), backend.build_model()
         config = SimpleNamespace(train=SimpleNamespace(mixed_precision="none", activation_checkpointing=True))
-        backend.parallelize(sharded, init_device_mesh("cpu", (1,)), config)
+        backend.parallelize(sharded, mesh, config)
         contexts = [backend.context_builder().build(p).teacher for p in problems(2)]
         completions = BatchedSampler(backend, 1.0, 6).sample(reference, contexts, torch.Generator().manual_seed(0))
         losses = []
@@ -174,8 +166,6 @@ def test_fsdp_in_one_process_gives_the_unsharded_logits_and_gradients(backend):
                 torch.testing.assert_close(parameter.grad.full_tensor(), grads[name], atol=1e-6, rtol=1e-5)
         images = backend.generate_visual_thought(sharded, problems(1), torch.Generator().manual_seed(0))
         assert images[0].size == (32, 32)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_forward_cap_beyond_the_positions_is_refused_when_the_run_starts(backend):

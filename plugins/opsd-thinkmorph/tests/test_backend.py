@@ -131,25 +131,16 @@ def test_sharded_models_decode_one_row_with_the_kernels_while_gathered():
     """one_row_layer reads the layers' weights without calling the layers (whose FSDP hooks
     gather them), so it runs only while a sharded model's weights are whole, as they are in
     the trainer's sampling (distributed.gathered); there it gives the unsharded logits."""
-    import os
-    import socket
     from types import SimpleNamespace
 
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
+    from opsd_core.testing.fsdp import one_process_group
     from opsd_core.trainer.distributed import gathered
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with one_process_group() as mesh:
         backend = debug_backend()
         reference, sharded = backend.build_model().eval(), backend.build_model().eval()
         config = SimpleNamespace(train=SimpleNamespace(mixed_precision="none", activation_checkpointing=False))
-        backend.parallelize(sharded, init_device_mesh("cpu", (1,)), config)
+        backend.parallelize(sharded, mesh, config)
         context = [backend.context_builder().build(problems(1)[0]).student]
         feeds = torch.randint(0, 256, (3, 1), generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
@@ -159,8 +150,6 @@ def test_sharded_models_decode_one_row_with_the_kernels_while_gathered():
                 assert a.fixed.one_row and b.fixed.one_row
                 for feed in feeds:
                     torch.testing.assert_close(backend.decode_step(b, feed), backend.decode_step(a, feed), atol=1e-5, rtol=1e-5)
-    finally:
-        dist.destroy_process_group()
 
 
 def _batch(rows, pad):

@@ -34,7 +34,7 @@ from opsd_thinkmorph.config import CHECKPOINT, DEBUG, ThinkMorphParams
 from opsd_thinkmorph.images import ImageTransform
 from opsd_thinkmorph.model import Bagel, KVCache, SiglipAttention
 from opsd_thinkmorph.packing import TextItem, ViTItem, lay_out, pack_rows
-from opsd_thinkmorph.runtime import FixedShapeDecoder, forward_rows, is_sharded
+from opsd_thinkmorph.runtime import FixedShapeDecoder, forward_rows, is_shard, is_sharded
 from opsd_thinkmorph.tokenizer import load_tokenizer
 
 # ThinkMorph asks for a visual thought with this plain-text tag, then closes its turn.
@@ -197,7 +197,7 @@ class ThinkMorphBackend(Backend):
         """float (B, N + 1, D) final-norm hidden states at the rows of :meth:`completion_logits`
         (what ``lm_logits`` multiplies), the row mask and the (V, D) ``lm_head`` weight."""
         weight = model.language_model.lm_head.weight
-        if type(weight).__name__ == "DTensor":
+        if is_shard(weight):
             raise CapabilityError(
                 "divergence.fused = true needs the whole lm_head weight, but this model is sharded by FSDP; "
                 "set divergence.fused = false for multi-process runs"
@@ -231,7 +231,7 @@ class ThinkMorphBackend(Backend):
             # one_row_layer reads the layers' weights without calling the layers, so it needs them
             # whole: unsharded, or gathered (opsd_core.trainer.distributed.gathered) for sampling.
             layer = model.language_model.model.layers[0]
-            kernels = self.params.decode_kernels and type(layer.mlp.down_proj.weight).__name__ != "DTensor"
+            kernels = self.params.decode_kernels and not is_shard(layer.mlp.down_proj.weight)
             state.fixed = FixedShapeDecoder(
                 model, cache, len(contexts), capture=parameter.is_cuda, compile=compile, kernels=kernels
             )

@@ -45,6 +45,13 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
+def is_shard(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is this rank's shard of a parameter (a DTensor), not the whole of it."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 class FixedShapeDecoder:
     """Decode steps whose every tensor has a fixed shape, replayed from a CUDA graph on GPUs.
 
