@@ -1,7 +1,9 @@
 """The built-in components, registered through the same hooks as any plugin.
 
-Owns: the names of the built-ins. Everything heavy is named as a lazy ``"module:attr"``
-string so that listing names imports no torch.
+Owns: the names of the built-in roles. Everything heavy is named as a lazy ``"module:attr"``
+string so that listing names imports no torch. The built-in commands are added by the CLI
+(``opsd_core.cli``) in the same ``register_commands`` call as the plugins' commands: the
+plugin manager sits below the CLI and never imports it.
 """
 
 from __future__ import annotations
@@ -48,11 +50,3 @@ def register_teacher_updates(registry):
         description="The starting weights, never updated.",
     )
 
-
-@hookimpl
-def register_commands(cli):
-    from opsd_core.cli.builtin import add_builtin_commands
-    from opsd_core.cli.run import add_run_commands
-
-    add_builtin_commands(cli)
-    add_run_commands(cli)

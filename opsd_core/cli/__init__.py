@@ -1,7 +1,7 @@
 """The ``opsd`` command line (click).
 
-Owns: the top-level group, plugin-added commands, and turning framework errors into one
-clear line with a non-zero exit.
+Owns: the top-level group, adding commands (the built-in ones and the plugins', through one call of
+the ``register_commands`` hook), and turning framework errors into one clear line with a non-zero exit.
 Does not know: torch or model code at import time; commands import what they need when run.
 """
 
@@ -11,7 +11,15 @@ import sys
 
 import click
 
+from opsd_core.cli.builtin import add_builtin_commands
+from opsd_core.cli.run import add_run_commands
 from opsd_core.errors import OpsdError
+
+
+def register_builtin_commands(cli: click.Group) -> None:
+    """The built-in commands, added through the ``register_commands`` hook like a plugin's."""
+    add_builtin_commands(cli)
+    add_run_commands(cli)
 
 
 class _OpsdGroup(click.Group):
@@ -25,7 +33,7 @@ class _OpsdGroup(click.Group):
         self._plugins_loaded = True
         from opsd_core.plugins import get_plugin_manager
 
-        get_plugin_manager().hook.register_commands(cli=self)
+        get_plugin_manager().hook.register_commands.call_extra([register_builtin_commands], {"cli": self})
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_plugin_commands()
