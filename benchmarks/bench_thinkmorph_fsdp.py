@@ -29,8 +29,9 @@ import torch
 
 from opsd_core.components import build_components
 from opsd_core.config.loader import load_config
-from opsd_core.trainer.trainer import resolve_device
-from opsd_core.trainer import distributed
+from opsd_core.runtime import resolve_device
+from opsd_core import runtime
+from opsd_core.trainer import sharding
 from opsd_core.trainer.trainer import Trainer
 
 
@@ -51,7 +52,7 @@ def main() -> None:
         overrides.append(f"task.root={workdir / 'data'}")
     config = load_config(args.config, overrides)
     device = resolve_device(config.run.device)
-    with distributed.process_group(config, device) as ranks:
+    with runtime.process_group(config, device) as ranks:
         data = Path(config.task.root)
         if ranks.is_main and not data.exists():
             from opsd_thinkmorph.demo_data import write_demo_dataset
@@ -62,14 +63,14 @@ def main() -> None:
         backend = components.backend
         backend.check_run(config)
         started = time.perf_counter()
-        start, skeleton = distributed.build_start(backend, config, ranks, device)
+        start, skeleton = sharding.build_start(backend, config, ranks, device)
         if skeleton is None:
             student = start.requires_grad_(True)  # one process: train the start model itself
         else:
-            parked = distributed.local_tensors(start)
+            parked = sharding.local_tensors(start)
             del start
-            distributed.release_cached_memory(ranks.device)
-            student = distributed.sharded_clone(parked, skeleton, backend, ranks, config).requires_grad_(True)
+            runtime.release_cached_memory(ranks.device)
+            student = sharding.sharded_clone(parked, skeleton, backend, ranks, config).requires_grad_(True)
         trainer = Trainer(
             config, backend, components.task, components.divergence, components.teacher_update, student,
             workdir / "phase", workdir / "metrics.jsonl", ranks=ranks, skeleton=skeleton,

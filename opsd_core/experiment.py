@@ -26,8 +26,10 @@ from opsd_core.config import RunConfig, to_toml
 from opsd_core.diagnostics.kl import gap_closure, kl_gap
 from opsd_core.errors import ConfigError
 from opsd_core.evaluation import evaluate
-from opsd_core.trainer import distributed
-from opsd_core.trainer.trainer import Mode, Trainer, resolve_device
+from opsd_core import runtime
+from opsd_core.trainer import sharding
+from opsd_core.runtime import resolve_device
+from opsd_core.trainer.trainer import Mode, Trainer
 
 RESULTS = "results.json"
 CONFIG = "config.toml"
@@ -82,21 +84,20 @@ class Experiment:
         directory: Path,
         echo: Callable[[str], None] = print,
         progress: bool = True,
-        ranks: distributed.Ranks | None = None,
+        ranks: runtime.Ranks | None = None,
     ):
-        self.ranks = ranks or distributed.Ranks()
+        self.ranks = ranks or runtime.Ranks()
         main = self.ranks.is_main
         self.config, self.directory = config, directory
         self.echo, self.progress = (echo if main else lambda message: None), progress and main
-        if config.run.threads:
-            torch.set_num_threads(config.run.threads)
+        runtime.apply_threads(config.run.threads)
         self.device = resolve_device(config.run.device)
         self.components: Components = build_components(config)
         self.backend = self.components.backend
         self.backend.check_run(config)
         # Several processes: the start model is sharded (skeleton: its weightless layout); it
         # waits in host memory, one shard per rank, while phases train (see start_model()).
-        self.start, self.skeleton = distributed.build_start(self.backend, config, self.ranks, self.device)
+        self.start, self.skeleton = sharding.build_start(self.backend, config, self.ranks, self.device)
         self._parked_start: dict[str, torch.Tensor] | None = None
         self.eval_problems = list(self.components.task.eval_problems(config.eval.limit))
         self.results_path = directory / RESULTS
@@ -142,7 +143,7 @@ class Experiment:
     def start_model(self) -> torch.nn.Module:
         """The start checkpoint's model, back on the device if it was parked."""
         if self.start is None:
-            self.start = distributed.sharded_clone(self._parked_start, self.skeleton, self.backend, self.ranks, self.config)
+            self.start = sharding.sharded_clone(self._parked_start, self.skeleton, self.backend, self.ranks, self.config)
             self.start.requires_grad_(False)
         return self.start
 
@@ -152,9 +153,9 @@ class Experiment:
         if self.skeleton is None or self.start is None:
             return
         if self._parked_start is None:
-            self._parked_start = distributed.local_tensors(self.start)
+            self._parked_start = sharding.local_tensors(self.start)
         self.start = None
-        distributed.release_cached_memory(self.ranks.device)
+        runtime.release_cached_memory(self.ranks.device)
 
     def diagnose_start(self) -> dict[str, Any]:
         """KL diagnostic and three-context evaluation of the start checkpoint."""
@@ -163,7 +164,7 @@ class Experiment:
         self.echo("Diagnosing the start checkpoint: KL(teacher || student) and greedy accuracy...")
         started = time.perf_counter()
         start = self.start_model()
-        with distributed.gathered(start):
+        with sharding.gathered(start):
             record = {
                 "kl": self.kl(start, start, start),
                 "kl_noise": self.kl(start, start, start, noise=True),
@@ -183,7 +184,7 @@ class Experiment:
             student = copy.deepcopy(self.start_model()).requires_grad_(True)
         else:
             self.park_start()
-            student = distributed.sharded_clone(self._parked_start, self.skeleton, self.backend, self.ranks, self.config)
+            student = sharding.sharded_clone(self._parked_start, self.skeleton, self.backend, self.ranks, self.config)
             student.requires_grad_(True)
         components = self.components
         trainer = Trainer(
@@ -207,19 +208,19 @@ class Experiment:
         student = trainer.student  # parallelize may have wrapped it
         # Sharded models are gathered one or two at a time, and the teacher is let go before
         # the start model comes back: with few GPUs, whole copies of three models do not fit.
-        with distributed.gathered(trainer.teacher):
+        with sharding.gathered(trainer.teacher):
             teacher_eval = self.evaluate(trainer.teacher, ("teacher",))
         if self.skeleton is not None:
             trainer.teacher = None
-            distributed.release_cached_memory(self.ranks.device)
-        with distributed.gathered(student):
+            runtime.release_cached_memory(self.ranks.device)
+        with sharding.gathered(student):
             record = {
                 "eval": self.evaluate(student, ("student", "teacher")),
                 "teacher_eval": teacher_eval,
                 "kl": self.kl(student, student, student),
             }
             start = self.start_model()
-            with distributed.gathered(start):
+            with sharding.gathered(start):
                 record["kl_t0"] = self.kl(student, start, student)
         record |= {"train_s": train_s, "sampler_tokens_per_s": self._sampler_throughput(mode.name)}
         record["eval_s"] = time.perf_counter() - started

@@ -149,10 +149,10 @@ def run_command(
             )
 
     from opsd_core.diagnostics.report import format_terminal, results_table
-    from opsd_core.trainer import distributed
-    from opsd_core.trainer.trainer import resolve_device
+    from opsd_core import runtime
+    from opsd_core.runtime import resolve_device
 
-    with distributed.process_group(config, resolve_device(config.run.device)) as ranks:
+    with runtime.process_group(config, resolve_device(config.run.device)) as ranks:
         if ranks.is_main:
             prepare_run_directory(config, resume=resume_dir is not None)
         ranks.barrier()
@@ -168,7 +168,7 @@ def run_command(
 def _model(experiment_config, checkpoint: str | None, backend_only: bool = False):
     """(components or the backend alone, the model with ``checkpoint``'s weights, in eval mode)."""
     from opsd_core.components import build_backend, build_components
-    from opsd_core.trainer.trainer import resolve_device
+    from opsd_core.runtime import resolve_device
 
     components = build_backend(experiment_config) if backend_only else build_components(experiment_config)
     backend = components if backend_only else components.backend

@@ -190,11 +190,11 @@ def fsdp_worker(build_backend: Callable[[], Backend], out: Path) -> None:
     """The standard worker: in the process group torchrun started, a straight FSDP run with
     activation checkpointing (``out/fsdp``) and the same run resumed from its step-2
     checkpoint (``out/fsdp-resumed``)."""
-    from opsd_core.trainer import distributed
+    from opsd_core import runtime
 
     torch.set_num_threads(1)
     config = comparison_config(activation_checkpointing=True)
-    with distributed.process_group(config, torch.device("cpu")) as ranks:
+    with runtime.process_group(config, torch.device("cpu")) as ranks:
         assert ranks.world_size > 1, "run under torchrun with several processes"
         train_straight(build_backend, out / "fsdp", ranks, config)
         train_resumed(build_backend, out / "fsdp", out / "fsdp-resumed", ranks, config, from_step=2)
@@ -204,12 +204,12 @@ def single_and_sharded_runs(script: str | Path, build_backend: Callable[[], Back
     """The single-process run in ``out/single`` (one torch thread, as each worker has), then
     ``script out`` under torchrun (a script whose workers call e.g. :func:`fsdp_worker`);
     returns ``out``."""
-    from opsd_core.trainer import distributed
+    from opsd_core import runtime
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_straight(build_backend, Path(out) / "single", distributed.Ranks(), comparison_config())
+        train_straight(build_backend, Path(out) / "single", runtime.Ranks(), comparison_config())
     finally:
         torch.set_num_threads(threads)
     run_torchrun(script, out, nproc=nproc)

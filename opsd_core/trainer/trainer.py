@@ -5,7 +5,7 @@ teacher forward in the privileged context under no_grad -> student forward -> di
 backward; then clipping, AdamW, the schedule and the teacher update. Also the noise and SFT
 controls (flags of the same loop), metrics lines and resumable checkpoints. In a multi-process
 run every rank runs this same loop on its share of each step's problems, with the student and
-teacher sharded by the backend (``distributed.py`` holds what the ranks exchange).
+teacher sharded by the backend (``opsd_core.runtime`` holds what the ranks exchange, ``sharding.py`` the sharded models).
 Does not know: any model, task or divergence; everything goes through the role interfaces.
 """
 
@@ -27,7 +27,9 @@ from opsd_core.divergences import kl_divergence
 from opsd_core.errors import ConfigError
 from opsd_core.interfaces import Backend, Divergence, Task, TeacherUpdate
 from opsd_core.sampling import BatchedSampler, sample_seed
-from opsd_core.trainer import checkpoint, distributed
+from opsd_core.trainer import checkpoint
+from opsd_core import runtime
+from opsd_core.trainer import optimizer_state, sharding
 from opsd_core.trainer.loss import micro_batch_loss, token_cross_entropy
 from opsd_core.trainer.schedule import build_scheduler
 from opsd_core.types import CompletionBatch, CompletionLogits, Context, ContextPair, Problem
@@ -70,7 +72,7 @@ class Trainer:
         ranks: this process among the training processes (default: a single process). With
             more than one, ``student`` and its teacher are sharded by ``backend.parallelize``.
         skeleton: with several processes, the weightless unsharded model of an already sharded
-            ``student`` (see :func:`~opsd_core.trainer.distributed.build_start`); the teacher is
+            ``student`` (see :func:`~opsd_core.trainer.sharding.build_start`); the teacher is
             then cloned from the student's shards. None: ``student`` is whole and is sharded here.
     """
 
@@ -85,23 +87,23 @@ class Trainer:
         phase_dir: Path,
         metrics_path: Path,
         mode: Mode = Mode("opsd"),
-        ranks: distributed.Ranks | None = None,
+        ranks: runtime.Ranks | None = None,
         skeleton: torch.nn.Module | None = None,
     ):
         self.config, self.backend, self.task = config, backend, task
         self.divergence, self.teacher_update, self.mode = divergence, teacher_update, mode
-        self.ranks = ranks or distributed.Ranks()
+        self.ranks = ranks or runtime.Ranks()
         self.ranks.share(config.train.samples_per_step, "train.samples_per_step")  # fail now, not at step 1
         self.device = next(student.parameters()).device
         if self.ranks.distributed and skeleton is not None:
             # Already sharded: the teacher is made from the student's shards, never whole.
             self.student, self._student_skeleton = student, skeleton
             self._teacher_skeleton = teacher_update.create(skeleton)
-            self.teacher = distributed.sharded_clone(student, self._teacher_skeleton, backend, self.ranks, config)
+            self.teacher = sharding.sharded_clone(student, self._teacher_skeleton, backend, self.ranks, config)
         else:
             teacher = teacher_update.create(student)
-            self.student, self._student_skeleton = distributed.shard(backend, student, self.ranks, config)
-            self.teacher, self._teacher_skeleton = distributed.shard(backend, teacher, self.ranks, config)
+            self.student, self._student_skeleton = sharding.shard(backend, student, self.ranks, config)
+            self.teacher, self._teacher_skeleton = sharding.shard(backend, teacher, self.ranks, config)
         self.builder = backend.context_builder()
         sampling = config.sampling
         self.sampler = BatchedSampler(
@@ -126,7 +128,6 @@ class Trainer:
         self.step = 0
         self.position = 0
         self._problems: Iterator[Problem] | None = None
-        self._autocast = config.run.precision == "bf16"
 
     # ----------------------------------------------------------------- one optimizer step
     def train_step(self) -> dict[str, float]:
@@ -236,7 +237,7 @@ class Trainer:
         contexts = [context for _, students, _, _ in micro_batches for context in students]
         seeds = [seed for *_, part in micro_batches for seed in part]
         self.student.eval()
-        with distributed.gathered(self.student):
+        with sharding.gathered(self.student):
             completions = self.sampler.sample(self.student, contexts, seeds=seeds)
         self.student.train()
         parts, first = [], 0
@@ -302,7 +303,7 @@ class Trainer:
             started = time.perf_counter()
             was_training = self.teacher.training
             self.teacher.eval()
-            with torch.no_grad(), distributed.gathered(self.teacher):
+            with torch.no_grad(), sharding.gathered(self.teacher):
                 images = self.backend.generate_visual_thought(self.teacher, [problems[i] for i in wanted], self.generator)
             self.teacher.train(was_training)
             drawn = dict(zip(wanted, images))
@@ -365,14 +366,14 @@ class Trainer:
         parameters = [p for p in self.student.parameters() if p.grad is not None]
         clip = self.config.optim.grad_clip
         if self.ranks.distributed:
-            return distributed.clip_grad_norm(parameters, clip)
+            return sharding.clip_grad_norm(parameters, clip)
         if clip is None:
             norms = [p.grad.detach().norm() for p in parameters]
             return float(torch.stack(norms).norm()) if norms else 0.0
         return float(torch.nn.utils.clip_grad_norm_(parameters, clip))
 
     def _precision(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast)
+        return runtime.autocast(self.device, self.config.run.precision)
 
     # ----------------------------------------------------------------- metrics and checkpoints
     def _log(self, metrics: dict[str, float]) -> None:
@@ -410,7 +411,7 @@ class Trainer:
         """Everything but the weights, on rank 0 (None elsewhere); every rank must call it."""
         rng = self._rng_states()
         every_rank_rng = self.ranks.gather(rng)
-        optimizer = distributed.optimizer_state_dict(self.student, self.optimizer, self.ranks)
+        optimizer = optimizer_state.optimizer_state_dict(self.student, self.optimizer, self.ranks)
         if not self.ranks.is_main:
             return None
         state = {
@@ -429,7 +430,7 @@ class Trainer:
         memory). The last checkpoint keeps them; :meth:`resume` restores them."""
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.state.clear()
-        distributed.release_cached_memory(self.device)
+        runtime.release_cached_memory(self.device)
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (atomic) and return its directory.
@@ -438,8 +439,8 @@ class Trainer:
         and the other ranks return None once it is written.
         """
         state = self._trainer_state()
-        student = distributed.unsharded_copy(self.student, self._student_skeleton, self.ranks)
-        teacher = distributed.unsharded_copy(self.teacher, self._teacher_skeleton, self.ranks)
+        student = sharding.unsharded_copy(self.student, self._student_skeleton, self.ranks)
+        teacher = sharding.unsharded_copy(self.teacher, self._teacher_skeleton, self.ranks)
         path = None
         if self.ranks.is_main:
 
@@ -462,13 +463,13 @@ class Trainer:
             return False
         state = checkpoint.load_trainer_state(directory, verify=main, mmap=self.ranks.distributed)
         load = self.backend.load_weights
-        distributed.load_unsharded(
+        sharding.load_unsharded(
             self.student, self._student_skeleton, self.ranks, lambda full: load(full, directory / "student")
         )
-        distributed.load_unsharded(
+        sharding.load_unsharded(
             self.teacher, self._teacher_skeleton, self.ranks, lambda full: load(full, directory / "teacher")
         )
-        distributed.load_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.ranks)
+        optimizer_state.load_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.ranks)
         self.scheduler.load_state_dict(state["scheduler"])
         self._restore_rng_states(state)
         self.step, self.position = int(state["step"]), int(state["position"])

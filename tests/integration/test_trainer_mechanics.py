@@ -170,7 +170,7 @@ def test_forward_cap_cuts_completions_to_fit_the_teacher(tmp_path):
 
 
 def test_a_problems_sampling_seed_does_not_depend_on_the_rank_that_samples_it(tmp_path):
-    from opsd_core.trainer.distributed import Ranks
+    from opsd_core.runtime import Ranks
 
     def timings():
         return {"visual_thought_s": 0.0, "sample_s": 0.0, "teacher_s": 0.0, "student_s": 0.0}

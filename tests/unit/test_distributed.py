@@ -14,8 +14,9 @@ from opsd_core.cli import cli
 from opsd_core.cli.run import _run_arguments, torchrun_command
 from opsd_core.config import RunConfig
 from opsd_core.errors import ConfigError
-from opsd_core.trainer import distributed
-from opsd_core.trainer.distributed import Ranks, mesh_shape
+from opsd_core import runtime
+from opsd_core.trainer import optimizer_state, sharding
+from opsd_core.runtime import Ranks, mesh_shape
 
 
 @pytest.mark.parametrize(
@@ -55,7 +56,7 @@ def test_a_single_process_is_the_world_of_one():
     assert ranks.mean(values) is values
     assert ranks.broadcast("x") == "x" and ranks.gather("x") == ["x"]
     ranks.barrier()
-    with distributed.process_group(RunConfig(), torch.device("cpu")) as joined:
+    with runtime.process_group(RunConfig(), torch.device("cpu")) as joined:
         assert joined == Ranks() and not torch.distributed.is_initialized()
 
 
@@ -64,13 +65,13 @@ def test_single_process_helpers_do_what_the_trainer_did_before():
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    assert distributed.shard(None, model, Ranks(), RunConfig()) == (model, None)
-    assert distributed.unsharded_copy(model, None, Ranks()) is model
-    assert distributed.optimizer_state_dict(model, optimizer, Ranks()) == optimizer.state_dict()
-    with distributed.gathered(model) as inside:
+    assert sharding.shard(None, model, Ranks(), RunConfig()) == (model, None)
+    assert sharding.unsharded_copy(model, None, Ranks()) is model
+    assert optimizer_state.optimizer_state_dict(model, optimizer, Ranks()) == optimizer.state_dict()
+    with sharding.gathered(model) as inside:
         assert inside is model
     loaded = []
-    distributed.load_unsharded(model, None, Ranks(), loaded.append)
+    sharding.load_unsharded(model, None, Ranks(), loaded.append)
     assert loaded == [model]
 
 
@@ -80,7 +81,7 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors():
     for model in (first, second):
         (model(torch.arange(8.0).view(2, 4)) ** 2).sum().backward()
     expected = torch.nn.utils.clip_grad_norm_(list(first.parameters()), 0.5)
-    assert distributed.clip_grad_norm(list(second.parameters()), 0.5) == pytest.approx(float(expected), rel=1e-6)
+    assert sharding.clip_grad_norm(list(second.parameters()), 0.5) == pytest.approx(float(expected), rel=1e-6)
     for a, b in zip(first.parameters(), second.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
 
@@ -88,7 +89,7 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors():
 def test_meta_skeleton_keeps_structure_and_names_but_no_memory():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     model[0].weight.requires_grad_(False)
-    skeleton = distributed.meta_skeleton(model)
+    skeleton = sharding.meta_skeleton(model)
     assert [name for name, _ in skeleton.named_parameters()] == [name for name, _ in model.named_parameters()]
     assert all(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
     assert not skeleton[0].weight.requires_grad and skeleton[0].bias.requires_grad

@@ -130,11 +130,11 @@ def test_one_row_layer_leaves_other_steps_to_the_layer():
 def test_sharded_models_decode_one_row_with_the_kernels_while_gathered():
     """one_row_layer reads the layers' weights without calling the layers (whose FSDP hooks
     gather them), so it runs only while a sharded model's weights are whole, as they are in
-    the trainer's sampling (distributed.gathered); there it gives the unsharded logits."""
+    the trainer's sampling (sharding.gathered); there it gives the unsharded logits."""
     from types import SimpleNamespace
 
     from opsd_core.testing.fsdp import one_process_group
-    from opsd_core.trainer.distributed import gathered
+    from opsd_core.trainer.sharding import gathered
 
     with one_process_group() as mesh:
         backend = debug_backend()

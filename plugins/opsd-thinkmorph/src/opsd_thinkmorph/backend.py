@@ -208,7 +208,7 @@ class ThinkMorphBackend(Backend):
     def check_run(self, config: Any) -> None:
         """Also refuses the fused loss with several processes (the ``lm_head`` weight is sharded)."""
         super().check_run(config)
-        from opsd_core.trainer.distributed import launched_world_size
+        from opsd_core.runtime import launched_world_size
 
         if getattr(config.divergence, "fused", False) and launched_world_size() > 1:
             raise ConfigError(
@@ -229,7 +229,7 @@ class ThinkMorphBackend(Backend):
         if self.params.fixed_shape_decoding:
             compile = self.params.compile_decoding and parameter.is_cuda and not is_sharded(model)
             # one_row_layer reads the layers' weights without calling the layers, so it needs them
-            # whole: unsharded, or gathered (opsd_core.trainer.distributed.gathered) for sampling.
+            # whole: unsharded, or gathered (opsd_core.trainer.sharding.gathered) for sampling.
             layer = model.language_model.model.layers[0]
             kernels = self.params.decode_kernels and not is_shard(layer.mlp.down_proj.weight)
             state.fixed = FixedShapeDecoder(

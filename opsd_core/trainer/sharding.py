@@ -1,12 +1,10 @@
-"""Multi-process training: the process group, the device mesh and what the trainer exchanges.
+"""Sharded models: FSDP2 copies, gathering and moving full weights to and from rank 0.
 
-Owns: joining the process group torchrun describes in the environment (NCCL on CUDA, gloo on
-CPU), the device mesh of ``train.replicate`` x ``train.shard``, each rank's slice of a step's
-problems, metric averages over ranks, gathering a sharded model's weights for sampling, the
-global gradient norm, and moving full (unsharded) weights and optimizer state between rank 0
-and sharded modules, so checkpoints have one layout whatever the number of processes.
-A single process is the world of one: every helper then does exactly what the trainer did
-before it knew of ranks.
+Owns: sharding a model with the backend's ``parallelize`` and keeping a weightless skeleton
+of it, the start model built on rank 0 and scattered as shards, clones made shard by shard,
+gathering every weight for sampling (:func:`gathered`), the global gradient norm, and moving
+full (unsharded) weights between rank 0 and sharded modules, so checkpoints have one layout
+whatever the number of processes. In a single process every helper passes the model through.
 Does not know: how a model is sharded (the backend's ``parallelize`` decides), losses, the
 checkpoint directory layout or config files.
 """
@@ -16,151 +14,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from opsd_core.errors import ConfigError
+from opsd_core.runtime import Ranks, release_cached_memory
 
 if TYPE_CHECKING:
     from opsd_core.config import RunConfig
     from opsd_core.interfaces import Backend
 
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------------------------- ranks
-@dataclass(frozen=True)
-class Ranks:
-    """This process among the training processes; the default is a single process.
-
-    Attributes:
-        rank: this process's global rank.
-        world_size: number of training processes.
-        mesh: the DeviceMesh models are sharded over (None for a single process).
-        device: where tensors exchanged by collectives live (a CUDA device for NCCL).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    mesh: Any = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the only process that writes metrics, results, reports and checkpoints."""
-        return self.rank == 0
-
-    def share(self, count: int, name: str) -> int:
-        """How many of ``count`` items (the config field ``name``) each rank takes."""
-        if count % self.world_size:
-            raise ConfigError(
-                f"{name}: {count} cannot be split evenly over {self.world_size} processes (got {count}); "
-                f"use a multiple of {self.world_size}"
-            )
-        return count // self.world_size
-
-    def local_slice(self, items: Sequence[T]) -> list[T]:
-        """This rank's contiguous share of ``items`` (rank r takes the r-th block)."""
-        size = len(items) // self.world_size
-        return list(items[self.rank * size : (self.rank + 1) * size])
-
-    def mean(self, values: dict[str, float], skip: Sequence[str] = ()) -> dict[str, float]:
-        """``values`` averaged over ranks, except the keys in ``skip`` (equal on every rank)."""
-        if not self.distributed:
-            return values
-        keys = [key for key in values if key not in skip]
-        totals = torch.tensor([float(values[key]) for key in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(totals)
-        means = dict(zip(keys, (totals / self.world_size).tolist()))
-        return {key: means.get(key, value) for key, value in values.items()}
-
-    def broadcast(self, value: T) -> T:
-        """Rank 0's ``value`` on every rank (a picklable object made by this program)."""
-        if not self.distributed:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, value: T) -> list[T]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        if not self.distributed:
-            return [value]
-        values: list[Any] = [None] * self.world_size
-        dist.all_gather_object(values, value)
-        return values
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-def launched_world_size() -> int:
-    """Number of processes the launcher (torchrun) started; 1 when run directly."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def mesh_shape(world_size: int, replicate: int, shard: int | None) -> tuple[int, int]:
-    """(replicate, shard) group sizes for ``world_size`` processes; ``shard`` None means
-    ``world_size // replicate``. A bad combination is a ConfigError naming the fields."""
-    if world_size % replicate:
-        raise ConfigError(
-            f"train.replicate: {world_size} processes cannot form {replicate} equal replica groups "
-            f"(got {replicate}); use a divisor of {world_size}"
-        )
-    shard = world_size // replicate if shard is None else shard
-    if replicate * shard != world_size:
-        raise ConfigError(
-            f"train.shard: replicate x shard must equal the number of processes, {world_size} "
-            f"(got replicate = {replicate}, shard = {shard}); set shard = {world_size // replicate} or leave it unset"
-        )
-    return replicate, shard
-
-
-@contextlib.contextmanager
-def process_group(config: RunConfig, device: torch.device) -> Iterator[Ranks]:
-    """Join the process group torchrun started this process in, build the device mesh, and
-    leave the group at the end of the block.
-
-    Run directly (``WORLD_SIZE`` unset or 1) this is the single process, with no process group;
-    ``train.replicate`` and ``train.shard`` are then not used. Otherwise the backend is NCCL on
-    CUDA (each process on the GPU ``LOCAL_RANK``) and gloo on CPU; the mesh is 1-D ("shard",
-    plain FSDP) when ``replicate`` is 1, else 2-D ("replicate", "shard") for HSDP.
-    """
-    world_size = launched_world_size()
-    if world_size == 1:
-        yield Ranks(device=device)
-        return
-    replicate, shard = mesh_shape(world_size, config.train.replicate, config.train.shard)
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = torch.device("cuda", torch.cuda.current_device())
-    joined_here = not dist.is_initialized()
-    if joined_here:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    try:
-        if replicate == 1:
-            mesh = init_device_mesh(device.type, (shard,), mesh_dim_names=("shard",))
-        else:
-            mesh = init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
-        yield Ranks(dist.get_rank(), world_size, mesh, device)
-    finally:
-        if joined_here:
-            dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------- sharded models
 def shard(backend: Backend, model: torch.nn.Module, ranks: Ranks, config: RunConfig):
     """``(model, skeleton)``: the model sharded by ``backend.parallelize`` and a weightless
     copy of it taken before, for checkpoints (see :func:`unsharded_copy`). A single process
@@ -195,7 +60,7 @@ def build_start(backend: Backend, config: RunConfig, ranks: Ranks, device: torch
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     state = full.state_dict() if full is not None else {}
-    set_model_state_dict(start, state, options=_full_options(broadcast_from_rank0=True))
+    set_model_state_dict(start, state, options=full_state_options(broadcast_from_rank0=True))
     # Buffers outside the state dict (recomputed tables) come from rank 0 as well.
     persistent = set(start.state_dict())
     sources = dict(full.named_buffers()) if full is not None else {}
@@ -226,12 +91,6 @@ def _skeleton_mismatch(skeleton: torch.nn.Module, full: torch.nn.Module) -> str 
     return "; ".join(wrong[:4])
 
 
-def release_cached_memory(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def local_tensors(model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -327,7 +186,7 @@ def clip_grad_norm(parameters: Sequence[torch.Tensor], max_norm: float | None) -
     return float(norm)
 
 
-def _full_options(**kwargs):
+def full_state_options(**kwargs):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kwargs)
@@ -341,7 +200,7 @@ def unsharded_copy(model: torch.nn.Module, skeleton: torch.nn.Module | None, ran
         return model
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    state = get_model_state_dict(model, options=full_state_options(cpu_offload=True))
     if not ranks.is_main:
         return None
     full = copy.deepcopy(skeleton)
@@ -368,54 +227,4 @@ def load_unsharded(
         full = copy.deepcopy(skeleton).to_empty(device="cpu")
         load(full)
         state = full.state_dict()
-    set_model_state_dict(model, state, options=_full_options(broadcast_from_rank0=True))
-
-
-def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The names of the optimizer's parameters in its own order (the indices of its state dict)."""
-    names = {id(parameter): name for name, parameter in model.named_parameters()}
-    return [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
-
-
-def optimizer_state_dict(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ranks: Ranks
-) -> dict[str, Any] | None:
-    """The optimizer's state as a single process's ``optimizer.state_dict()`` has it (full
-    tensors, keyed by parameter index): rank 0 gets it when sharded, other ranks None."""
-    if not ranks.distributed:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    state = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
-    if not ranks.is_main:
-        return None
-    index = {name: position for position, name in enumerate(_parameter_names(model, optimizer))}
-    return {
-        "state": {index[name]: value for name, value in state["state"].items()},
-        "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]],
-    }
-
-
-def load_optimizer_state_dict(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: dict[str, Any] | None,
-    ranks: Ranks,
-) -> None:
-    """Load a state written by :func:`optimizer_state_dict`; when sharded, rank 0's copy is
-    the one used and every rank takes its shards. Every rank must call it."""
-    if not ranks.distributed:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    by_name: dict[str, Any] = {}
-    if ranks.is_main:
-        names = _parameter_names(model, optimizer)
-        by_name = {
-            "state": {names[position]: value for position, value in state["state"].items()},
-            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
-        }
-    # Parameters that never had a gradient (e.g. unused generation experts) have no state.
-    options = _full_options(broadcast_from_rank0=True, strict=False)
-    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+    set_model_state_dict(model, state, options=full_state_options(broadcast_from_rank0=True))
