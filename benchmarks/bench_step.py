@@ -367,10 +367,7 @@ def main() -> None:
     backend = components.backend
     started = time.perf_counter()
     student = backend.build_model().requires_grad_(True)
-    trainer = Trainer(
-        config, backend, components.task, components.divergence, components.teacher_update, student,
-        args.workdir / "phase", args.workdir / "metrics.jsonl",
-    )  # fmt: skip
+    trainer = Trainer(components, student, args.workdir / "phase", args.workdir / "metrics.jsonl")
     build_s = time.perf_counter() - started
     print(f"built student and teacher in {build_s:.1f} s", flush=True)
 

@@ -59,7 +59,7 @@ def main() -> None:
 
             write_demo_dataset(data, rows_per_dataset=16, side=args.data_side, seed=0)
         ranks.barrier()
-        components = build_components(config)
+        components = build_components(config, world_size=ranks.world_size)
         backend = components.backend
         backend.check_run(config)
         started = time.perf_counter()
@@ -72,9 +72,8 @@ def main() -> None:
             runtime.release_cached_memory(ranks.device)
             student = sharding.sharded_clone(parked, skeleton, backend, ranks, config).requires_grad_(True)
         trainer = Trainer(
-            config, backend, components.task, components.divergence, components.teacher_update, student,
-            workdir / "phase", workdir / "metrics.jsonl", ranks=ranks, skeleton=skeleton,
-        )  # fmt: skip
+            components, student, workdir / "phase", workdir / "metrics.jsonl", ranks=ranks, skeleton=skeleton
+        )
         build_s = time.perf_counter() - started
         records = []
         for step in range(args.steps):

@@ -1,7 +1,10 @@
-"""Building the roles a run config names.
+"""Building the roles a run config names, and checking once that they fit together.
 
 Owns: looking up each plugin section's name in its registry and calling the factory with the
-validated section (which is an instance of the plugin's params model).
+validated section (an instance of the plugin's params model), and :func:`check_components`:
+every capability the run needs is one the backend declares, and every capability a backend
+declares comes with its methods. After that check the trainer and the experiment follow one
+path and never ask a backend what it can do.
 Does not know: what the components do.
 """
 
@@ -11,38 +14,101 @@ from dataclasses import dataclass
 from typing import Any
 
 from opsd_core.config import RunConfig
-from opsd_core.interfaces import Backend, Divergence, Task, TeacherUpdate
+from opsd_core.errors import ConfigError, PluginError
+from opsd_core.interfaces import Backend, Divergence, OnPolicySampler, PrivilegedContextBuilder, Task, TeacherUpdate
+from opsd_core.interfaces.backend import CAPABILITY_METHODS
+from opsd_core.plugins import get_registries
 
 
 @dataclass
 class Components:
-    """The roles of one run."""
+    """The roles of one run, built from its config and checked against each other."""
 
     config: RunConfig
     backend: Backend
     task: Task
     divergence: Divergence
     teacher_update: TeacherUpdate
+    sampler: OnPolicySampler
+    context: PrivilegedContextBuilder
 
 
-def build_components(config: RunConfig, registries: Any = None) -> Components:
-    """Instantiate the backend, task, divergence and teacher update named by ``config``."""
-    if registries is None:
-        from opsd_core.plugins import get_registries
+def build_components(config: RunConfig, registries: Any = None, world_size: int = 1) -> Components:
+    """The backend, task, divergence, teacher update, sampler and context builder named by
+    ``config``, checked by :func:`check_components` for a run in ``world_size`` processes."""
+    registries = registries or get_registries()
+    backend = build_backend(config, registries)
 
-        registries = get_registries()
-
-    def build(section: str) -> Any:
+    def build(section: str, *extra: Any) -> Any:
         params = getattr(config, section)
-        return registries.of(section).create(params.name, params)
+        return registries.of(section).create(params.name, params, *extra)
 
-    return Components(config, build("backend"), build("task"), build("divergence"), build("teacher"))
+    components = Components(
+        config,
+        backend,
+        build("task"),
+        build("divergence"),
+        build("teacher"),
+        build("sampler", backend, config.sampling),
+        build("context", backend),
+    )
+    check_components(components, world_size)
+    return components
 
 
 def build_backend(config: RunConfig, registries: Any = None) -> Backend:
-    """Only the backend named by ``config`` (benchmark evaluation needs no task or loss)."""
-    if registries is None:
-        from opsd_core.plugins import get_registries
+    """Only the backend named by ``config`` (benchmark evaluation needs no task or loss), its
+    declared capabilities checked against its methods."""
+    registries = registries or get_registries()
+    backend = registries.of("backend").create(config.backend.name, config.backend)
+    check_declared_capabilities(backend)
+    return backend
 
-        registries = get_registries()
-    return registries.of("backend").create(config.backend.name, config.backend)
+
+def check_declared_capabilities(backend: Backend) -> None:
+    """Refuse a backend that declares a capability without implementing its methods."""
+    missing = [
+        f"{flag} (needs {method})"
+        for flag in backend.capabilities.declared()
+        for method in CAPABILITY_METHODS[flag]
+        if getattr(type(backend), method) is getattr(Backend, method)
+    ]
+    if missing:
+        raise PluginError(
+            f"backend {type(backend).__name__} declares capabilities it does not implement: {', '.join(missing)}; "
+            "implement those methods or leave the flags unset"
+        )
+
+
+def check_components(components: Components, world_size: int = 1) -> None:
+    """Refuse, in one message, a run that needs what its backend does not declare; then let the
+    backend refuse what only it knows (``Backend.check_run``)."""
+    config, backend = components.config, components.backend
+    capabilities = backend.capabilities
+    name = type(backend).__name__
+    problems = []
+    if components.divergence.uses_hidden_states:
+        if not capabilities.hidden_states:
+            problems.append(
+                f"divergence.fused = true needs final hidden states, but backend {name} does not provide them "
+                "(capability hidden_states); set divergence.fused = false"
+            )
+        elif world_size > 1 and not capabilities.sharded_hidden_states:
+            problems.append(
+                f"divergence.fused = true needs the whole lm_head weight, but backend {name} cannot give hidden "
+                f"states while FSDP shards the model over {world_size} processes (capability sharded_hidden_states); "
+                "set divergence.fused = false for multi-process runs"
+            )
+    if config.sampling.visual_thoughts == "generate" and not capabilities.visual_thoughts:
+        problems.append(
+            f"sampling.visual_thoughts = 'generate' needs a model that draws, but backend {name} cannot draw "
+            "images (capability visual_thoughts); use 'stored' with a task that ships visual thoughts"
+        )
+    if world_size > 1 and not capabilities.sharding:
+        problems.append(
+            f"a run in {world_size} processes needs sharding, but backend {name} trains on one device only "
+            "(capability sharding); run it in one process"
+        )
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
+    backend.check_run(config)

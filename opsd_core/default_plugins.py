@@ -8,8 +8,10 @@ plugin manager sits below the CLI and never imports it.
 
 from __future__ import annotations
 
+from opsd_core.contexts.params import PaperContextParams
 from opsd_core.divergences.params import JsdParams, KlParams
 from opsd_core.hookspecs import hookimpl
+from opsd_core.sampling.params import BatchedSamplerParams
 from opsd_core.teachers.params import EmaParams, FrozenParams
 
 
@@ -50,3 +52,22 @@ def register_teacher_updates(registry):
         description="The starting weights, never updated.",
     )
 
+
+@hookimpl
+def register_samplers(registry):
+    registry.add(
+        "batched",
+        "opsd_core.sampling.sampler:batched_sampler",
+        BatchedSamplerParams,
+        description="Batched KV-cached sampling on the model's device, per-row seeded draws, the image-skip rule.",
+    )
+
+
+@hookimpl
+def register_contexts(registry):
+    registry.add(
+        "paper",
+        "opsd_core.contexts.paper:paper_context",
+        PaperContextParams,
+        description="The paper's layout: [system, image, question]; the teacher adds [ref_intro, VT, transition].",
+    )

@@ -92,9 +92,8 @@ class Experiment:
         self.echo, self.progress = (echo if main else lambda message: None), progress and main
         runtime.apply_threads(config.run.threads)
         self.device = resolve_device(config.run.device)
-        self.components: Components = build_components(config)
+        self.components: Components = build_components(config, world_size=self.ranks.world_size)
         self.backend = self.components.backend
-        self.backend.check_run(config)
         # Several processes: the start model is sharded (skeleton: its weightless layout); it
         # waits in host memory, one shard per rank, while phases train (see start_model()).
         self.start, self.skeleton = sharding.build_start(self.backend, config, self.ranks, self.device)
@@ -188,11 +187,7 @@ class Experiment:
             student.requires_grad_(True)
         components = self.components
         trainer = Trainer(
-            self.config,
-            self.backend,
-            components.task,
-            components.divergence,
-            components.teacher_update,
+            components,
             student,
             self.directory / mode.name,
             self.directory / "metrics.jsonl",

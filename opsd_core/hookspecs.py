@@ -65,6 +65,30 @@ def register_teacher_updates(registry: Registry) -> None:
 
 
 @hookspec
+def register_samplers(registry: Registry) -> None:
+    """Register on-policy samplers.
+
+    ``factory(params, backend, sampling)`` builds an :class:`opsd_core.interfaces.OnPolicySampler`
+    for the backend from its validated params and the run's ``[sampling]`` policy
+    (temperature, completion cap, image skips).
+
+    :param registry: the sampler registry.
+    """
+
+
+@hookspec
+def register_contexts(registry: Registry) -> None:
+    """Register context builders (the student and the privileged teacher context).
+
+    ``factory(params, backend)`` builds an :class:`opsd_core.interfaces.PrivilegedContextBuilder`
+    from its validated params; the backend supplies its family's prompt texts
+    (``backend.context_builder()``).
+
+    :param registry: the context-builder registry.
+    """
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``opsd`` command line.
 

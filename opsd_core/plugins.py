@@ -30,6 +30,8 @@ REGISTRY_HOOKS = {
     "task": "register_tasks",
     "divergence": "register_divergences",
     "teacher": "register_teacher_updates",
+    "sampler": "register_samplers",
+    "context": "register_contexts",
 }
 
 
@@ -41,6 +43,8 @@ class Registries:
     task: Registry = field(default_factory=lambda: Registry("task"))
     divergence: Registry = field(default_factory=lambda: Registry("divergence"))
     teacher: Registry = field(default_factory=lambda: Registry("teacher"))
+    sampler: Registry = field(default_factory=lambda: Registry("sampler"))
+    context: Registry = field(default_factory=lambda: Registry("context"))
 
     def of(self, kind: str) -> Registry:
         if kind not in REGISTRY_HOOKS:

@@ -12,7 +12,14 @@ import click
 
 
 _SET_HELP = "Override a config value: section.field=value (value parsed as a TOML literal). Repeatable."
-_LIST_KINDS = {"backends": "backend", "tasks": "task", "divergences": "divergence", "teachers": "teacher"}
+_LIST_KINDS = {
+    "backends": "backend",
+    "tasks": "task",
+    "divergences": "divergence",
+    "teachers": "teacher",
+    "samplers": "sampler",
+    "contexts": "context",
+}
 
 
 @click.command("plugins")
@@ -27,7 +34,7 @@ def plugins_command() -> None:
 @click.argument("kind", type=click.Choice(sorted(_LIST_KINDS)))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_command(kind: str, as_json: bool) -> None:
-    """List the registered backends, tasks, divergences or teachers."""
+    """List the registered backends, tasks, divergences, teachers, samplers or contexts."""
     from opsd_core.plugins import get_registries
 
     registry = get_registries().of(_LIST_KINDS[kind])

@@ -111,7 +111,8 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseMo
         if field is None:
             return None, shown + [str(p) for p in loc[index + 1 :]]
         annotation = field.annotation
-        if part in PLUGIN_SECTIONS and index + 1 < len(loc) - 1 and isinstance(loc[index + 1], str):
+        single = isinstance(annotation, type) and issubclass(annotation, BaseModel)  # one registered entry
+        if part in PLUGIN_SECTIONS and not single and index + 1 < len(loc) - 1 and isinstance(loc[index + 1], str):
             current = _union_member(annotation, loc[index + 1])
             index += 2
             continue
@@ -147,10 +148,12 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], sour
             if close:
                 message += f" (did you mean {close!r}?)"
             message += f"; allowed keys: {', '.join(allowed)}"
-        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        elif kind in ("union_tag_invalid", "union_tag_not_found") or (
+            kind == "literal_error" and len(shown) == 2 and shown[0] in PLUGIN_SECTIONS and shown[1] == "name"
+        ):
             section = shown[0]
             expected = getattr(model, "plugin_names", {}).get(section, [])
-            name = _name_of(value)
+            name = value if kind == "literal_error" else _name_of(value)
             if name is None:
                 message = f"missing 'name'; choose one of: {', '.join(expected)}"
             else:

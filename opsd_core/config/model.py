@@ -1,8 +1,8 @@
 """The complete run configuration model, with plugin sections typed by the registries.
 
-Owns: building the ``RunConfig`` class whose ``backend``, ``task``, ``divergence`` and
-``teacher`` sections are a discriminated union, keyed by ``name``, over the params models the
-loaded plugins registered.
+Owns: building the ``RunConfig`` class whose plugin sections (``backend``, ``task``,
+``divergence``, ``teacher``, ``sampler``, ``context``) are each a discriminated union, keyed by
+``name``, over the params models the loaded plugins registered.
 Does not know: torch or what any plugin does.
 """
 
@@ -35,6 +35,8 @@ PLUGIN_SECTIONS: dict[str, str] = {
     "task": "frozen-lake",
     "divergence": "jsd",
     "teacher": "ema",
+    "sampler": "batched",
+    "context": "paper",
 }
 
 
@@ -60,7 +62,15 @@ class RunConfig(Section):
         default_factory=lambda: PluginSection(name=PLUGIN_SECTIONS["teacher"]),
         description="How the teacher follows the student (EMA, frozen).",
     )
-    sampling: SamplingSection = Field(default_factory=SamplingSection, description="On-policy sampling.")
+    sampler: PluginSection = Field(
+        default_factory=lambda: PluginSection(name=PLUGIN_SECTIONS["sampler"]),
+        description="The on-policy sampler that follows [sampling], and its params.",
+    )
+    context: PluginSection = Field(
+        default_factory=lambda: PluginSection(name=PLUGIN_SECTIONS["context"]),
+        description="The builder of the student and teacher contexts, and its params.",
+    )
+    sampling: SamplingSection = Field(default_factory=SamplingSection, description="On-policy sampling policy.")
     optim: OptimSection = Field(default_factory=OptimSection, description="Optimizer.")
     schedule: ScheduleSection = Field(default_factory=ScheduleSection, description="Learning-rate schedule.")
     train: TrainSection = Field(default_factory=TrainSection, description="Training loop.")
@@ -83,7 +93,7 @@ def _name_of(value: Any) -> str | None:
 
 
 def _plugin_union(section: str, registries: Registries) -> Any:
-    members = []
+    members, models = [], []
     for entry in registries.of(section):
         params = entry.params or PluginParams
         model = create_model(
@@ -92,9 +102,12 @@ def _plugin_union(section: str, registries: Registries) -> Any:
             __doc__=f"The {section} {entry.name!r} ({entry.plugin}). {params.__doc__ or ''}".strip(),
             name=(Literal[entry.name], Field(description=f"Selects the {section} {entry.name!r}.")),
         )
+        models.append(model)
         members.append(Annotated[model, Tag(entry.name)])
     if not members:
         return PluginSection
+    if len(models) == 1:  # a union of one member is refused by some pydantic versions
+        return models[0]
     return Annotated[Union[tuple(members)], Discriminator(_name_of)]
 
 

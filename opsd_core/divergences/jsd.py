@@ -51,8 +51,8 @@ class JsdDivergence(Divergence):
         )
 
     @property
-    def fused(self) -> bool:
-        """Whether the trainer should call :meth:`per_token_hidden` instead of :meth:`per_token`."""
+    def uses_hidden_states(self) -> bool:
+        """``fused = true``: the trainer calls :meth:`per_token_hidden` instead of :meth:`per_token`."""
         return self.params.fused
 
     def per_token_hidden(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opsd_core.diagnostics.noise import with_noise_visual_thought
+from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.interfaces import Backend, Task
 from opsd_core.sampling import BatchedSampler
 from opsd_core.types import Context, Problem

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from opsd_core.errors import CapabilityError, ConfigError
+from opsd_core.errors import CapabilityError
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +43,62 @@ class DecodeState(ABC):
     logits: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond the required methods, declared once on its class.
+
+    The core reads these flags when a run's components are built (a run that needs what the
+    backend lacks is refused then, in one message) and when it chooses a code path; it never
+    probes a backend's methods. Each flag promises that the methods named below are
+    implemented; a declaration without them is refused as a plugin error.
+
+    Attributes:
+        hidden_states: :meth:`Backend.completion_hidden`, for divergences that compute the loss
+            from final hidden states (``jsd`` with ``fused = true``).
+        sharded_hidden_states: ``completion_hidden`` also works while the model is sharded over
+            several processes (its ``lm_head`` weight split by FSDP).
+        meta_skeleton: :meth:`Backend.model_skeleton`, so that only rank 0 builds the weights in
+            multi-process runs.
+        visual_thoughts: :meth:`Backend.generate_visual_thought` (the model draws its own VTs).
+        interleaved_answers: :meth:`Backend.answer_with_visual_thoughts` (the family's own
+            interleaved inference, for evaluation with visual thoughts).
+        image_skips: :meth:`Backend.image_skip_tokens` and :meth:`Backend.image_skip_injection`
+            (the paper's rule for rounds that ask for an image).
+        sharding: :meth:`Backend.parallelize` (FSDP2 training over several processes).
+    """
+
+    hidden_states: bool = False
+    sharded_hidden_states: bool = False
+    meta_skeleton: bool = False
+    visual_thoughts: bool = False
+    interleaved_answers: bool = False
+    image_skips: bool = False
+    sharding: bool = False
+
+    def declared(self) -> list[str]:
+        """The names of the flags that are set."""
+        return [flag.name for flag in fields(self) if getattr(self, flag.name)]
+
+
+# The methods each capability promises (the base class's versions refuse or return None).
+CAPABILITY_METHODS: dict[str, tuple[str, ...]] = {
+    "hidden_states": ("completion_hidden",),
+    "sharded_hidden_states": ("completion_hidden",),
+    "meta_skeleton": ("model_skeleton",),
+    "visual_thoughts": ("generate_visual_thought",),
+    "interleaved_answers": ("answer_with_visual_thoughts",),
+    "image_skips": ("image_skip_tokens", "image_skip_injection"),
+    "sharding": ("parallelize",),
+}
+
+
 class Backend(ABC):
-    """One UMM family behind the interface the trainer, sampler and evaluator use."""
+    """One UMM family behind the interface the trainer, sampler and evaluator use.
+
+    Subclasses set :attr:`capabilities` to what they implement beyond the abstract methods.
+    """
+
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     @property
     @abstractmethod
@@ -60,12 +115,13 @@ class Backend(ABC):
 
         Multi-process training uses it so that only rank 0 builds (or loads) the real weights
         and the other ranks receive their shards: without it every rank holds the whole model
-        for a moment, which large models cannot afford. The default, None, means "not
-        available" (every rank then calls :meth:`build_model`). A backend that returns a
-        skeleton must accept it in :meth:`parallelize`: sharding a model on the meta device
-        (weights are filled in afterwards), so ``parallelize`` must not run the model.
+        for a moment, which large models cannot afford. Backends that implement it declare
+        ``Capabilities(meta_skeleton=True)``; without it every rank calls :meth:`build_model`.
+        A backend that returns a skeleton must accept it in :meth:`parallelize`: sharding a
+        model on the meta device (weights are filled in afterwards), so ``parallelize`` must not
+        run the model.
         """
-        return None
+        raise CapabilityError(f"{type(self).__name__} has no meta-device model skeleton")
 
     def context_builder(self) -> PrivilegedContextBuilder:
         """The student/teacher context builder with this model family's prompt texts."""
@@ -99,16 +155,17 @@ class Backend(ABC):
 
     def completion_hidden(
         self, model: torch.nn.Module, contexts: Sequence[Context], completions: CompletionBatch
-    ) -> CompletionHidden | None:
+    ) -> CompletionHidden:
         """Final hidden states at the rows :meth:`completion_logits` gives, and the lm_head weight.
 
-        Lets a fused divergence (``jsd`` with ``fused = true``) compute the loss without the
-        (B, N + 1, V) logits. Gradients flow as in :meth:`completion_logits`. The default
-        returns None: not supported (a run asking for the fused loss is then refused by
-        :meth:`check_run`). Backends whose lm_head has a bias or a logit transform beyond the
-        matmul must not provide it.
+        Lets a divergence that uses hidden states (``jsd`` with ``fused = true``) compute the
+        loss without the (B, N + 1, V) logits. Gradients flow as in :meth:`completion_logits`.
+        Backends that implement it declare ``Capabilities(hidden_states=True)``; a run asking
+        for such a divergence on any other backend is refused when its components are built.
+        Backends whose lm_head has a bias or a logit transform beyond the matmul must not
+        provide it.
         """
-        return None
+        raise CapabilityError(f"{type(self).__name__} provides no completion hidden states")
 
     @abstractmethod
     def start_decoding(
@@ -135,7 +192,8 @@ class Backend(ABC):
         the injected tokens (they are fed, not trained on), or None to let the EOS stand.
         ``completion`` is the round's tokens so far, without the EOS.
 
-        A backend that overrides this also overrides :meth:`image_skip_injection`.
+        A backend that overrides this also overrides :meth:`image_skip_injection` and declares
+        ``Capabilities(image_skips=True)``.
         """
         return None
 
@@ -176,20 +234,13 @@ class Backend(ABC):
     def check_run(self, config: Any) -> None:
         """Refuse a run config this backend cannot serve, before anything runs.
 
-        Called with the resolved run config when a run starts (before the start checkpoint is
-        diagnosed), so a limit of the model (positions, a checkpoint that cannot draw images)
-        is a clear error then rather than a failure mid-run. Raise ``ConfigError`` naming the
-        field and what to set instead. The default refuses only a fused divergence (a
-        ``divergence.fused`` param set) on a backend that does not override
-        :meth:`completion_hidden`; backends overriding this method call ``super().check_run``.
+        Called with the resolved run config when a run's components are built (before the
+        start checkpoint is loaded), so a limit of the model (positions, a checkpoint that
+        cannot draw images) is a clear error then rather than a failure mid-run. Raise
+        ``ConfigError`` naming the field and what to set instead. What the declared
+        :attr:`capabilities` already say (hidden states, sharding, drawing) is checked by the
+        core; this method covers the rest. The default accepts every config.
         """
-        divergence = getattr(config, "divergence", None)
-        fused = getattr(divergence, "fused", False) if divergence is not None else False
-        if fused and type(self).completion_hidden is Backend.completion_hidden:
-            raise ConfigError(
-                f"divergence.fused = true needs final hidden states, but backend {type(self).__name__} "
-                "does not provide completion_hidden; set divergence.fused = false"
-            )
 
     @abstractmethod
     def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:

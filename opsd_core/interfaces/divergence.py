@@ -15,7 +15,19 @@ if TYPE_CHECKING:
 
 
 class Divergence(ABC):
-    """Per-row divergence; the trainer does the reduction over rows and samples."""
+    """Per-row divergence; the trainer does the reduction over rows and samples.
+
+    A divergence that computes the loss from final hidden states and the ``lm_head`` weight
+    (so the student's (B, T, V) logits never exist) sets :attr:`uses_hidden_states` and
+    implements ``per_token_hidden``; the run is then checked once, when its components are
+    built, against the backend's declared ``hidden_states`` capability.
+    """
+
+    @property
+    def uses_hidden_states(self) -> bool:
+        """Whether the trainer calls ``per_token_hidden(student_hidden, teacher_hidden, weight,
+        mask, teacher_weight=..., with_kl=True)`` instead of :meth:`per_token`."""
+        return False
 
     @abstractmethod
     def per_token(

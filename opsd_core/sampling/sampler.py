@@ -16,11 +16,13 @@ batch, on the batch's order, or on how often the host looks.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from opsd_core.interfaces.backend import Backend
 from opsd_core.interfaces.sampler import OnPolicySampler
+from opsd_core.sampling.params import BatchedSamplerParams
 from opsd_core.types import CompletionBatch, Context
 
 _MASK32 = 0xFFFFFFFF
@@ -170,20 +172,17 @@ class BatchedSampler(OnPolicySampler):
         self.max_completion_tokens = max_completion_tokens
         self.max_image_skips = max_image_skips
         self.sync_every = sync_every
-        self._injection = self._declared_injection() if max_image_skips else None
+        self._injection = self._declared_injection() if max_image_skips and backend.capabilities.image_skips else None
 
-    def _declared_injection(self) -> list[int] | None:
+    def _declared_injection(self) -> list[int]:
         injection = self.backend.image_skip_injection()
-        overrides_rule = type(self.backend).image_skip_tokens is not Backend.image_skip_tokens
-        if injection is None and overrides_rule:
+        if not injection:
             raise ValueError(
-                f"{type(self.backend).__name__} implements image_skip_tokens but not image_skip_injection "
-                "(the tokens a skip injects, needed before the rule is checked); implement it or set "
-                "max_image_skips = 0"
+                f"{type(self.backend).__name__} declares the image_skips capability but image_skip_injection() "
+                f"returned {injection!r}: it must return the tokens a skip injects (needed before the rule is "
+                "checked); declare image_skips only with both methods, or set sampling.max_image_skips = 0"
             )
-        if injection is not None and not injection:
-            raise ValueError(f"{type(self.backend).__name__}.image_skip_injection() returned no tokens")
-        return None if injection is None else [int(t) for t in injection]
+        return [int(t) for t in injection]
 
     @torch.no_grad()
     def sample(
@@ -281,3 +280,14 @@ class BatchedSampler(OnPolicySampler):
             sampled=(rows.sampled & ~past)[:, :width],
             finished=rows.finished.clone(),
         )
+
+
+def batched_sampler(params: BatchedSamplerParams, backend: Backend, sampling: Any) -> BatchedSampler:
+    """The ``[sampler]`` named ``batched``, following the run's ``[sampling]`` policy."""
+    return BatchedSampler(
+        backend,
+        sampling.temperature,
+        sampling.max_completion_tokens,
+        sampling.max_image_skips,
+        sync_every=params.sync_every,
+    )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from opsd_core.diagnostics.noise import with_noise_visual_thought
+from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.interfaces import Backend
 from opsd_core.sampling import BatchedSampler
 from opsd_core.types import CompletionBatch, Context, Problem

@@ -114,16 +114,19 @@ def make_trainer(
 ):
     """A Trainer of the backend's freshly built model, writing to ``directory``."""
     from opsd_core.divergences.jsd import JsdDivergence
+    from opsd_core.components import Components
+    from opsd_core.sampling import BatchedSampler
     from opsd_core.teachers.ema import EmaTeacher
     from opsd_core.trainer.trainer import Trainer
 
     backend = build_backend()
     student = backend.build_model().requires_grad_(True)
     directory.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(
-        config, backend, task or SeededProblems(), JsdDivergence(), EmaTeacher(), student,
-        directory, directory / "metrics.jsonl", ranks=ranks,
-    )  # fmt: skip
+    sampler = BatchedSampler(backend, config.sampling.temperature, config.sampling.max_completion_tokens)
+    components = Components(
+        config, backend, task or SeededProblems(), JsdDivergence(), EmaTeacher(), sampler, backend.context_builder()
+    )
+    trainer = Trainer(components, student, directory, directory / "metrics.jsonl", ranks=ranks)
     return trainer
 
 

@@ -41,14 +41,14 @@ def build_start(backend: Backend, config: RunConfig, ranks: Ranks, device: torch
     weightless unsharded copy of it (None in a single process).
 
     A single process builds the model on ``device``. Several processes get it sharded by
-    ``backend.parallelize`` when the backend offers :meth:`~opsd_core.interfaces.Backend.model_skeleton`:
+    ``backend.parallelize`` when the backend declares the ``meta_skeleton`` capability:
     only rank 0 builds (or loads) the weights and every rank receives its shards from it, so
     no other rank ever holds the whole model. A backend without a skeleton gets what a single
     process gets, on every rank, with skeleton None: the whole start model, which the trainer
     copies and shards (its ``parallelize`` may then run the model, e.g. to initialise FSDP
     from the root). Every rank must call it.
     """
-    skeleton = backend.model_skeleton() if ranks.distributed else None
+    skeleton = backend.model_skeleton() if ranks.distributed and backend.capabilities.meta_skeleton else None
     if skeleton is None:
         return backend.build_model().to(ranks.device if ranks.distributed else device).requires_grad_(False), None
     full = backend.build_model().to(ranks.device) if ranks.is_main else None

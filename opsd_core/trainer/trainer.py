@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 
-from opsd_core.config import RunConfig
-from opsd_core.diagnostics.noise import with_noise_visual_thought
+from opsd_core.components import Components
+from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.divergences import kl_divergence
 from opsd_core.errors import ConfigError
-from opsd_core.interfaces import Backend, Divergence, Task, TeacherUpdate
-from opsd_core.sampling import BatchedSampler, sample_seed
+from opsd_core.sampling import sample_seed
 from opsd_core.trainer import checkpoint
 from opsd_core import runtime
 from opsd_core.trainer import optimizer_state, sharding
@@ -63,8 +62,8 @@ class Trainer:
     """Trains ``student`` with OPSD (or a control) and writes metrics and checkpoints.
 
     Args:
-        config: the resolved run config.
-        backend, task, divergence, teacher_update: the roles.
+        components: the run's roles, built and checked by
+            :func:`~opsd_core.components.build_components` (its config is the resolved run config).
         student: the model to train (its weights are updated in place).
         phase_dir: where this phase writes ``checkpoints/``.
         metrics_path: the run's ``metrics.jsonl`` (shared by phases; lines carry the phase).
@@ -78,11 +77,7 @@ class Trainer:
 
     def __init__(
         self,
-        config: RunConfig,
-        backend: Backend,
-        task: Task,
-        divergence: Divergence,
-        teacher_update: TeacherUpdate,
+        components: Components,
         student: torch.nn.Module,
         phase_dir: Path,
         metrics_path: Path,
@@ -90,8 +85,13 @@ class Trainer:
         ranks: runtime.Ranks | None = None,
         skeleton: torch.nn.Module | None = None,
     ):
-        self.config, self.backend, self.task = config, backend, task
-        self.divergence, self.teacher_update, self.mode = divergence, teacher_update, mode
+        config = components.config
+        self.config, self.backend, self.task = config, components.backend, components.task
+        self.divergence, self.teacher_update, self.mode = components.divergence, components.teacher_update, mode
+        self.builder, self.sampler = components.context, components.sampler
+        # Decided once: a divergence on hidden states never sees the (B, T, V) logits.
+        self.hidden_states = components.divergence.uses_hidden_states
+        backend, teacher_update = self.backend, self.teacher_update
         self.ranks = ranks or runtime.Ranks()
         self.ranks.share(config.train.samples_per_step, "train.samples_per_step")  # fail now, not at step 1
         self.device = next(student.parameters()).device
@@ -104,11 +104,6 @@ class Trainer:
             teacher = teacher_update.create(student)
             self.student, self._student_skeleton = sharding.shard(backend, student, self.ranks, config)
             self.teacher, self._teacher_skeleton = sharding.shard(backend, teacher, self.ranks, config)
-        self.builder = backend.context_builder()
-        sampling = config.sampling
-        self.sampler = BatchedSampler(
-            backend, sampling.temperature, sampling.max_completion_tokens, sampling.max_image_skips
-        )
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.student.parameters() if p.requires_grad],
@@ -155,18 +150,13 @@ class Trainer:
                 if not whole_step:
                     (completions,) = self._sample_together([(problems, students, teachers, seeds)], timings)
 
-                # A fused divergence takes final hidden states and the lm_head weight instead of
-                # logits, so the student's (B, T, V) logits never exist.
-                fused = bool(getattr(self.divergence, "fused", False))
+                # A divergence on hidden states takes final hidden states and the lm_head weight
+                # instead of logits, so the student's (B, T, V) logits never exist.
+                fused = self.hidden_states
                 rows_of = self.backend.completion_hidden if fused else self.backend.completion_logits
                 started = time.perf_counter()
                 with torch.no_grad(), self._precision():
                     teacher_rows = rows_of(self.teacher, teachers, completions)
-                if teacher_rows is None:
-                    raise ConfigError(
-                        f"divergence.fused = true but backend {type(self.backend).__name__} returns no "
-                        "completion_hidden; set divergence.fused = false"
-                    )
                 timings["teacher_s"] += time.perf_counter() - started
 
                 started = time.perf_counter()

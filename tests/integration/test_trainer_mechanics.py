@@ -8,7 +8,7 @@ import torch
 
 from opsd_core.components import build_components
 from opsd_core.config import load_config
-from opsd_core.diagnostics.noise import with_noise_visual_thought
+from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.errors import CheckpointError
 from opsd_core.trainer.checkpoint import list_checkpoints
 from opsd_core.trainer.trainer import Mode, Trainer
@@ -31,17 +31,7 @@ def _setup(tmp_path, *overrides, mode=Mode("opsd"), name="run"):
     components = build_components(config)
     torch.manual_seed(0)
     student = components.backend.build_model()
-    trainer = Trainer(
-        config,
-        components.backend,
-        components.task,
-        components.divergence,
-        components.teacher_update,
-        student,
-        tmp_path / name,
-        tmp_path / f"{name}-metrics.jsonl",
-        mode,
-    )
+    trainer = Trainer(components, student, tmp_path / name, tmp_path / f"{name}-metrics.jsonl", mode)
     return trainer
 
 

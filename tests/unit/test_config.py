@@ -91,7 +91,7 @@ def test_plugin_section_is_validated_by_the_plugins_model(registries):
         ({"backend": {"name": "tiny-umm", "width": 1000}}, ["backend.width", "less than or equal to 64", "1000"]),
         ({"backend": {"name": "tiny-um"}}, ["backend.name", "unknown backend 'tiny-um'", "janus-pro, tiny-umm", "Did you mean 'tiny-umm'"]),
         ({"divergence": {"name": "jds"}}, ["divergence.name", "known divergences: jsd, reverse-kl", "Did you mean 'jsd'"]),
-        ({"nonsense": {}}, ["nonsense", "unknown key", "allowed keys: backend, diagnostics, divergence"]),
+        ({"nonsense": {}}, ["nonsense", "unknown key", "allowed keys: backend, context, diagnostics, divergence"]),
         ({"schedule": {"warmup_steps": 20, "total_steps": 10}}, ["schedule", "must not exceed total_steps"]),
     ],
 )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from opsd_core.components import build_components
+from opsd_core.components import build_components, check_components
 from opsd_core.config import load_config
 from opsd_core.divergences import (
     JsdDivergence,
@@ -19,7 +19,7 @@ from opsd_core.divergences import (
     kl_divergence,
 )
 from opsd_core.errors import ConfigError
-from opsd_core.interfaces import Backend
+from opsd_core.interfaces import Backend, Capabilities
 from opsd_core.sampling import BatchedSampler
 from opsd_core.trainer.trainer import Trainer
 
@@ -239,7 +239,7 @@ def test_jsd_params_fused_needs_a_top_k():
 def test_per_token_hidden_equals_per_token_and_reports_top_k_kl():
     student, teacher, weight, mask = _inputs(dtype=torch.float64, seed=8)
     divergence = JsdDivergence(JsdParams(top_k=6, clip=0.05, fused=True))
-    assert divergence.fused
+    assert divergence.uses_hidden_states
     losses, kl = divergence.per_token_hidden(student, teacher, weight, mask, with_kl=True)
     student_logits, teacher_logits = student @ weight.T, teacher @ weight.detach().T
     torch.testing.assert_close(losses, divergence.per_token(student_logits, teacher_logits, mask), **TIGHT)
@@ -268,26 +268,16 @@ SMALL = [
 def _trainer(tmp_path, name, *overrides):
     config = load_config(QUICKSTART, [*SMALL, *overrides])
     components = build_components(config)
-    components.backend.check_run(config)
+    components.sampler = BatchedSampler(components.backend, 0.0, config.sampling.max_completion_tokens)  # greedy
     torch.manual_seed(0)
-    trainer = Trainer(
-        config,
-        components.backend,
-        components.task,
-        components.divergence,
-        components.teacher_update,
-        components.backend.build_model(),
-        tmp_path / name,
-        tmp_path / f"{name}.jsonl",
-    )
-    trainer.sampler = BatchedSampler(trainer.backend, 0.0, config.sampling.max_completion_tokens)
+    trainer = Trainer(components, components.backend.build_model(), tmp_path / name, tmp_path / f"{name}.jsonl")
     return trainer
 
 
 def test_trainer_fused_step_equals_the_logits_step(tmp_path):
     plain = _trainer(tmp_path, "plain")
     fused = _trainer(tmp_path, "fused", "divergence.fused=true")
-    assert fused.divergence.fused and not plain.divergence.fused
+    assert fused.hidden_states and not plain.hidden_states
     for step in range(2):
         plain_metrics, fused_metrics = plain.train_step(), fused.train_step()
         assert fused_metrics["loss"] == pytest.approx(plain_metrics["loss"], rel=1e-5, abs=1e-7)
@@ -300,13 +290,15 @@ def test_trainer_fused_step_equals_the_logits_step(tmp_path):
 
 def test_fused_run_is_refused_by_a_backend_without_hidden_states():
     config = load_config(QUICKSTART, [*SMALL, "divergence.fused=true"])
-    backend = build_components(config).backend
+    components = build_components(config)
 
-    class LogitsOnly(type(backend)):
+    class LogitsOnly(type(components.backend)):
+        capabilities = Capabilities()
         completion_hidden = Backend.completion_hidden
 
-    refused = LogitsOnly.__new__(LogitsOnly)
-    refused.__dict__.update(backend.__dict__)
+    components.backend = LogitsOnly.__new__(LogitsOnly)
+    components.backend.__dict__.update(build_components(config).backend.__dict__)
     with pytest.raises(ConfigError, match="divergence.fused"):
-        refused.check_run(config)
-    refused.check_run(load_config(QUICKSTART, SMALL))  # unfused: accepted
+        check_components(components)
+    components.divergence = build_components(load_config(QUICKSTART, SMALL)).divergence
+    check_components(components)  # unfused: accepted

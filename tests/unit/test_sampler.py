@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opsd_core.interfaces.backend import Backend, DecodeState
+from opsd_core.interfaces.backend import Backend, Capabilities, DecodeState
 from opsd_core.sampling import BatchedSampler, choose_tokens
 from opsd_core.sampling.sampler import seeded_choice, uniform_noise, unit_interval
 from opsd_core.types import Context, TextSegment, Vocabulary
@@ -33,6 +33,7 @@ class ScriptedBackend(Backend):
     """Greedily emits a fixed script per context (the context's text is the script)."""
 
     vocabulary = Vocabulary(size=V, eos_id=EOS, pad_id=PAD, valid_size=9)
+    capabilities = Capabilities(image_skips=True)
 
     def build_model(self):
         return torch.nn.Linear(1, 1)
@@ -159,7 +160,7 @@ def test_a_second_skip_is_checked_and_cut_back_on_its_own():
     assert no_request.sample(None, _contexts([2, EOS, 8, EOS, 3])).token_lists() == [[2]]
 
 
-def test_a_backend_with_a_rule_but_no_declared_injection_is_refused():
+def test_a_backend_that_declares_image_skips_but_no_injection_is_refused():
     class Undeclared(ScriptedBackend):
         def image_skip_injection(self):
             return None

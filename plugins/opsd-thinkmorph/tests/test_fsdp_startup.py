@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from opsd_core.components import Components
 from opsd_core.config import RunConfig
 from opsd_core.divergences.jsd import JsdDivergence
 from opsd_core.interfaces import Task
@@ -83,11 +84,11 @@ def run_config() -> RunConfig:
 
 
 def make_trainer(directory: Path, ranks, config, backend, student, skeleton=None) -> Trainer:
-    trainer = Trainer(
-        config, backend, StreamTask(), JsdDivergence(), EmaTeacher(), student,
-        directory, directory / "metrics.jsonl", ranks=ranks, skeleton=skeleton,
-    )  # fmt: skip
-    trainer.sampler = BatchedSampler(backend, 0.0, config.sampling.max_completion_tokens)  # greedy
+    greedy = BatchedSampler(backend, 0.0, config.sampling.max_completion_tokens)
+    components = Components(
+        config, backend, StreamTask(), JsdDivergence(), EmaTeacher(), greedy, backend.context_builder()
+    )
+    trainer = Trainer(components, student, directory, directory / "metrics.jsonl", ranks=ranks, skeleton=skeleton)
     directory.mkdir(parents=True, exist_ok=True)
     return trainer
 

@@ -220,19 +220,14 @@ class ByteBackend(Backend):
         return state.logits
 
     def check_run(self, config: Any) -> None:
-        """Refuse runs whose teacher forwards could outgrow the position table, and runs that
-        would need this model to draw visual thoughts (and what the base class refuses)."""
-        super().check_run(config)
+        """Refuse runs whose teacher forwards could outgrow the position table. (Runs that would
+        need this model to draw visual thoughts are refused by the core: it declares no
+        ``visual_thoughts`` capability.)"""
         if config.sampling.max_forward_tokens > self.config.max_positions:
             raise ConfigError(
                 f"sampling.max_forward_tokens: byte-umm holds {self.config.max_positions} positions, got "
                 f"{config.sampling.max_forward_tokens}; set it to at most {self.config.max_positions} "
                 "or raise backend.max_positions"
-            )
-        if config.sampling.visual_thoughts == "generate":
-            raise ConfigError(
-                "sampling.visual_thoughts: byte-umm cannot draw images, got 'generate'; use 'stored' "
-                "with a task that ships visual thoughts"
             )
 
     # ------------------------------------------------------------------ weights on disk

@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache
 
 from opsd_core.batching import PaddedRows, completion_columns, pad_left
 from opsd_core.errors import CapabilityError, ConfigError
-from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
+from opsd_core.interfaces import Backend, Capabilities, DecodeState, PrivilegedContextBuilder
 from opsd_core.length_budget import check_length_budget, context_floor
 from opsd_core.types import CompletionBatch, CompletionLogits, Context, ImageSegment, Problem, Vocabulary
 from opsd_emu3 import context as emu3_context
@@ -52,6 +52,8 @@ class Emu3DecodeState(DecodeState):
 
 class Emu3Backend(Backend):
     """Emu3-Chat-hf / Emu3-Gen-hf from a local directory, or the tiny ``debug`` flavour."""
+
+    capabilities = Capabilities(visual_thoughts=True, sharding=True)
 
     def __init__(self, params: Emu3Params | None = None):
         self.params = p = params or Emu3Params(flavour=DEBUG)

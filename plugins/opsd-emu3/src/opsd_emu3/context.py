@@ -11,7 +11,7 @@ Does not know: tokens, VQ codes or weights.
 
 from __future__ import annotations
 
-from opsd_core.interfaces.context import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
+from opsd_core.contexts.paper import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
 from opsd_core.types import SYSTEM, Context, ImageSegment, TextSegment
 
 SYSTEM_PROMPT = (

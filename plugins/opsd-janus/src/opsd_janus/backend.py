@@ -26,7 +26,7 @@ import torch
 
 from opsd_core.batching import completion_rows, pad_right
 from opsd_core.errors import ConfigError
-from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
+from opsd_core.interfaces import Backend, Capabilities, DecodeState, PrivilegedContextBuilder
 from opsd_core.length_budget import check_length_budget, context_floor
 from opsd_core.types import (
     CompletionBatch,
@@ -75,6 +75,8 @@ class JanusDecodeState(DecodeState):
 
 class JanusBackend(Backend):
     """Janus-Pro from a local Hugging Face directory, or the tiny ``debug`` flavour."""
+
+    capabilities = Capabilities(visual_thoughts=True, sharding=True)
 
     def __init__(self, params: JanusParams | None = None):
         self.params = p = params or JanusParams(flavour=DEBUG, image_size=32)

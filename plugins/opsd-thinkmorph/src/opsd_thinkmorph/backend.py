@@ -18,7 +18,7 @@ import torch
 
 from opsd_core.batching import gather_rows
 from opsd_core.errors import CapabilityError, ConfigError
-from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
+from opsd_core.interfaces import Backend, Capabilities, DecodeState, PrivilegedContextBuilder
 from opsd_core.types import (
     CompletionBatch,
     CompletionHidden,
@@ -57,6 +57,15 @@ class ThinkMorphDecodeState(DecodeState):
 
 class ThinkMorphBackend(Backend):
     """ThinkMorph-7B from a local directory, or the ``debug`` / ``7b-random`` flavours."""
+
+    capabilities = Capabilities(
+        hidden_states=True,
+        meta_skeleton=True,
+        visual_thoughts=True,
+        interleaved_answers=True,
+        image_skips=True,
+        sharding=True,
+    )
 
     def __init__(self, params: ThinkMorphParams | None = None):
         self.params = params or ThinkMorphParams(flavour=DEBUG)
@@ -204,17 +213,6 @@ class ThinkMorphBackend(Backend):
             )
         hidden = self._completion_hidden_rows(model, contexts, completions)
         return CompletionHidden(hidden, completions.row_mask().to(hidden.device), weight)
-
-    def check_run(self, config: Any) -> None:
-        """Also refuses the fused loss with several processes (the ``lm_head`` weight is sharded)."""
-        super().check_run(config)
-        from opsd_core.runtime import launched_world_size
-
-        if getattr(config.divergence, "fused", False) and launched_world_size() > 1:
-            raise ConfigError(
-                f"divergence.fused: the fused loss needs the whole lm_head weight, which FSDP shards over the "
-                f"{launched_world_size()} processes (got fused = true); set divergence.fused = false"
-            )
 
     @torch.no_grad()
     def start_decoding(self, model: Bagel, contexts: Sequence[Context], max_new_tokens: int) -> ThinkMorphDecodeState:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from opsd_core.errors import CapabilityError
-from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
+from opsd_core.interfaces import Backend, Capabilities, DecodeState, PrivilegedContextBuilder
 from opsd_core.types import SYSTEM, CompletionBatch, CompletionHidden, CompletionLogits, Context, ImageSegment, TextSegment, Vocabulary
 from opsd_tiny import context as prompts
 from opsd_tiny import state_dict
@@ -62,6 +62,8 @@ class TinyDecodeState(DecodeState):
 
 class TinyBackend(Backend):
     """The embedded default's model family: :class:`TinyUMM` with its word vocabulary."""
+
+    capabilities = Capabilities(hidden_states=True)
 
     def __init__(self, params: TinyBackendParams | None = None):
         self.params = params or TinyBackendParams()

@@ -1,0 +1,113 @@
+"""Building a run's components: each role by name, and the capability checks made once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opsd_core.components import build_components, check_components, check_declared_capabilities
+from opsd_core.config import load_config
+from opsd_core.contexts.paper import PaperContextBuilder
+from opsd_core.errors import ConfigError, PluginError
+from opsd_core.interfaces import Backend, Capabilities
+from opsd_core.sampling import BatchedSampler
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
+
+
+def _components(*overrides, world_size=1):
+    return build_components(load_config(QUICKSTART, overrides), world_size=world_size)
+
+
+def _with_backend_class(components, cls):
+    """``components`` whose backend is the same object re-classed as ``cls``."""
+    backend = cls.__new__(cls)
+    backend.__dict__.update(components.backend.__dict__)
+    components.backend = backend
+    return components
+
+
+def test_every_role_is_built_by_name_with_its_params():
+    components = _components("sampler.sync_every=3", "context.system_prompt='navigate the frozen lake'")
+    assert isinstance(components.sampler, BatchedSampler) and components.sampler.sync_every == 3
+    assert components.sampler.temperature == components.config.sampling.temperature
+    assert isinstance(components.context, PaperContextBuilder)
+    assert components.context.ref_intro == components.backend.context_builder().ref_intro
+
+
+def test_context_params_replace_the_backends_texts():
+    components = _components("context.transition='answer now'")
+    assert components.context.transition == "answer now"
+    assert components.context.system_prompt == components.backend.context_builder().system_prompt
+
+
+def test_unknown_sampler_or_context_names_are_refused_with_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown sampler 'batchd'.*batched.*Did you mean 'batched'"):
+        _components("sampler.name='batchd'")
+    with pytest.raises(ConfigError, match="unknown context 'papr'.*paper"):
+        _components("context.name='papr'")
+
+
+def test_a_declared_capability_without_its_method_is_a_plugin_error():
+    backend = _components().backend
+
+    class Boasting(type(backend)):
+        capabilities = Capabilities(hidden_states=True, visual_thoughts=True, image_skips=True)
+
+    boasting = Boasting.__new__(Boasting)
+    with pytest.raises(PluginError) as error:
+        check_declared_capabilities(boasting)
+    message = str(error.value)
+    assert "visual_thoughts (needs generate_visual_thought)" in message
+    assert "image_skips (needs image_skip_tokens)" in message
+    assert "hidden_states" not in message  # the tiny backend implements completion_hidden
+
+
+def test_drawing_visual_thoughts_needs_the_capability():
+    with pytest.raises(ConfigError, match="visual_thoughts = 'generate'.*cannot draw"):
+        _components("sampling.visual_thoughts='generate'")  # build_components checks once
+    check_components(_components("sampling.visual_thoughts='stored'"))
+
+
+def test_several_processes_need_sharding_and_sharded_hidden_states_for_the_fused_loss():
+    components = _components("divergence.fused=true")
+
+    class Shards(type(components.backend)):
+        capabilities = Capabilities(hidden_states=True, sharding=True)
+
+        def parallelize(self, model, mesh, config):
+            return model
+
+    with pytest.raises(ConfigError, match="needs sharding"):
+        check_components(components, world_size=2)
+    _with_backend_class(components, Shards)
+    check_components(components)  # one process: the fused loss has the whole lm_head
+    with pytest.raises(ConfigError, match="sharded_hidden_states"):
+        check_components(components, world_size=2)
+
+    class ShardedHidden(Shards):
+        capabilities = Capabilities(hidden_states=True, sharded_hidden_states=True, sharding=True)
+
+    _with_backend_class(components, ShardedHidden)
+    check_components(components, world_size=2)
+
+
+def test_the_backends_own_check_runs_after_the_capability_checks():
+    components = _components()
+    seen = []
+
+    class Checking(type(components.backend)):
+        def check_run(self, config):
+            seen.append(config)
+
+    _with_backend_class(components, Checking)
+    check_components(components)
+    assert seen == [components.config]
+
+
+def test_backend_base_methods_refuse_undeclared_capabilities():
+    backend = _components().backend
+    for method, args in (("model_skeleton", ()), ("generate_visual_thought", (None, []))):
+        with pytest.raises(Exception, match=type(backend).__name__):
+            getattr(Backend, method)(backend, *args)
