@@ -11,7 +11,8 @@ from opsd_example_backend import vocab
 from opsd_example_backend.backend import ByteBackend
 from opsd_example_backend.config import ByteUMMParams
 
-from opsd_core.config import RunConfig
+from opsd_core.components import build_components
+from opsd_core.config import RunConfig, load_config
 from opsd_core.errors import CheckpointError, ConfigError
 from opsd_core.testing.backend_contract import check_backend_contract
 from opsd_core.types import Problem
@@ -104,10 +105,14 @@ def test_check_run_refuses_what_the_model_cannot_serve():
     base = {"backend": {"name": "byte-umm"}, "task": {"name": "frozen-lake"}}
     with pytest.raises(ConfigError, match="sampling.max_forward_tokens"):
         backend.check_run(RunConfig.model_validate({**base, "sampling": {"max_forward_tokens": 513}}))
-    with pytest.raises(ConfigError, match="sampling.visual_thoughts"):
-        sampling = {"max_forward_tokens": 512, "visual_thoughts": "generate"}
-        backend.check_run(RunConfig.model_validate({**base, "sampling": sampling}))
     backend.check_run(RunConfig.model_validate({**base, "sampling": {"max_forward_tokens": 512}}))
+
+
+def test_runs_that_need_drawing_are_refused_because_no_drawing_is_declared():
+    assert not ByteBackend.capabilities.visual_thoughts
+    overrides = ["backend.name='byte-umm'", "sampling.max_forward_tokens=512", "sampling.visual_thoughts='generate'"]
+    with pytest.raises(ConfigError, match="sampling.visual_thoughts"):
+        build_components(load_config(None, overrides))
 
 
 def test_registered_through_the_entry_point():
