@@ -228,7 +228,10 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where predictions and results go.")
 @click.option("--limit", type=click.IntRange(min=1), help="Answer only the first N items of each benchmark.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Items answered together.")
-@click.option("--chartqa-swapped", is_flag=True, help="ChartQA: 5 % relative to the prediction, as the paper's harness computed it.")
+@click.option("--chartqa-gold-relative", is_flag=True,
+              help="ChartQA: 5 % relative to the gold answer (ChartQA's definition) instead of the paper's harness, "
+              "which measures it relative to the prediction.")
+@click.option("--force", is_flag=True, help="With --predictions: replace results already in --out.")
 @click.option("--max-visual-thoughts", type=click.IntRange(min=1), default=3, show_default=True,
               help="vt mode, backends with interleaved inference: images drawn per answer at most (the paper's harness: 3).")
 def eval_command(
@@ -244,14 +247,18 @@ def eval_command(
     out_dir: str | None,
     limit: int | None,
     batch_size: int,
-    chartqa_swapped: bool,
+    chartqa_gold_relative: bool,
+    force: bool,
     max_visual_thoughts: int,
 ) -> None:
     """Greedy accuracy: of the task's student/teacher/noise contexts, or on the paper's benchmarks.
 
     Benchmarks: answers go to OUT/predictions.jsonl as they are produced (a crashed run resumes
     from them), then OUT/results.{json,md,png} hold accuracy, tokens and seconds per sample for
-    each mode. With --predictions, recorded answers are scored and no model is loaded.
+    each mode and OUT/items.jsonl how each item was scored (extracted answer, deciding rule, hit).
+    With --predictions, recorded answers are scored and no model is loaded; the results go to
+    --out (default: a new directory under the current one), never over earlier results unless
+    --force is given.
     """
     if benchmarks is None:
         if predictions or data_root:
@@ -272,7 +279,19 @@ def eval_command(
         raise click.BadParameter(f"choose from {', '.join(harness.MODES)} (got {benchmark_modes!r})", param_hint="--mode")
     if predictions is not None:
         records = harness.read_predictions(Path(predictions))
-        target = Path(out_dir) if out_dir else Path(predictions).parent
+        if out_dir is None:
+            stem = f"rescored-{Path(predictions).resolve().parent.name or 'predictions'}"
+            target, number = Path(stem), 1
+            while target.exists():
+                number += 1
+                target = Path(f"{stem}-{number}")
+        else:
+            target = Path(out_dir)
+        existing = [name for name in harness.RESULTS if (target / name).exists()]
+        if existing and not force:
+            raise click.UsageError(
+                f"{target} already holds results ({', '.join(existing)}); pass --force to replace them or --out elsewhere"
+            )
     else:
         if backend is not None:
             if config_path is None:
@@ -289,8 +308,8 @@ def eval_command(
                                       max_visual_thoughts=max_visual_thoughts)
         records = harness.read_predictions(target / harness.PREDICTIONS)
     records = [r for r in records if r.get("mode", "text") in chosen]
-    results = harness.score_predictions(records, names, Path(data_root), chartqa_swapped, limit)
-    paths = harness.write_results(results, target)
+    results, items = harness.score_predictions(records, names, Path(data_root), chartqa_gold_relative, limit)
+    paths = harness.write_results(results, items, target)
     click.echo(harness.results_markdown(results))
     click.echo("Results: " + ", ".join(str(p) for p in paths))
 

@@ -1,10 +1,11 @@
-"""Answer extraction from free model text: answer tags, boxed answers, option letters and
-option texts.
+"""Lenient answer extraction from free model text, for tasks: answer tags, boxed answers,
+option letters and option texts.
 
-Owns: the exact rules (documented per function) by which a raw response becomes the answer a
-scorer compares, following the paper's evaluation harness (a VLMEvalKit fork) so that figures
-are comparable.
-Does not know: benchmarks' files or models; every function is pure.
+Owns: the rules (documented per function) by which a task turns a raw response into the answer
+it compares: the last ``<answer>`` tag in any letter case, the last balanced ``\\boxed{}``, and
+the option letter and option text rules of the paper's harness.
+Does not know: benchmarks' files or models, nor the harness-exact benchmark rules
+(:mod:`opsd_core.evaluation.rules`); every function is pure.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import re
 from collections.abc import Mapping
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_ROUND_MARKER = re.compile(r"Round_\d+\s*:", re.IGNORECASE)
 _OPTION_PUNCTUATION = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
 
 
@@ -21,11 +21,6 @@ def answer_tag(text: str) -> str | None:
     """The stripped content of the last ``<answer>...</answer>`` (case-insensitive), or None."""
     found = _ANSWER_TAG.findall(text)
     return found[-1].strip() if found else None
-
-
-def strip_round_markers(text: str) -> str:
-    """``text`` without ``Round_k:`` markers (multi-round outputs of the harness)."""
-    return _ROUND_MARKER.sub(" ", text).strip()
 
 
 def boxed(text: str) -> str | None:

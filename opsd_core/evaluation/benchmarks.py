@@ -2,11 +2,13 @@
 
 Owns: where each benchmark's files live under a data root (their VLMEvalKit TSV names, else the
 Hugging Face parquet release read by :mod:`opsd_core.evaluation.parquet`), reading those TSVs
-(base64 images, list-string multi-image cells, index back-references, option columns), the
-normalised :class:`BenchmarkItem`, the prompt each item is asked with (the
-VLMEvalKit multiple-choice layout the paper's harness uses), scoring one response, and turning
-per-item hits into the number the paper reports (circular groups for SAT, per-source means for
-CV-Bench 2D).
+(base64 images, list-string multi-image cells, index back-references, option columns rendered
+as the harness's table reader renders them), the prompt each item is asked with (the VLMEvalKit
+multiple-choice layout the paper's harness uses), which harness rule of
+:mod:`opsd_core.evaluation.rules` scores each benchmark, and turning per-item hits into the
+figures the harness reports (circular groups for SAT, per-source means for CV-Bench 2D,
+per-file ChartQA, categories). Unreadable input raises
+:class:`~opsd_core.evaluation.items.BenchmarkDataError` naming the file, the row and the problem.
 Does not know: models, backends or contexts; images are handed over as PIL images.
 """
 
@@ -14,31 +16,27 @@ from __future__ import annotations
 
 import ast
 import base64
+import binascii
 import csv
 import io
 import math
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opsd_core.evaluation.answers import extract_choice
-from opsd_core.evaluation.scorers import (
-    CIRCULAR_OFFSET,
-    chartqa_prediction,
-    circular_accuracy,
-    maze_moves,
-    mean_of_group_accuracies,
-    pair_accuracy,
-    score_chartqa,
-    score_vsp,
-)
+from opsd_core.evaluation import parquet, rules
+from opsd_core.evaluation.items import OPTION_LETTERS, BenchmarkDataError, BenchmarkFileMissing, BenchmarkItem
+from opsd_core.evaluation.scorers import CIRCULAR_OFFSET, mean_of_group_accuracies, pair_accuracy
 
-OPTION_LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+__all__ = ["BENCHMARKS", "OPTION_LETTERS", "BenchmarkItem", "BenchmarkSpec", "aggregate", "benchmark_names",
+           "load_benchmark", "prompt", "read_tsv", "score"]
+
 # A cell this short in the image column is the index of another row whose image it reuses.
 BACK_REFERENCE_MAX = 64
+TSV_COLUMNS = ("index", "image", "question", "answer")
 
 
 @dataclass(frozen=True)
@@ -48,25 +46,29 @@ class BenchmarkSpec:
     Attributes:
         name: the command-line name.
         files: its VLMEvalKit TSV file names under the data root (several are pooled).
-        scoring: ``mcq`` (option letters), ``vsp`` (maze simulation) or ``chartqa`` (relaxed accuracy).
+        scoring: ``mcq`` (option letters), ``circular`` (option letters of the whole response,
+            every rotated copy of a question right), ``vsp`` (maze walk) or ``chartqa``
+            (relaxed accuracy).
         aggregate: ``plain`` (mean hit), ``circular`` (a question counts only if every rotated copy
             is right) or ``cv-bench`` (2D: mean of per-source accuracies; 3D: plain; the two
             averaged).
+        columns: TSV columns its rows need besides index, image, question and answer.
     """
 
     name: str
     files: tuple[str, ...]
     scoring: str = "mcq"
     aggregate: str = "plain"
+    columns: tuple[str, ...] = ()
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     spec.name: spec
     for spec in (
-        BenchmarkSpec("vsp", ("VSP_maze_task_main_original.tsv",), scoring="vsp"),
+        BenchmarkSpec("vsp", ("VSP_maze_task_main_original.tsv",), scoring="vsp", columns=("maze_map", "maze_size")),
         BenchmarkSpec("vispuzzle", ("VisPuzzle.tsv",)),
         BenchmarkSpec("blink-jigsaw", ("BLINK_Jigsaw.tsv",)),
-        BenchmarkSpec("sat", ("SAT_circular.tsv",), aggregate="circular"),
+        BenchmarkSpec("sat", ("SAT_circular.tsv",), scoring="circular", aggregate="circular"),
         BenchmarkSpec("blink", ("BLINK.tsv",)),
         BenchmarkSpec("chartqa", ("ChartQA_h_bar.tsv", "ChartQA_v_bar.tsv"), scoring="chartqa"),
         BenchmarkSpec("vstar", ("VStarBench.tsv",)),
@@ -74,47 +76,6 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("cv-bench", ("CV-Bench-2D.tsv", "CV-Bench-3D.tsv"), aggregate="cv-bench"),
     )
 }
-
-
-@dataclass(frozen=True)
-class BenchmarkItem:
-    """One question of a benchmark, normalised.
-
-    Attributes:
-        benchmark: the benchmark's name.
-        index: the row's ``index`` column (unique within the benchmark's pooled files).
-        source_file: the file it came from (a TSV, or a parquet shard relative to the data root).
-        images: PIL images, in order.
-        question: the question text as stored.
-        options: option letter -> text, for multiple-choice rows.
-        answer: the gold answer (a letter, a number or a short string; ChartQA may list several).
-        hint: the ``hint`` column, if any.
-        category: the ``category`` column, if any.
-        extra: other columns (``maze_map``, ``source``, ``split``, ...).
-        part: the VLMEvalKit file stem the row belongs to (``CV-Bench-2D``, ``ChartQA_h_bar``):
-            the unit of the per-part figures, whichever format the row was read from. Defaults
-            to the stem of ``source_file``.
-    """
-
-    benchmark: str
-    index: int
-    source_file: str
-    images: tuple[Any, ...]
-    question: str
-    options: Mapping[str, str]
-    answer: Any
-    hint: str | None = None
-    category: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    part: str | None = None
-
-    @property
-    def id(self) -> str:
-        return f"{self.benchmark}/{self.index}"
-
-    @property
-    def release_part(self) -> str:
-        return self.part or Path(self.source_file).stem
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -134,7 +95,7 @@ def benchmark_files(spec: BenchmarkSpec, data_root: Path) -> list[Path]:
     paths = [Path(data_root) / name for name in spec.files]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise BenchmarkFileMissing(
             f"benchmark {spec.name!r} needs {', '.join(spec.files)} in {data_root} (the VLMEvalKit TSV files); "
             f"missing: {', '.join(str(p) for p in missing)}"
         )
@@ -142,14 +103,13 @@ def benchmark_files(spec: BenchmarkSpec, data_root: Path) -> list[Path]:
 
 
 def decode_image(cell: str) -> Any:
-    """A PIL RGB image from a base64 cell."""
-    from PIL import Image
+    """A PIL RGB image from a base64 cell (raises ValueError when it is not one)."""
+    from PIL import Image, UnidentifiedImageError
 
-    return Image.open(io.BytesIO(base64.b64decode(cell))).convert("RGB")
-
-
-def _is_missing(value: str | None) -> bool:
-    return value is None or value.strip() == "" or value.strip().lower() == "nan"
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(cell, validate=True))).convert("RGB")
+    except (binascii.Error, UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"not a base64-encoded image ({error})") from None
 
 
 def _parse_answer(value: str) -> Any:
@@ -165,50 +125,111 @@ def _parse_answer(value: str) -> Any:
     return stripped
 
 
-def read_tsv(path: Path, benchmark: str) -> list[BenchmarkItem]:
-    """Every row of a VLMEvalKit TSV as items (images decoded, back-references resolved)."""
+def _read_rows(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a TSV with ``columns`` present and every row of the header's width."""
     csv.field_size_limit(sys.maxsize)
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    if rows and ("index" not in rows[0] or "question" not in rows[0]):
-        raise ValueError(f"{path}: a VLMEvalKit TSV needs the columns index, question, image (got {list(rows[0])})")
-    cells = {row["index"].strip(): row.get("image") or "" for row in rows}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle, delimiter="\t")
+            header = reader.fieldnames
+            rows = []
+            for number, row in enumerate(reader, start=1):
+                if None in row or None in row.values():
+                    raise BenchmarkDataError(
+                        f"{path}, row {number} (line {reader.line_num}): {len(row) - (None in row)} header columns "
+                        f"but a different number of tab-separated cells"
+                    )
+                rows.append(row)
+    except UnicodeDecodeError as error:
+        raise BenchmarkDataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise BenchmarkDataError(f"{path}: not a readable TSV ({error})") from None
+    if not header:
+        raise BenchmarkDataError(f"{path}: the file is empty; a VLMEvalKit TSV starts with a header row")
+    absent = [column for column in columns if column not in header]
+    if absent:
+        raise BenchmarkDataError(
+            f"{path}: column {absent[0]!r} is missing; this benchmark's TSV needs {', '.join(columns)} "
+            f"(the header has {', '.join(header)})"
+        )
+    return rows
+
+
+def read_tsv(path: Path, benchmark: str) -> list[BenchmarkItem]:
+    """Every row of a VLMEvalKit TSV as items (images decoded, back-references resolved).
+
+    Option, answer and ``maze_size`` cells are rendered column by column as the harness's table
+    reader renders them (:func:`opsd_core.evaluation.rules.render_column`), so a prompt shows and
+    the scorer matches ``6.0`` where the harness does.
+    """
+    path = Path(path)
+    spec = BENCHMARKS.get(benchmark)
+    rows = _read_rows(path, TSV_COLUMNS + (spec.columns if spec else ()))
+    rendered = {
+        column: rules.render_column([row[column] for row in rows])
+        for column in (*OPTION_LETTERS, "answer", "maze_size", "hint", "category")
+        if rows and column in rows[0]
+    }
+    cells = {row["index"].strip(): row["image"] for row in rows}
     known = {"index", "image", "image_path", "question", "answer", "hint", "category", *OPTION_LETTERS}
     items = []
-    for row in rows:
-        images = tuple(decode_image(cell) for cell in _image_cells(row.get("image") or "", cells, path))
-        options = {
-            letter: row[letter].strip() for letter in OPTION_LETTERS if letter in row and not _is_missing(row[letter])
-        }
+    for number, row in enumerate(rows, start=1):
+        def problem(message: str, column: str | None = None) -> BenchmarkDataError:
+            place = f", column {column!r}" if column else ""
+            return BenchmarkDataError(f"{path}, row {number} (index {row['index'].strip() or '?'}){place}: {message}")
+
+        try:
+            index = int(row["index"].strip())
+        except ValueError:
+            raise problem(f"the index {row['index']!r} is not an integer", "index") from None
+        try:
+            images = tuple(decode_image(cell) for cell in _image_cells(row["image"], cells))
+        except ValueError as error:
+            raise problem(str(error), "image") from None
+        if not images:
+            raise problem("the image cell is empty", "image")
+        value = {column: values[number - 1] for column, values in rendered.items()}
+        if value["answer"] is None:
+            raise problem("the answer cell is empty", "answer")
+        extra = {k: v for k, v in row.items() if k not in known and v not in rules.MISSING_CELLS}
+        if spec is not None and spec.scoring == "vsp":
+            size = value.get("maze_size")
+            if size is None or not size.isdigit():
+                raise problem(f"expected the maze's side as an integer, got {row['maze_size']!r}", "maze_size")
+            extra["maze_size"] = int(size)
         items.append(
             BenchmarkItem(
                 benchmark=benchmark,
-                index=int(float(row["index"])),
+                index=index,
                 source_file=path.name,
                 images=images,
                 question=row["question"],
-                options=options,
-                answer=_parse_answer(row.get("answer") or ""),
-                hint=None if _is_missing(row.get("hint")) else row["hint"],
-                category=None if _is_missing(row.get("category")) else row["category"],
-                extra={k: v for k, v in row.items() if k not in known and not _is_missing(v)},
+                options={letter: value[letter] for letter in OPTION_LETTERS if value.get(letter) is not None},
+                answer=_parse_answer(value["answer"]),
+                hint=value.get("hint"),
+                category=value.get("category"),
+                extra=extra,
                 part=path.stem,
             )
         )
     return items
 
 
-def _image_cells(cell: str, cells: Mapping[str, str], path: Path, depth: int = 0) -> list[str]:
+def _image_cells(cell: str, cells: Mapping[str, str], depth: int = 0) -> list[str]:
     """The base64 strings of an image cell: one, a list-string of several, or a back-reference."""
     cell = cell.strip()
     if not cell:
         return []
     if cell.startswith("["):
-        return [c for item in ast.literal_eval(cell) for c in _image_cells(str(item), cells, path, depth)]
+        try:
+            listed = ast.literal_eval(cell)
+        except (ValueError, SyntaxError):
+            raise ValueError("a list of images that is not a Python list of strings") from None
+        return [c for item in listed for c in _image_cells(str(item), cells, depth)]
     if len(cell) <= BACK_REFERENCE_MAX:
         if depth > 4 or cell not in cells:
-            raise ValueError(f"{path}: image cell {cell!r} is neither base64 nor the index of another row")
-        return _image_cells(cells[cell], cells, path, depth + 1)
+            raise ValueError(f"image cell {cell!r} is neither base64 nor the index of another row")
+        return _image_cells(cells[cell], cells, depth + 1)
     return [cell]
 
 
@@ -219,8 +240,6 @@ def load_benchmark(name: str, data_root: Path, limit: int | None = None) -> list
     ``data_root`` but the benchmark's Hugging Face parquet release is (see
     :data:`opsd_core.evaluation.parquet.RELEASES`), the parquet rows are read instead.
     """
-    from opsd_core.evaluation import parquet
-
     spec = BENCHMARKS[name]
     release = parquet.RELEASES.get(name)
     tsv_absent = not any((Path(data_root) / file).is_file() for file in spec.files)
@@ -229,16 +248,19 @@ def load_benchmark(name: str, data_root: Path, limit: int | None = None) -> list
     else:
         try:
             paths = benchmark_files(spec, data_root)
-        except FileNotFoundError as error:
+        except BenchmarkFileMissing as error:
             if tsv_absent:
-                raise FileNotFoundError(f"{error}; {parquet.where(name, Path(data_root))}") from None
+                raise BenchmarkFileMissing(f"{error}; {parquet.where(name, Path(data_root))}") from None
             raise
         items = [item for path in paths for item in read_tsv(path, name)]
-    seen: set[int] = set()
+    first_seen: dict[int, str] = {}
     for item in items:
-        if item.index in seen:
-            raise ValueError(f"benchmark {name!r}: index {item.index} appears twice (in {item.source_file})")
-        seen.add(item.index)
+        if item.index in first_seen:
+            raise BenchmarkDataError(
+                f"benchmark {name!r}: index {item.index} appears twice (in {first_seen[item.index]} and "
+                f"{item.source_file}); each row needs its own index"
+            )
+        first_seen[item.index] = item.source_file
     return items[:limit] if limit is not None else items
 
 
@@ -246,10 +268,14 @@ def load_benchmark(name: str, data_root: Path, limit: int | None = None) -> list
 def prompt(item: BenchmarkItem) -> str:
     """The question as the paper's harness asks it.
 
-    Multiple-choice rows: ``Hint: …`` (if any), ``Question: …``, ``Options:`` one ``X. text`` per
-    line, then ``Please select the correct answer from the options above.``; other rows: the
-    question as stored (VSP's and ChartQA's questions carry their own instructions).
+    CV-Bench rows with a ``prompt`` column: that column (the harness asks the dataset's own
+    prompt). Multiple-choice rows: ``Hint: …`` (if any), ``Question: …``, ``Options:`` one
+    ``X. text`` per line, then ``Please select the correct answer from the options above.``;
+    other rows: the question as stored (VSP's and ChartQA's questions carry their own
+    instructions).
     """
+    if item.benchmark == "cv-bench" and item.extra.get("prompt"):
+        return str(item.extra["prompt"])
     if not item.options:
         return item.question
     lines = [f"Hint: {item.hint}"] if item.hint else []
@@ -261,36 +287,52 @@ def prompt(item: BenchmarkItem) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def score(item: BenchmarkItem, response: str, chartqa_swapped: bool = False) -> tuple[bool, str | None]:
-    """(hit, extracted answer) of ``response`` to ``item`` under its benchmark's rules."""
+def score(item: BenchmarkItem, response: str, chartqa_gold_relative: bool = False) -> rules.Verdict:
+    """How ``response`` to ``item`` scores under its benchmark's harness rule."""
     spec = BENCHMARKS[item.benchmark]
     if spec.scoring == "vsp":
         maze = item.extra.get("maze_map")
         if maze is None:
-            raise ValueError(f"{item.id}: a VSP row needs its maze_map column")
-        rows = ast.literal_eval(maze) if isinstance(maze, str) and maze.strip().startswith("[") else str(maze).split()
-        moves = maze_moves(response)
-        return score_vsp(response, rows), None if moves is None else ",".join(moves)
+            raise BenchmarkDataError(f"{item.source_file}, index {item.index}: a VSP row needs its maze_map column")
+        rows = rules.maze_rows(str(maze))
+        return rules.vsp(response, str(maze), int(item.extra.get("maze_size") or len(rows)))
     if spec.scoring == "chartqa":
-        return score_chartqa(response, item.answer, swapped=chartqa_swapped), chartqa_prediction(response)
-    choice = extract_choice(response, item.options)
-    return choice is not None and choice == str(item.answer).strip().strip("()"), choice
+        return rules.chartqa(response, item.answer, gold_relative=chartqa_gold_relative)
+    gold = str(item.answer)
+    if spec.scoring == "circular":
+        return rules.circular_copy(response, item.options, gold)
+    return rules.multiple_choice(response, item.options, gold)
 
 
-def aggregate(spec: BenchmarkSpec, items: Sequence[BenchmarkItem], hits: Sequence[bool]) -> dict[str, float]:
-    """The benchmark's reported accuracy (0-100) plus its breakdown.
+def circular_groups(items: Sequence[BenchmarkItem], hits: Sequence[bool]) -> dict[int, bool]:
+    """Question index -> whether every option-rotated copy (index + k * 1e6) is right; only
+    questions whose own row (index < 1e6) is among ``items`` count."""
+    groups: dict[int, bool] = {item.index: True for item in items if item.index < CIRCULAR_OFFSET}
+    for item, hit in zip(items, hits):
+        key = item.index % CIRCULAR_OFFSET
+        if key in groups:
+            groups[key] = groups[key] and bool(hit)
+    return groups
+
+
+def aggregate(spec: BenchmarkSpec, items: Sequence[BenchmarkItem], hits: Sequence[bool]) -> dict[str, Any]:
+    """The benchmark's reported accuracy (0-100) plus its breakdown, as the harness reports it.
 
     ``accuracy`` is what the paper reports; ``items`` the rows scored; extra keys per rule:
     SAT ``questions`` (circular groups); CV-Bench ``2d`` / ``3d``; MMVP ``pair_accuracy``;
-    ChartQA one accuracy per file.
+    ChartQA one accuracy per file; ``categories`` the accuracy within each ``category`` value
+    (SAT: of the questions' groups).
     """
     by_index = {item.index: bool(hit) for item, hit in zip(items, hits)}
-    result: dict[str, float] = {"items": float(len(items))}
+    result: dict[str, Any] = {"items": float(len(items))}
     if not items:
         return result | {"accuracy": math.nan}
+    scored: list[tuple[BenchmarkItem, bool]] = list(zip(items, map(bool, hits)))
     if spec.aggregate == "circular":
-        result["accuracy"] = 100 * circular_accuracy(by_index)
-        result["questions"] = float(len({i % CIRCULAR_OFFSET for i in by_index}))
+        groups = circular_groups(items, hits)
+        result["accuracy"] = 100 * sum(groups.values()) / len(groups) if groups else math.nan
+        result["questions"] = float(len(groups))
+        scored = [(item, groups[item.index]) for item in items if item.index in groups]
     elif spec.aggregate == "cv-bench":
         parts = defaultdict(dict)
         for item, hit in zip(items, hits):
@@ -315,4 +357,10 @@ def aggregate(spec: BenchmarkSpec, items: Sequence[BenchmarkItem], hits: Sequenc
             group = [hit for item, hit in zip(items, hits) if item.release_part == Path(name).stem]
             if group:
                 result[Path(name).stem] = 100 * sum(group) / len(group)
+    categories: dict[str, list[bool]] = defaultdict(list)
+    for item, hit in scored:
+        if item.category:
+            categories[item.category].append(hit)
+    if categories:
+        result["categories"] = {c: 100 * sum(h) / len(h) for c, h in sorted(categories.items())}
     return result

@@ -4,8 +4,8 @@ Owns: the contexts a benchmark item is asked in (``text``: system prompt, the it
 prompt; ``vt``: the backend's interleaved visual-thought inference where it has one, else the
 same context followed by a visual thought the model draws first), batched greedy
 answering with per-item records appended to ``predictions.jsonl`` as they are produced (a
-crashed run resumes from them), scoring every record, and the results table (JSON, Markdown,
-a bar chart).
+crashed run resumes from them), scoring every record, and the results: the table (JSON, Markdown,
+a bar chart) and one scored record per item (``items.jsonl``).
 Does not know: any model family (it drives a Backend), or how answers are extracted (that is
 :mod:`opsd_core.evaluation.benchmarks`).
 """
@@ -19,10 +19,22 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from opsd_core.evaluation.benchmarks import BENCHMARKS, BenchmarkItem, aggregate, load_benchmark, prompt, score
+from opsd_core.evaluation.benchmarks import (
+    BENCHMARKS,
+    BenchmarkItem,
+    aggregate,
+    circular_groups,
+    load_benchmark,
+    prompt,
+    score,
+)
+from opsd_core.evaluation.items import BenchmarkDataError
+from opsd_core.evaluation.scorers import CIRCULAR_OFFSET
 
 MODES = ("text", "vt")
 PREDICTIONS = "predictions.jsonl"
+ITEMS = "items.jsonl"
+RESULTS = ("results.json", "results.md", "categories.csv", "results.png", ITEMS)
 
 
 # ---------------------------------------------------------------------------------------------- answering
@@ -124,22 +136,37 @@ def answer_benchmarks(
 
 # ---------------------------------------------------------------------------------------------- scoring
 def read_predictions(path: Path) -> list[dict]:
-    """Records of a predictions JSONL file; each needs ``benchmark``, ``index`` and ``response``."""
+    """Records of a predictions JSONL file; each needs ``benchmark`` (a string), ``index`` (an
+    integer) and ``response`` (a string). A malformed line raises
+    :class:`~opsd_core.evaluation.items.BenchmarkDataError` naming the file and the line; a cut
+    last line (a crash while writing) is skipped, so its item is answered again."""
     records = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise BenchmarkDataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as error:
             if number == len(lines):
-                continue  # a line cut by a crash: that item is answered again
-            raise ValueError(f"{path}:{number}: not a JSON line") from None
+                continue
+            raise BenchmarkDataError(f"{path}, line {number}: not a JSON object ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise BenchmarkDataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
         missing = [key for key in ("benchmark", "index", "response") if key not in record]
         if missing:
-            raise ValueError(f"{path}:{number}: record lacks {missing}; each line needs benchmark, index, response")
-        records.append(record)
+            raise BenchmarkDataError(
+                f"{path}, line {number}: record lacks {missing}; each line needs benchmark, index, response"
+            )
+        index = record["index"]
+        if isinstance(index, bool) or not (isinstance(index, int) or (isinstance(index, str) and index.strip().isdigit())):
+            raise BenchmarkDataError(f"{path}, line {number}: index {index!r} is not an integer")
+        if not isinstance(record["response"], str) or not isinstance(record["benchmark"], str):
+            raise BenchmarkDataError(f"{path}, line {number}: benchmark and response must be strings")
+        records.append(record | {"index": int(index)})
     return records
 
 
@@ -147,37 +174,56 @@ def score_predictions(
     records: Iterable[dict],
     names: Sequence[str],
     data_root: Path,
-    chartqa_swapped: bool = False,
+    chartqa_gold_relative: bool = False,
     limit: int | None = None,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """``{mode: {benchmark: figures}}`` for the records of ``names``; figures hold ``accuracy``
-    (what the paper reports, 0-100), ``items``, ``answered`` and, when recorded, ``tokens`` and
-    ``seconds`` per sample, and ``categories`` (plain per-row accuracy within each value of the
-    ``category`` column, where the benchmark has one). Items without a record count as wrong; ``limit`` scores only each
+) -> tuple[dict[str, dict[str, dict[str, Any]]], list[dict]]:
+    """(results, item records) for the records of ``names``.
+
+    ``results`` is ``{mode: {benchmark: figures}}``; figures hold ``accuracy`` (what the paper
+    reports, 0-100), ``items``, ``answered``, the benchmark's breakdown (see
+    :func:`~opsd_core.evaluation.benchmarks.aggregate`) and, when recorded, ``tokens`` and
+    ``seconds`` per sample. Items without a record count as wrong; ``limit`` scores only each
     benchmark's first ``limit`` items (as answered with the same limit). Each mode also gets an
-    ``average`` entry: the mean accuracy over the benchmarks."""
+    ``average`` entry: the mean accuracy over the benchmarks.
+
+    Each item record extends the prediction record (``response`` None when unanswered) with
+    ``part``, ``category``, ``gold``, ``extracted``, ``rule`` (see
+    :class:`~opsd_core.evaluation.rules.Verdict`), ``hit``, ``judge`` (None: exact matching) and,
+    for circular benchmarks, ``question_hit`` (every rotated copy right).
+    """
     by_mode: dict[str, dict[tuple[str, int], dict]] = {}
     for record in records:
         by_mode.setdefault(record.get("mode", "text"), {})[(record["benchmark"], int(record["index"]))] = record
     # Each benchmark is read (its images decoded) once, whatever the number of modes.
     items_of = {name: load_benchmark(name, data_root, limit) for name in names} if by_mode else {}
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    item_records: list[dict] = []
     for mode, answered in by_mode.items():
-        table: dict[str, dict[str, float]] = {}
+        table: dict[str, dict[str, Any]] = {}
         for name in names:
             items = items_of[name]
-            hits, found = [], []
+            verdicts, found = [], []
             for item in items:
                 record = answered.get((name, item.index))
                 found.append(record)
-                hits.append(score(item, record["response"], chartqa_swapped)[0] if record else False)
+                verdicts.append(score(item, record["response"], chartqa_gold_relative) if record else None)
+            hits = [verdict is not None and verdict.hit for verdict in verdicts]
             figures = aggregate(BENCHMARKS[name], items, hits)
-            categories: dict[str, list[bool]] = {}
-            for item, hit in zip(items, hits):
-                if item.category:
-                    categories.setdefault(item.category, []).append(hit)
-            if categories:
-                figures["categories"] = {c: 100 * sum(h) / len(h) for c, h in sorted(categories.items())}
+            groups = circular_groups(items, hits) if BENCHMARKS[name].aggregate == "circular" else None
+            for item, record, verdict, hit in zip(items, found, verdicts, hits):
+                entry = dict(record) if record else {"benchmark": name, "index": item.index, "mode": mode, "response": None}
+                entry |= {
+                    "part": item.release_part,
+                    "category": item.category,
+                    "gold": item.answer,
+                    "extracted": verdict.extracted if verdict else None,
+                    "rule": verdict.rule if verdict else "unanswered",
+                    "hit": hit,
+                    "judge": None,
+                }
+                if groups is not None:
+                    entry["question_hit"] = groups.get(item.index % CIRCULAR_OFFSET, False)
+                item_records.append(entry)
             present = [r for r in found if r is not None]
             figures["answered"] = float(len(present))
             for key in ("tokens", "seconds"):
@@ -188,7 +234,7 @@ def score_predictions(
         accuracies = [figures["accuracy"] for figures in table.values() if not math.isnan(figures["accuracy"])]
         table["average"] = {"accuracy": sum(accuracies) / len(accuracies) if accuracies else math.nan}
         results[mode] = table
-    return results
+    return results, item_records
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -213,11 +259,16 @@ def _cell(value: float | None, pattern: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else pattern.format(value)
 
 
-def write_results(results: dict[str, dict[str, dict[str, float]]], out_dir: Path) -> list[Path]:
-    """``results.json``, ``results.md``, ``categories.csv`` (mode, benchmark, category, accuracy)
-    and ``results.png`` (accuracy bars per benchmark and mode)."""
+def write_results(results: dict[str, dict[str, dict[str, Any]]], items: Sequence[dict], out_dir: Path) -> list[Path]:
+    """``results.json``, ``results.md``, ``categories.csv`` (mode, benchmark, category, accuracy),
+    ``results.png`` (accuracy bars per benchmark and mode) and ``items.jsonl`` (one scored record
+    per item, see :func:`score_predictions`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    items_path = out_dir / ITEMS
+    with open(items_path, "w", encoding="utf-8") as handle:
+        for record in items:
+            handle.write(json.dumps(record) + "\n")
     json_path, md_path, png_path = out_dir / "results.json", out_dir / "results.md", out_dir / "results.png"
     csv_path = out_dir / "categories.csv"
     json_path.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
@@ -247,4 +298,4 @@ def write_results(results: dict[str, dict[str, dict[str, float]]], out_dir: Path
     figure.tight_layout()
     figure.savefig(png_path, dpi=120)
     plt.close(figure)
-    return [json_path, md_path, csv_path, png_path]
+    return [json_path, md_path, csv_path, png_path, items_path]

@@ -3,7 +3,7 @@
 Owns: where each release lives under a data root (its folder, its configs, its split), finding
 the shards (``data/<split>-NNNNN-of-NNNNN.parquet``, or ``<split>*.parquet`` directly in the
 folder), checking that a shard has the columns its release is read from, and mapping those
-columns onto :class:`~opsd_core.evaluation.benchmarks.BenchmarkItem`: images from
+columns onto :class:`~opsd_core.evaluation.items.BenchmarkItem`: images from
 ``{bytes, path}`` structs, options from list columns or an ``(a) … (b) …`` string, answers
 given as ``(A)``, a letter, an option index or the option's text, indices from an index column
 or the row's position, and SAT's option-rotated copies (the release is not circular; the
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opsd_core.evaluation.benchmarks import OPTION_LETTERS, BenchmarkItem
+from opsd_core.evaluation.items import OPTION_LETTERS, BenchmarkDataError, BenchmarkFileMissing, BenchmarkItem
 from opsd_core.evaluation.scorers import CIRCULAR_OFFSET
 
 BLINK_SUBTASKS = (
@@ -108,13 +108,14 @@ class ParquetRelease:
 
     def read(self, root: Path, benchmark: str) -> list[BenchmarkItem]:
         """Every item of the release under ``root``, shards in name order, configs in :attr:`configs` order."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         root = Path(root)
         missing = [config for config, folder in self.folders(root) if not shards(folder, self.split)]
         if missing:
             listed = ", ".join(missing) if self.configs else str(root / self.directory)
-            raise FileNotFoundError(
+            raise BenchmarkFileMissing(
                 f"benchmark {benchmark!r}: no {self.split or 'parquet'!r} shards for {listed} "
                 f"(expected {root / self.location()}, or the shards directly in the folder)"
             )
@@ -123,10 +124,13 @@ class ParquetRelease:
         for config, folder in self.folders(root):
             for path in shards(folder, self.split):
                 relative = path.relative_to(root).as_posix()
-                table = pq.read_table(path)
+                try:
+                    table = pq.read_table(path)
+                except (OSError, pa.ArrowException) as error:
+                    raise BenchmarkDataError(f"{path}: not a readable parquet file ({error})") from None
                 absent = [column for column in self.columns if column not in table.column_names]
                 if absent:
-                    raise ValueError(
+                    raise BenchmarkDataError(
                         f"{path}: column {absent[0]!r} is missing; the {benchmark} release is read from the "
                         f"columns {', '.join(self.columns)} (the shard has {', '.join(table.column_names)})"
                     )
@@ -161,15 +165,18 @@ def shards(folder: Path, split: str | None) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- cells
 def _image(row: Row, column: str, value: Any = None) -> Any:
     """A PIL RGB image from a ``{bytes, path}`` struct (the ``datasets`` Image feature) or raw bytes."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     value = row.values.get(column) if value is None else value
     data = value.get("bytes") if isinstance(value, Mapping) else value
     if not isinstance(data, (bytes, bytearray)):
-        raise ValueError(  # noqa: TRY004 - a malformed file, not a caller passing the wrong type
+        raise BenchmarkDataError(
             f"{row.where(column)}: expected an image as {{bytes, path}} with the bytes stored, got {type(data).__name__}"
         )
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise BenchmarkDataError(f"{row.where(column)}: the bytes are not a readable image ({error})") from None
 
 
 def _integer(row: Row, column: str) -> int:
@@ -177,20 +184,20 @@ def _integer(row: Row, column: str) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{row.where(column)}: expected an integer index, got {value!r}") from None
+        raise BenchmarkDataError(f"{row.where(column)}: expected an integer index, got {value!r}") from None
 
 
 def _text(row: Row, column: str) -> str:
     value = row.values.get(column)
     if value is None:
-        raise ValueError(f"{row.where(column)}: the value is empty")
+        raise BenchmarkDataError(f"{row.where(column)}: the value is empty")
     return str(value)
 
 
 def _options_from_list(row: Row, column: str) -> dict[str, str]:
     choices = row.values.get(column)
     if not isinstance(choices, Sequence) or isinstance(choices, str) or not choices:
-        raise ValueError(f"{row.where(column)}: expected a non-empty list of option texts, got {choices!r}")
+        raise BenchmarkDataError(f"{row.where(column)}: expected a non-empty list of option texts, got {choices!r}")
     return {letter: str(text).strip() for letter, text in zip(OPTION_LETTERS, choices)}
 
 
@@ -203,7 +210,7 @@ def _answer_letter(row: Row, column: str, options: Mapping[str, str]) -> str:
     by_text = [key for key, text in options.items() if text.lower() == raw.lower()]
     if len(by_text) == 1:
         return by_text[0]
-    raise ValueError(f"{row.where(column)}: answer {raw!r} is neither an option letter nor one option's text")
+    raise BenchmarkDataError(f"{row.where(column)}: answer {raw!r} is neither an option letter nor one option's text")
 
 
 # ---------------------------------------------------------------------------------------------- releases
@@ -218,7 +225,7 @@ def _cv_bench(row: Row) -> list[ItemFields]:
     options = _options_from_list(row, "choices")
     kind = _text(row, "type").strip().upper()
     if kind not in ("2D", "3D"):
-        raise ValueError(f"{row.where('type')}: expected 2D or 3D, got {kind!r}")
+        raise BenchmarkDataError(f"{row.where('type')}: expected 2D or 3D, got {kind!r}")
     return [
         ItemFields(
             (_image(row, "image"),), _text(row, "question"), options, _answer_letter(row, "answer", options),
@@ -231,7 +238,7 @@ def _mmvp(row: Row) -> list[ItemFields]:
     pieces = _LETTER_MARK.split(_text(row, "Options"))  # ['', 'a', 'text ', 'b', 'text']
     options = {letter.upper(): text.strip() for letter, text in zip(pieces[1::2], pieces[2::2])}
     if len(options) < 2 or pieces[0].strip():
-        raise ValueError(f"{row.where('Options')}: expected options written '(a) … (b) …'")
+        raise BenchmarkDataError(f"{row.where('Options')}: expected options written '(a) … (b) …'")
     answer = _answer_letter(row, "Correct Answer", options)
     return [ItemFields((_image(row, "image"),), _text(row, "Question"), options, answer)]
 
@@ -239,12 +246,12 @@ def _mmvp(row: Row) -> list[ItemFields]:
 def _sat(row: Row) -> list[ItemFields]:
     cells = row.values.get("image_bytes")
     if not isinstance(cells, Sequence) or isinstance(cells, (str, bytes)) or not cells:
-        raise ValueError(f"{row.where('image_bytes')}: expected a non-empty list of images")
+        raise BenchmarkDataError(f"{row.where('image_bytes')}: expected a non-empty list of images")
     images = tuple(_image(row, "image_bytes", cell) for cell in cells)
     texts = list(_options_from_list(row, "answers").values())
     correct = _integer(row, "correct_answer_idx")
     if not 0 <= correct < len(texts):
-        raise ValueError(f"{row.where('correct_answer_idx')}: {correct} is not an index into the {len(texts)} answers")
+        raise BenchmarkDataError(f"{row.where('correct_answer_idx')}: {correct} is not an index into the {len(texts)} answers")
     question, count = _text(row, "question"), len(texts)
     copies = []
     for shift in range(count):
@@ -259,7 +266,7 @@ def _vstar(row: Row) -> list[ItemFields]:
     options = {match.group(1): match.group(2).strip() for _, match in marked if match}
     first = next((i for i, match in marked if match), None)
     if first is None or len(options) < 2:
-        raise ValueError(f"{row.where('text')}: expected the question followed by '(A) …' option lines")
+        raise BenchmarkDataError(f"{row.where('text')}: expected the question followed by '(A) …' option lines")
     question = "\n".join(lines[:first]).strip()
     answer = _answer_letter(row, "label", options)
     return [ItemFields((_image(row, "image"),), question, options, answer, category=row.values.get("category") or None)]

@@ -1,4 +1,4 @@
-"""Answer extraction and benchmark scorers on hand-made tricky strings."""
+"""The tasks' lenient answer extraction and relaxed matching, and the benchmark aggregations, on hand-made tricky strings."""
 
 import pytest
 
@@ -8,18 +8,9 @@ from opsd_core.evaluation.answers import (
     extract_choice,
     infer_option_letter,
     infer_option_text,
-    strip_round_markers,
 )
-from opsd_core.evaluation.scorers import (
-    circular_accuracy,
-    maze_moves,
-    mean_of_group_accuracies,
-    pair_accuracy,
-    relaxed_correct,
-    score_chartqa,
-    score_vsp,
-    simulate_maze,
-)
+from opsd_core.evaluation.benchmarks import BenchmarkItem, circular_groups
+from opsd_core.evaluation.scorers import mean_of_group_accuracies, pair_accuracy, relaxed_correct
 
 OPTIONS = {"A": "red square", "B": "blue circle", "C": "green triangle", "D": "none"}
 
@@ -82,36 +73,6 @@ def test_extract_choice_falls_back_to_tag_then_boxed():
     assert extract_choice("I cannot tell", OPTIONS) is None
 
 
-def test_strip_round_markers():
-    assert strip_round_markers("Round_1: think Round_2: <answer>7</answer>").split() == ["think", "<answer>7</answer>"]
-
-
-MAZE = ["SFF", "FHF", "FFG"]
-
-
-@pytest.mark.parametrize(
-    "response, correct",
-    [
-        (r"\boxed{R, R, D, D}", True),
-        (r"\boxed{D D R R}", True),
-        (r"\boxed{r,r,d,d}", True),
-        (r"\boxed{R, D}", False),  # hole
-        (r"\boxed{U}", False),  # off the grid
-        (r"\boxed{R, R, D}", False),  # stops short
-        (r"\boxed{R, R, D, D, L}", False),  # ends off the goal
-        ("R, R, D, D", False),  # no boxed answer
-        (r"\boxed{R, R, X}", False),  # not a move
-    ],
-)
-def test_vsp(response, correct):
-    assert score_vsp(response, MAZE) is correct
-
-
-def test_maze_helpers():
-    assert maze_moves(r"\boxed{ L ,R }") == ["L", "R"]
-    assert simulate_maze(MAZE, []) is False
-
-
 @pytest.mark.parametrize(
     "prediction, gold, swapped, correct",
     [
@@ -137,15 +98,11 @@ def test_gold_relative_and_swapped_forms_differ():
     assert relaxed_correct("95.1", "100", swapped=True) is False
 
 
-def test_chartqa_uses_the_answer_tag_and_any_gold():
-    assert score_chartqa("Round_1: the bars... <answer>12</answer>", ["11.5", "x"]) is True
-    assert score_chartqa("<answer>Paris</answer>", "paris") is True
-    assert score_chartqa("about 20", "12") is False
-
-
 def test_circular_grouping_needs_every_rotation():
-    hits = {5: True, 1_000_005: True, 2_000_005: False, 7: True, 1_000_007: True}
-    assert circular_accuracy(hits) == 0.5
+    indices = [5, 1_000_005, 2_000_005, 7, 1_000_007, 1_000_009]
+    items = [BenchmarkItem("sat", index, "SAT_circular.tsv", (), "q", {}, "A") for index in indices]
+    groups = circular_groups(items, [True, True, False, True, True, True])
+    assert groups == {5: False, 7: True}  # 9 has no question row of its own: it is not a question
 
 
 def test_per_source_averaging_weights_sources_equally():

@@ -79,7 +79,7 @@ def test_parquet_layouts_and_answer_forms_are_the_release_ones(roots):
 def _responses(item: BenchmarkItem, position: int) -> str:
     """Gold for most rows, a wrong letter for every third: a mixed score that must agree across formats."""
     wrong = next(letter for letter in item.options if letter != item.answer)
-    return f"<answer>{wrong if position % 3 == 0 else item.answer}</answer>"
+    return f"So the answer is {wrong if position % 3 == 0 else item.answer}."
 
 
 def test_parquet_and_tsv_copies_score_identically(roots, tmp_path):
@@ -89,7 +89,7 @@ def test_parquet_and_tsv_copies_score_identically(roots, tmp_path):
         figures[label] = {}
         for name in RELEASES:
             items = load_benchmark(name, root)
-            hits = [score(item, _responses(item, i))[0] for i, item in enumerate(items)]
+            hits = [score(item, _responses(item, i)).hit for i, item in enumerate(items)]
             figures[label][name] = aggregate(BENCHMARKS[name], items, hits)
     assert figures["parquet"] == figures["tsv"]
     assert figures["tsv"]["sat"]["accuracy"] < 100 and figures["tsv"]["cv-bench"]["2d"] < 100

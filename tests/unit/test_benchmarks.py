@@ -36,6 +36,8 @@ def gold_response(item: BenchmarkItem) -> str:
     if item.benchmark == "vsp":
         return "I walk around the hole. \\boxed{R, R, D, D}"
     answer = item.answer[0] if isinstance(item.answer, list) else item.answer
+    if item.options:  # circular questions are matched on the whole response only
+        return f"<think>looking</think> The answer is {answer}."
     return f"<think>looking</think><answer>{answer}</answer>"
 
 
@@ -79,9 +81,9 @@ def test_multiple_choice_prompt_layout(root):
 def test_gold_answers_score_full_marks_and_wrong_ones_zero(root):
     for name, spec in BENCHMARKS.items():
         items = load_benchmark(name, root)
-        hits = [score(item, gold_response(item))[0] for item in items]
+        hits = [score(item, gold_response(item)).hit for item in items]
         assert aggregate(spec, items, hits)["accuracy"] == 100.0, name
-        misses = [score(item, "<answer>no idea</answer>")[0] for item in items]
+        misses = [score(item, "<answer>no idea</answer>").hit for item in items]
         assert aggregate(spec, items, misses)["accuracy"] == 0.0, name
 
 
@@ -110,9 +112,9 @@ def test_mmvp_reports_pair_accuracy_too(root):
 
 def test_vsp_simulates_the_moves(root):
     item = load_benchmark("vsp", root)[0]
-    assert score(item, "\\boxed{D, D, R, R}")[0]  # another route that avoids the hole
-    assert not score(item, "\\boxed{R, D, D, R}")[0]  # through the hole
-    assert score(item, "\\boxed{R,R,D,D}")[1] == "R,R,D,D"
+    assert score(item, "\\boxed{D, D, R, R}").hit  # another route that avoids the hole
+    assert not score(item, "\\boxed{R, D, D, R}").hit  # through the hole
+    assert score(item, "\\boxed{R,R,D,D}").extracted == "R,R,D,D"
 
 
 def test_unknown_names_and_missing_files_are_explained(tmp_path):
@@ -161,7 +163,7 @@ def test_rescoring_recorded_answers(root, tmp_path):
     _predictions(root, path, modes=("text", "vt"), skip={("vispuzzle", 0)})
     with open(path, "a") as handle:
         handle.write('{"benchmark": "vsp", "ind')  # a line cut by a crash
-    results = harness.score_predictions(harness.read_predictions(path), list(BENCHMARKS), root)
+    results = harness.score_predictions(harness.read_predictions(path), list(BENCHMARKS), root)[0]
     assert set(results) == {"text", "vt"}
     assert results["text"]["vispuzzle"]["accuracy"] == 75.0  # the unanswered item counts as wrong
     assert results["text"]["vispuzzle"]["categories"] == {"demo": 75.0}
@@ -181,7 +183,8 @@ def test_opsd_eval_rescores_predictions_without_a_model(root, tmp_path):
     path = tmp_path / "predictions.jsonl"
     _predictions(root, path)
     result = CliRunner().invoke(
-        cli, ["eval", "--benchmarks", "sat,chartqa,vstar", "--data-root", str(root), "--predictions", str(path)]
+        cli, ["eval", "--benchmarks", "sat,chartqa,vstar", "--data-root", str(root), "--predictions", str(path),
+              "--out", str(tmp_path)]
     )
     assert result.exit_code == 0, result.output
     assert "| sat | 100.0 |" in result.output and "| chartqa | 100.0 |" in result.output
