@@ -1,16 +1,10 @@
-"""Visual-thought sampling: the shifted schedule, the Euler scheduler, guidance combination and branch requests."""
+"""Visual-thought sampling: the shifted schedule, the Euler loop and its dtypes, guidance combination and branch requests."""
 
 import math
 
 import pytest
 import torch
-from opsd_thinkmorph.flow import (
-    GuidanceConfig,
-    bagel_schedule,
-    combine_guidance,
-    make_scheduler,
-    sample_visual_thought_latents,
-)
+from opsd_thinkmorph.flow import GuidanceConfig, bagel_schedule, combine_guidance, sample_visual_thought_latents
 
 UNGUIDED = GuidanceConfig(text_scale=1.0, image_scale=1.0)
 
@@ -45,15 +39,8 @@ def test_schedule_rejects_bad_arguments():
         bagel_schedule(10, 0.0)
 
 
-@pytest.mark.parametrize(("num_timesteps", "shift"), [(50, 3.0), (10, 1.0), (2, 3.0)])
-def test_scheduler_sigmas_are_the_schedule(num_timesteps, shift):
-    scheduler = make_scheduler(num_timesteps, shift)
-    assert torch.equal(scheduler.sigmas, bagel_schedule(num_timesteps, shift))
-    assert len(scheduler.timesteps) == num_timesteps - 1  # N - 1 Euler updates
-
-
-def test_scheduler_loop_equals_the_hand_loop():
-    """Through the scheduler, x <- x - v(x, t_k) (t_k - t_{k+1}) exactly, for a state-dependent velocity."""
+def test_loop_equals_the_hand_loop():
+    """x <- x - v(x, t_k) (t_k - t_{k+1}) exactly, for a state-dependent velocity."""
 
     def velocity(x, t):
         return torch.sin(3 * x) * (1 + t) - 0.5 * x
@@ -88,7 +75,8 @@ def test_exact_flow_lands_on_the_data(num_timesteps, shift):
     assert times == bagel_schedule(num_timesteps, shift)[:-1].tolist()
 
 
-def test_state_stays_in_the_noise_dtype():
+def test_state_stays_float32_and_the_product_keeps_the_velocity_dtype():
+    """BAGEL's update x - v * dt with dt a 0-dim float32 step: a bf16 v gives a bf16 product, a float32 state."""
     noise = _noise()
     seen = []
 
@@ -98,6 +86,18 @@ def test_state_stays_in_the_noise_dtype():
 
     sampled = sample_visual_thought_latents(velocity_fn, noise, GuidanceConfig(text_scale=1.0, num_timesteps=5))
     assert sampled.dtype == torch.float32 and set(seen) == {torch.float32}
+    schedule = bagel_schedule(5, 3.0)
+    x = noise
+    for k in range(4):
+        product = x.to(torch.bfloat16) * (schedule[k] - schedule[k + 1])
+        assert product.dtype == torch.bfloat16
+        x = x - product
+    assert torch.equal(sampled, x)
+
+
+def test_noise_must_be_float32():
+    with pytest.raises(ValueError, match="noise must be float32"):
+        sample_visual_thought_latents(lambda x, t, branches: {"cond": x}, _noise().double(), UNGUIDED)
 
 
 def test_progress_is_reported_after_each_update():
@@ -197,7 +197,7 @@ def test_branches_follow_the_interval_and_the_scales():
     calls = _recorded_calls(config)
     assert len(calls) == 19
     for t, branches in calls:
-        guided = 0.4 < t <= 1.0
+        guided = bool(torch.tensor(t) > 0.4) and t <= 1.0
         assert branches == (("cond", "text_uncond", "image_uncond") if guided else ("cond",)), t
     assert calls[0] == (1.0, ("cond", "text_uncond", "image_uncond"))  # hi is inclusive
     assert {branches for _, branches in calls} == {("cond",), ("cond", "text_uncond", "image_uncond")}
@@ -213,6 +213,55 @@ def test_interval_bounds_are_lo_exclusive_hi_inclusive():
     assert config.branches_at(0.5) == ("cond",)
     assert config.branches_at(0.9) == ("cond", "text_uncond", "image_uncond")
     assert config.branches_at(0.95) == ("cond",)
+
+
+def _official_guided_steps(num_timesteps, shift, interval):
+    """BAGEL's rule, written as its loop writes it: float32 times from a float32 linspace, each
+    compared as a 0-dim float32 tensor with the python bounds (which torch rounds to float32)."""
+    timesteps = torch.linspace(1, 0, num_timesteps)
+    timesteps = shift * timesteps / (1 + (shift - 1) * timesteps)
+    return [bool(t > interval[0] and t <= interval[1]) for t in timesteps[:-1]]
+
+
+def _guided_steps_of_the_loop(num_timesteps, shift, interval):
+    config = GuidanceConfig(
+        text_scale=2.0, image_scale=1.0, interval=interval, num_timesteps=num_timesteps, shift=shift
+    )
+    guided = []
+
+    def velocity_fn(x, t, branches):
+        guided.append(branches == ("cond", "text_uncond"))
+        return {branch: x for branch in branches}
+
+    sample_visual_thought_latents(velocity_fn, torch.ones(1, 1, 1), config)
+    return guided
+
+
+@pytest.mark.parametrize("interval", [(0.0, 1.0), (0.4, 1.0)])
+@pytest.mark.parametrize("shift", [1.0, 2.0, 3.0])
+def test_guided_steps_are_the_official_ones(shift, interval):
+    """Every step count from 5 to 100; at a time equal to float32(0.4) BAGEL does not guide."""
+    on_the_bound = []
+    for num_timesteps in range(5, 101):
+        expected = _official_guided_steps(num_timesteps, shift, interval)
+        assert _guided_steps_of_the_loop(num_timesteps, shift, interval) == expected, num_timesteps
+        times = bagel_schedule(num_timesteps, shift)[:-1].tolist()
+        if [interval[0] < t <= interval[1] for t in times] != expected:  # the float64 comparison
+            on_the_bound.append(num_timesteps)
+    # The counts where a float64 comparison guides one step more than BAGEL.
+    assert on_the_bound == {
+        (1.0, (0.4, 1.0)): [6, 11, 21, 36, 41, 46, 66, 71, 76, 81, 86, 91, 96],
+        (2.0, (0.4, 1.0)): list(range(5, 101, 4)),
+        (3.0, (0.4, 1.0)): [12, 23, 34, 45, 67, 78, 89, 100],
+    }.get((shift, interval), [])
+
+
+def test_a_time_on_the_lower_bound_in_float32_is_not_guided():
+    config = GuidanceConfig(text_scale=3.0, image_scale=1.5, interval=(0.4, 1.0), num_timesteps=25, shift=2.0)
+    t = bagel_schedule(25, 2.0)[18]
+    assert t.item() == 0.4000000059604645 and t.item() > 0.4
+    assert not config.guided_at(t) and config.branches_at(t) == ("cond",)
+    assert config.guided_at(bagel_schedule(25, 2.0)[17])
 
 
 def test_guided_steps_use_the_combined_velocity():

@@ -1,8 +1,7 @@
 """Rectified-flow sampling of visual-thought latents with BAGEL's classifier-free guidance.
 
-Owns: the shifted time schedule, the diffusers Euler scheduler that walks it, the guidance
-settings and the three ways of combining guided velocities, and the sampling loop that decides
-which guidance branches to evaluate at each step.
+Owns: the shifted time schedule, the guidance settings and the three ways of combining guided
+velocities, and the Euler loop that decides which guidance branches to evaluate at each step.
 Does not know: the model, KV caches or how the branch contexts are built; a caller's
 ``velocity_fn(x, t, branches)`` hides all of that. Nor does it know the autoencoder: latents
 here are already in token form.
@@ -11,6 +10,12 @@ Conventions (BAGEL): t = 1 is pure noise and t = 0 clean data, ``x_t = (1 - t) x
 and the model predicts the velocity ``v = noise - x0`` (pointing from data to noise), so one
 Euler update is ``x <- x - v(x, t_k) (t_k - t_{k+1})``. Latent tokens are float (B, M, 64):
 M tokens of 2x2 latent pixels x 16 channels per image.
+
+Dtypes are BAGEL's inference loop's (``Bagel.generate_image``): the schedule, its step sizes and
+the state are float32 tensors, the guidance interval test compares the float32 time with the
+bounds rounded to float32 (so a time that equals a bound in float32 is on the bound even where
+the bound's python float is not), and the update multiplies the velocity by a 0-dim float32
+step, which keeps the velocity's dtype for the product.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from collections.abc import Callable, Mapping
 from typing import Literal, get_args
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 Branch = Literal["cond", "text_uncond", "image_uncond"]
 RenormMode = Literal["global", "channel", "text_channel"]
@@ -30,31 +34,20 @@ RENORM_MODES: tuple[str, ...] = get_args(RenormMode)
 _NORM_EPS = 1e-8  # keeps the rescale finite when a guided velocity vanishes
 
 
-def bagel_schedule(num_timesteps: int = 50, shift: float = 3.0) -> torch.Tensor:
+def bagel_schedule(
+    num_timesteps: int = 50, shift: float = 3.0, device: torch.device | str | None = None
+) -> torch.Tensor:
     """float32 (num_timesteps,) times from 1 to 0: ``linspace(1, 0, N)`` shifted by ``s t / (1 + (s - 1) t)``.
 
-    A shift above 1 spends more of the N - 1 Euler updates near the noise end.
+    Computed in float32 in BAGEL's order of operations, so every time is bitwise the official
+    one. A shift above 1 spends more of the N - 1 Euler updates near the noise end.
     """
     if num_timesteps < 2:
         raise ValueError(f"num_timesteps must be at least 2 (one Euler update); got {num_timesteps}")
     if shift <= 0:
         raise ValueError(f"shift must be positive; got {shift}")
-    times = torch.linspace(1, 0, num_timesteps, dtype=torch.float32)
+    times = torch.linspace(1, 0, num_timesteps, dtype=torch.float32, device=device)
     return shift * times / (1 + (shift - 1) * times)
-
-
-def make_scheduler(num_timesteps: int = 50, shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:
-    """A fresh Euler scheduler whose ``sigmas`` are exactly ``bagel_schedule(num_timesteps, shift)``.
-
-    Its ``timesteps`` are the first N - 1 of them (x 1000, diffusers' convention): one ``step`` per
-    Euler update, the last one landing on t = 0. The scheduler keeps its own shift at 1 since the
-    schedule arrives already shifted.
-    """
-    schedule = bagel_schedule(num_timesteps, shift)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    # diffusers appends the terminal sigma 0 itself; bagel_schedule ends on exactly 0.
-    scheduler.set_timesteps(sigmas=schedule[:-1].tolist())
-    return scheduler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +64,7 @@ class GuidanceConfig:
     image_scale: float = 2.0
     """Guidance away from the image-unconditional context, applied on top of text guidance; <= 1 skips it."""
     interval: tuple[float, float] = (0.0, 1.0)
-    """Guidance applies at times t with lo < t <= hi; elsewhere only the conditional velocity is used."""
+    """Guidance applies at times t with lo < t <= hi, compared in float32; elsewhere only the conditional velocity is used."""
     renorm: RenormMode = "text_channel"
     """How the guided velocity is rescaled towards the conditional velocity's norm (see ``combine_guidance``)."""
     renorm_min: float = 0.0
@@ -105,10 +98,21 @@ class GuidanceConfig:
         if self.shift <= 0:
             raise ValueError(f"GuidanceConfig.shift must be positive (1 = no shift); got {self.shift}")
 
-    def branches_at(self, t: float) -> tuple[Branch, ...]:
-        """The velocity branches needed at time ``t``: guidance branches only inside the interval."""
-        lo, hi = self.interval
-        if self.text_scale <= 1 or not lo < t <= hi:
+    def guided_at(self, t: torch.Tensor | float) -> bool:
+        """Whether ``t`` lies in the guidance interval, lo < t <= hi, with t and both bounds as float32.
+
+        ``t`` is a float32 0-dim tensor from ``bagel_schedule`` (a python float is rounded to
+        float32 first). BAGEL compares its float32 time tensor with the python bounds, which
+        torch rounds to float32: at shift 2 and 25 points the time float32(0.4) is not above a
+        lower bound of 0.4, though 0.4000000059604645 > 0.4 in float64.
+        """
+        t = torch.as_tensor(t, dtype=torch.float32)
+        lo, hi = (torch.tensor(bound, dtype=torch.float32, device=t.device) for bound in self.interval)
+        return bool((t > lo) & (t <= hi))
+
+    def branches_at(self, t: torch.Tensor | float) -> tuple[Branch, ...]:
+        """The velocity branches needed at time ``t``: guidance branches only inside the interval (``guided_at``)."""
+        if self.text_scale <= 1 or not self.guided_at(t):
             return ("cond",)
         if self.image_scale > 1:
             return ("cond", "text_uncond", "image_uncond")
@@ -164,26 +168,28 @@ def sample_visual_thought_latents(
 ) -> torch.Tensor:
     """Integrate from ``noise`` at t = 1 to clean latent tokens at t = 0 with guided Euler steps.
 
-    noise: float (B, M, 64), usually N(0, 1); the state keeps its dtype (BAGEL integrates in
-    float32 whatever the model's dtype). ``velocity_fn(x, t, branches)`` gets the state float
-    (B, M, 64), the time as a python float in (0, 1] and the branches to evaluate (from
-    ``config.branches_at(t)``), and returns a mapping branch -> float (B, M, 64) velocity.
-    ``progress(done, total)`` is called after each of the ``config.num_timesteps - 1`` updates.
-    Returns float (B, M, 64) latent tokens in ``noise``'s dtype.
+    noise: float32 (B, M, 64), usually N(0, 1); the state stays float32 whatever the model's
+    dtype (BAGEL's does). ``velocity_fn(x, t, branches)`` gets the state float32 (B, M, 64),
+    the time as a python float in (0, 1] (exactly the float32 schedule value) and the branches
+    to evaluate (``config.branches_at``), and returns a mapping branch -> float (B, M, 64)
+    velocity. Each update is ``x - v * dt`` with dt a 0-dim float32 step of the schedule, as in
+    BAGEL: the product keeps v's dtype, the difference is float32. ``progress(done, total)`` is
+    called after each of the ``config.num_timesteps - 1`` updates. Returns float32 (B, M, 64)
+    latent tokens.
     """
-    scheduler = make_scheduler(config.num_timesteps, config.shift)
-    total = len(scheduler.timesteps)
+    if noise.dtype != torch.float32:
+        raise ValueError(f"noise must be float32 (BAGEL integrates the latents in float32); got {noise.dtype}")
+    schedule = bagel_schedule(config.num_timesteps, config.shift, device=noise.device)
+    times, steps = schedule[:-1], schedule[:-1] - schedule[1:]  # float32 (N - 1,) each
     x = noise
-    for step, timestep in enumerate(scheduler.timesteps):
-        t = scheduler.sigmas[step].item()
+    for index, t in enumerate(times):
         branches = config.branches_at(t)
-        velocities = velocity_fn(x, t, branches)
+        velocities = velocity_fn(x, t.item(), branches)
         if branches == ("cond",):
             v = velocities["cond"]
         else:
             v = combine_guidance(velocities["cond"], velocities["text_uncond"], velocities.get("image_uncond"), config)
-        # The scheduler returns the model output's dtype; casting first keeps the state in noise's dtype.
-        x = scheduler.step(v.to(x.dtype), timestep, x).prev_sample
+        x = x - v * steps[index]
         if progress is not None:
-            progress(step + 1, total)
+            progress(index + 1, len(times))
     return x
