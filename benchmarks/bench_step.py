@@ -70,6 +70,7 @@ from opsd_core.config.loader import apply_overrides, read_toml, validate_config
 from opsd_core.trainer import trainer as trainer_module
 from opsd_core.trainer.trainer import Trainer
 from opsd_core.types import CompletionBatch
+from opsd_core.rundir import MetricsLog
 
 CONFIG = Path(__file__).resolve().parent.parent / "examples" / "thinkmorph.toml"
 PHASES = ("sampling", "teacher", "student")
@@ -367,7 +368,7 @@ def main() -> None:
     backend = components.backend
     started = time.perf_counter()
     student = backend.build_model().requires_grad_(True)
-    trainer = Trainer(components, student, args.workdir / "phase", args.workdir / "metrics.jsonl")
+    trainer = Trainer(components, student, args.workdir / "phase", MetricsLog(args.workdir / "metrics.jsonl"))
     build_s = time.perf_counter() - started
     print(f"built student and teacher in {build_s:.1f} s", flush=True)
 

@@ -33,6 +33,7 @@ from opsd_core.runtime import resolve_device
 from opsd_core import runtime
 from opsd_core.trainer import sharding
 from opsd_core.trainer.trainer import Trainer
+from opsd_core.rundir import MetricsLog
 
 
 def main() -> None:
@@ -72,7 +73,7 @@ def main() -> None:
             runtime.release_cached_memory(ranks.device)
             student = sharding.sharded_clone(parked, skeleton, backend, ranks, config).requires_grad_(True)
         trainer = Trainer(
-            components, student, workdir / "phase", workdir / "metrics.jsonl", ranks=ranks, skeleton=skeleton
+            components, student, workdir / "phase", MetricsLog(workdir / "metrics.jsonl"), ranks=ranks, skeleton=skeleton
         )
         build_s = time.perf_counter() - started
         records = []

@@ -2,8 +2,8 @@
 
 Owns: the phases and their order (KL diagnostic and evaluation of the start checkpoint ->
 OPSD -> evaluation -> noise control from the same start -> evaluation -> optional SFT
-control), the run directory (resolved ``config.toml``, ``metrics.jsonl``, ``results.json``,
-``report.md``, plots), and resuming an interrupted run phase by phase. In a multi-process run
+control), what each phase records in ``results.json``, and resuming an interrupted run phase
+by phase. The files themselves belong to :class:`~opsd_core.rundir.RunDirectory`. In a multi-process run
 every rank runs every phase (training sharded, evaluation and diagnostics on gathered weights,
 the same on every rank) and rank 0 alone writes.
 Does not know: any model family; it uses the roles and the trainer.
@@ -12,60 +12,25 @@ Does not know: any model family; it uses the roles and the trainer.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from opsd_core.components import Components, build_components
-from opsd_core.config import RunConfig, to_toml
+from opsd_core.config import RunConfig
 from opsd_core.diagnostics.kl import gap_closure, kl_gap
-from opsd_core.errors import ConfigError
 from opsd_core.evaluation import evaluate
+from opsd_core.rundir import RunDirectory
 from opsd_core import runtime
 from opsd_core.trainer import sharding
 from opsd_core.runtime import resolve_device
 from opsd_core.trainer.trainer import Mode, Trainer
 
-RESULTS = "results.json"
-CONFIG = "config.toml"
-
-
-def run_directory(config: RunConfig) -> Path:
-    return Path(config.run.output_dir) / config.run.name
-
-
-def prepare_run_directory(config: RunConfig, resume: bool) -> Path:
-    """Create the run directory and write the resolved config; refuse to overwrite a
-    different run's directory unless resuming it."""
-    directory = run_directory(config)
-    config_path = directory / CONFIG
-    if config_path.exists() and not resume:
-        raise ConfigError(
-            f"run.name: {str(directory)!r} already holds a run (got {config.run.name!r}); resume it with "
-            f"`opsd run --resume {directory}` or choose another run.name"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    if not config_path.exists():
-        temporary = config_path.with_suffix(".tmp")
-        temporary.write_text(to_toml(config))
-        os.replace(temporary, config_path)
-    return directory
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
-
-
 def phases(config: RunConfig) -> list[Mode]:
     """The training phases ``opsd run`` performs, in order."""
-    modes = [Mode("opsd")]
+    modes = [Mode("opsd")] if config.experiment.opsd else []
     if config.experiment.noise_control:
         modes.append(Mode("noise", noise_vt=True))
     if config.experiment.sft_control:
@@ -81,14 +46,14 @@ class Experiment:
     def __init__(
         self,
         config: RunConfig,
-        directory: Path,
+        run_dir: RunDirectory,
         echo: Callable[[str], None] = print,
         progress: bool = True,
         ranks: runtime.Ranks | None = None,
     ):
         self.ranks = ranks or runtime.Ranks()
         main = self.ranks.is_main
-        self.config, self.directory = config, directory
+        self.config, self.run_dir = config, run_dir
         self.echo, self.progress = (echo if main else lambda message: None), progress and main
         runtime.apply_threads(config.run.threads)
         self.device = resolve_device(config.run.device)
@@ -99,12 +64,11 @@ class Experiment:
         self.start, self.skeleton = sharding.build_start(self.backend, config, self.ranks, self.device)
         self._parked_start: dict[str, torch.Tensor] | None = None
         self.eval_problems = list(self.components.task.eval_problems(config.eval.limit))
-        self.results_path = directory / RESULTS
-        self.results: dict[str, Any] = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self.results: dict[str, Any] = run_dir.read_results()
 
     def _save(self) -> None:
         if self.ranks.is_main:
-            _write_json_atomic(self.results_path, self.results)
+            self.run_dir.write_results(self.results)
 
     def _max_tokens(self) -> int:
         return self.config.eval.max_completion_tokens or self.config.sampling.max_completion_tokens
@@ -189,8 +153,8 @@ class Experiment:
         trainer = Trainer(
             components,
             student,
-            self.directory / mode.name,
-            self.directory / "metrics.jsonl",
+            self.run_dir.phase_dir(mode.name),
+            self.run_dir.metrics,
             mode,
             self.ranks,
             skeleton=self.skeleton,
@@ -227,9 +191,7 @@ class Experiment:
 
     def _sampler_throughput(self, phase: str) -> float | None:
         """Completion tokens sampled per second of sampling, over the phase's logged steps."""
-        path = self.directory / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        records = [r for r in records if r.get("phase") == phase and r.get("sample_s")]
+        records = [r for r in self.run_dir.metrics.read(phase) if r.get("sample_s")]
         seconds = sum(r["sample_s"] for r in records)
         if not seconds:
             return None
@@ -248,5 +210,5 @@ class Experiment:
         self.results["total_wall_s"] = self.results.get("total_wall_s", 0.0) + time.perf_counter() - started
         self._save()
         if self.ranks.is_main:
-            write_report(self.directory, self.results, self.config)
+            write_report(self.run_dir.path, self.results, self.config)
         return self.results

@@ -7,6 +7,7 @@ Does not know: torch at import time; each command imports the experiment code wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -117,8 +118,9 @@ def run_command(
     With --nproc-per-node N > 1 (or when started by torchrun), training is sharded over the
     processes with the backend's FSDP2 setup; rank 0 alone prints and writes (docs/distributed.md).
     """
-    from opsd_core.config import load_config
-    from opsd_core.experiment import CONFIG, Experiment, prepare_run_directory, run_directory
+    from opsd_core.config import load_config, to_toml
+    from opsd_core.experiment import Experiment
+    from opsd_core.rundir import CONFIG, RunDirectory
 
     if backend is not None:
         if config_path is None and resume_dir is None:
@@ -152,17 +154,19 @@ def run_command(
     from opsd_core import runtime
     from opsd_core.runtime import resolve_device
 
+    run_dir = RunDirectory.of(config)
     with runtime.process_group(config, resolve_device(config.run.device)) as ranks:
-        if ranks.is_main:
-            prepare_run_directory(config, resume=resume_dir is not None)
-        ranks.barrier()
-        directory = run_directory(config)
-        echo = click.echo if ranks.is_main else lambda *_: None
-        echo(f"Run directory: {directory}")
-        results = Experiment(config, directory, echo=click.echo, progress=not no_progress, ranks=ranks).run()
+        # Rank 0 writes the directory and holds it for the whole run; a second run is refused.
+        with run_dir.lock() if ranks.is_main else contextlib.nullcontext():
+            if ranks.is_main:
+                run_dir.create(to_toml(config), resume=resume_dir is not None)
+            ranks.barrier()
+            echo = click.echo if ranks.is_main else lambda *_: None
+            echo(f"Run directory: {run_dir.path}")
+            results = Experiment(config, run_dir, echo=click.echo, progress=not no_progress, ranks=ranks).run()
     echo("")
     echo(format_terminal(results_table(results)))
-    echo(f"\nReport: {directory / 'report.md'}")
+    echo(f"\nReport: {run_dir.report_path}")
 
 
 def _model(experiment_config, checkpoint: str | None, backend_only: bool = False):

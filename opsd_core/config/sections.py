@@ -1,7 +1,7 @@
 """The run configuration's fixed sections (plugin sections are added in ``model.py``).
 
 Owns: every training, sampling and output setting, with its default, constraint and
-description. Defaults are the paper's recipe (DESIGN.md section 5) except where a field says
+description. Defaults are the paper's recipe (docs/architecture.md, "The training recipe") except where a field says
 otherwise; the shipped example configs override them for the embedded default.
 Does not know: torch, plugins, or how the values are used.
 """
@@ -113,12 +113,6 @@ class TrainSection(Section):
         ge=1,
     )
     grad_accum: int = Field(2, description="Micro-batches per optimizer step.", ge=1)
-    noise_vt: bool = Field(
-        False, description="Noise control: replace the teacher's VT pixels by N(0, 1) noise, fresh each step."
-    )
-    sft: bool = Field(
-        False, description="SFT control: cross-entropy on reference answers in the student context instead of OPSD."
-    )
     checkpoint_every: int = Field(500, description="Optimizer steps between checkpoints (0: only the last).", ge=0)
     keep_checkpoints: int = Field(2, description="Newest checkpoints to keep; older ones are deleted.", ge=1)
     log_every: int = Field(10, description="Optimizer steps between metric lines.", ge=1)
@@ -167,5 +161,12 @@ class DiagnosticsSection(Section):
 class ExperimentSection(Section):
     """What `opsd run` does after the KL diagnostic: OPSD, then the controls, from the same start."""
 
+    opsd: bool = Field(True, description="Train Visual-OPSD and evaluate it (false: only the controls that are on).")
     noise_control: bool = Field(True, description="Also train the Gaussian-noise-VT control and evaluate it.")
     sft_control: bool = Field(False, description="Also train the SFT control on reference answers and evaluate it.")
+
+    @model_validator(mode="after")
+    def _some_phase(self) -> ExperimentSection:
+        if not (self.opsd or self.noise_control or self.sft_control):
+            raise ValueError("no training phase is on; set at least one of opsd, noise_control, sft_control to true")
+        return self

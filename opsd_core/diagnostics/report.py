@@ -7,9 +7,10 @@ Does not know: how the figures were produced.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from opsd_core.rundir import RunDirectory, write_atomic
 
 PHASE_TITLES = {"opsd": "Visual-OPSD", "noise": "Noise-VT control", "sft": "SFT control"}
 
@@ -60,12 +61,6 @@ def format_terminal(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def write_plots(directory: Path, results: dict[str, Any]) -> list[str]:
     """Accuracy bars, loss curves and KL bars as PNG files; returns their names."""
     import matplotlib
@@ -92,7 +87,7 @@ def write_plots(directory: Path, results: dict[str, Any]) -> list[str]:
     plt.close(figure)
     written.append("accuracy.png")
 
-    metrics = _read_metrics(directory / "metrics.jsonl")
+    metrics = RunDirectory(directory).metrics.read()
     if metrics:
         figure, axis = plt.subplots(figsize=(7, 4))
         for phase in phases:
@@ -149,6 +144,6 @@ def write_report(directory: Path, results: dict[str, Any], config: Any) -> Path:
         "",
     ]
     lines += [f"![{name}]({name})" for name in plots]
-    path = directory / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path = RunDirectory(directory).report_path
+    write_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -32,7 +32,6 @@ module collected by pytest)::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -45,6 +44,7 @@ import torch
 
 from opsd_core.config import RunConfig
 from opsd_core.interfaces import Backend, Task
+from opsd_core.rundir import METRICS, MetricsLog
 from opsd_core.types import Problem, Score
 
 STEPS = 3
@@ -113,8 +113,8 @@ def make_trainer(
     build_backend: Callable[[], Backend], directory: Path, ranks: Any, config: RunConfig, task: Task | None = None
 ):
     """A Trainer of the backend's freshly built model, writing to ``directory``."""
-    from opsd_core.divergences.jsd import JsdDivergence
     from opsd_core.components import Components
+    from opsd_core.divergences.jsd import JsdDivergence
     from opsd_core.sampling import BatchedSampler
     from opsd_core.teachers.ema import EmaTeacher
     from opsd_core.trainer.trainer import Trainer
@@ -126,7 +126,7 @@ def make_trainer(
     components = Components(
         config, backend, task or SeededProblems(), JsdDivergence(), EmaTeacher(), sampler, backend.context_builder()
     )
-    trainer = Trainer(components, student, directory, directory / "metrics.jsonl", ranks=ranks)
+    trainer = Trainer(components, student, directory, MetricsLog(directory / METRICS), ranks=ranks)
     return trainer
 
 
@@ -152,7 +152,7 @@ def train_resumed(
     if ranks.is_main:
         name = f"step-{from_step:07d}"
         shutil.copytree(Path(straight) / "checkpoints" / name, Path(directory) / "checkpoints" / name)
-        shutil.copy2(Path(straight) / "metrics.jsonl", Path(directory) / "metrics.jsonl")
+        shutil.copy2(Path(straight) / METRICS, Path(directory) / METRICS)
     ranks.barrier()
     trainer = make_trainer(build_backend, directory, ranks, config, task)
     assert trainer.resume() and trainer.step == from_step, f"no step-{from_step} checkpoint in {straight}"
@@ -223,7 +223,7 @@ def single_and_sharded_runs(script: str | Path, build_backend: Callable[[], Back
 def step_metrics(directory: Path, steps: int = STEPS) -> list[dict[str, float]]:
     """Every step's numeric metrics from ``metrics.jsonl`` (timings left out); checks that steps
     1..``steps`` were each logged once, all in the OPSD phase."""
-    lines = [json.loads(line) for line in (Path(directory) / "metrics.jsonl").read_text().splitlines()]
+    lines = MetricsLog(Path(directory) / METRICS).read()
     assert [line["step"] for line in lines] == list(range(1, steps + 1)), [line["step"] for line in lines]
     assert all(line["phase"] == "opsd" for line in lines)
     return [

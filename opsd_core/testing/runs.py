@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "results.json", "report.md")
+from opsd_core.rundir import CONFIG, METRICS, REPORT, RESULTS, RunDirectory
+
+RUN_FILES = (CONFIG, METRICS, RESULTS, REPORT)
 """What every finished run directory holds."""
 
 
@@ -44,8 +46,7 @@ class FinishedRun:
 
     def metrics(self, phase: str | None = None) -> list[dict[str, Any]]:
         """Every line of ``metrics.jsonl`` (only ``phase``'s when given), in order."""
-        lines = [json.loads(line) for line in (self.directory / "metrics.jsonl").read_text().splitlines()]
-        return [line for line in lines if phase is None or line.get("phase") == phase]
+        return RunDirectory(self.directory).metrics.read(phase)
 
     def step_metrics(self, phase: str = "opsd") -> list[dict[str, Any]]:
         """The training-step lines of ``phase`` (those with a loss), in order."""
@@ -53,7 +54,7 @@ class FinishedRun:
 
     def results(self) -> dict[str, Any]:
         """``results.json``: one entry per finished phase (start, opsd, noise, ...)."""
-        return json.loads((self.directory / "results.json").read_text())
+        return RunDirectory(self.directory).read_results()
 
     def missing_files(self) -> list[str]:
         """The files of :data:`RUN_FILES` the run directory lacks."""

@@ -1,6 +1,6 @@
 """Reducing per-row losses to the step loss.
 
-Owns: the reduction rule of DESIGN.md section 4 (mean over each sample's valid rows, samples
+Owns: the reduction rule of docs/architecture.md, "Numerics" (mean over each sample's valid rows, samples
 weighted equally), chosen so that any split of a step into micro-batches x gradient
 accumulation gives the same loss and gradient.
 Does not know: which divergence produced the rows.

@@ -11,7 +11,6 @@ Does not know: any model, task or divergence; everything goes through the role i
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -21,17 +20,23 @@ from typing import Any
 
 import torch
 
+from opsd_core import runtime
 from opsd_core.components import Components
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.divergences import kl_divergence
 from opsd_core.errors import ConfigError
+from opsd_core.rundir import MetricsLog
 from opsd_core.sampling import sample_seed
-from opsd_core.trainer import checkpoint
-from opsd_core import runtime
-from opsd_core.trainer import optimizer_state, sharding
+from opsd_core.trainer import checkpoint, optimizer_state, sharding
 from opsd_core.trainer.loss import micro_batch_loss, token_cross_entropy
 from opsd_core.trainer.schedule import build_scheduler
-from opsd_core.types import CompletionBatch, CompletionLogits, Context, ContextPair, Problem
+from opsd_core.types import (
+    CompletionBatch,
+    CompletionLogits,
+    Context,
+    ContextPair,
+    Problem,
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class Trainer:
             :func:`~opsd_core.components.build_components` (its config is the resolved run config).
         student: the model to train (its weights are updated in place).
         phase_dir: where this phase writes ``checkpoints/``.
-        metrics_path: the run's ``metrics.jsonl`` (shared by phases; lines carry the phase).
+        metrics: the run's metric lines (shared by phases; lines carry the phase).
         mode: OPSD, or the noise or SFT control.
         ranks: this process among the training processes (default: a single process). With
             more than one, ``student`` and its teacher are sharded by ``backend.parallelize``.
@@ -80,7 +85,7 @@ class Trainer:
         components: Components,
         student: torch.nn.Module,
         phase_dir: Path,
-        metrics_path: Path,
+        metrics: MetricsLog,
         mode: Mode = Mode("opsd"),
         ranks: runtime.Ranks | None = None,
         skeleton: torch.nn.Module | None = None,
@@ -119,7 +124,7 @@ class Trainer:
         # Rank 0 draws the single-process stream; other ranks draw their own.
         self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed + self.ranks.rank)
         self.checkpoints_dir = phase_dir / "checkpoints"
-        self.metrics_path = metrics_path
+        self.metrics = metrics
         self.step = 0
         self.position = 0
         self._problems: Iterator[Problem] | None = None
@@ -370,9 +375,7 @@ class Trainer:
         every = self.config.train.log_every
         if not self.ranks.is_main or (self.step % every and self.step != self.config.schedule.total_steps):
             return
-        line = {"phase": self.mode.name, "step": self.step} | {k: round(float(v), 8) for k, v in metrics.items()}
-        with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(line) + "\n")
+        self.metrics.append({"phase": self.mode.name, "step": self.step} | {k: round(float(v), 8) for k, v in metrics.items()})
 
     def _rng_states(self) -> dict[str, Any]:
         states = {
@@ -465,20 +468,8 @@ class Trainer:
         self.step, self.position = int(state["step"]), int(state["position"])
         self._problems = None
         if main:
-            self._truncate_metrics()
+            self.metrics.truncate(self.mode.name, self.step)
         return True
-
-    def _truncate_metrics(self) -> None:
-        """Drop this phase's metric lines written after the checkpoint being resumed."""
-        if not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("phase") == self.mode.name and record.get("step", 0) > self.step:
-                continue
-            kept.append(line)
-        self.metrics_path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def _stand_in(problem: Problem) -> Any:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from opsd_core.config import load_config
-from opsd_core.experiment import Experiment, prepare_run_directory
+from opsd_core.config import load_config, to_toml
+from opsd_core.experiment import Experiment
+from opsd_core.rundir import RunDirectory
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
 
@@ -18,9 +19,10 @@ QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml
 def results(tmp_path_factory):
     output = tmp_path_factory.mktemp("runs")
     config = load_config(QUICKSTART, [f"run.output_dir='{output}'"])
-    directory = prepare_run_directory(config, resume=False)
-    results = Experiment(config, directory, echo=lambda _: None, progress=False).run()
-    results["directory"] = directory
+    run_dir = RunDirectory.of(config)
+    run_dir.create(to_toml(config), resume=False)
+    results = Experiment(config, run_dir, echo=lambda _: None, progress=False).run()
+    results["directory"] = run_dir.path
     return results
 
 

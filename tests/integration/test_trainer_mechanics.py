@@ -13,6 +13,7 @@ from opsd_core.errors import CheckpointError
 from opsd_core.trainer.checkpoint import list_checkpoints
 from opsd_core.trainer.trainer import Mode, Trainer
 from opsd_core.types import VISUAL_THOUGHT, ImageSegment
+from opsd_core.rundir import MetricsLog
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
 SMALL = [
@@ -31,7 +32,7 @@ def _setup(tmp_path, *overrides, mode=Mode("opsd"), name="run"):
     components = build_components(config)
     torch.manual_seed(0)
     student = components.backend.build_model()
-    trainer = Trainer(components, student, tmp_path / name, tmp_path / f"{name}-metrics.jsonl", mode)
+    trainer = Trainer(components, student, tmp_path / name, MetricsLog(tmp_path / f"{name}-metrics.jsonl"), mode)
     return trainer
 
 

@@ -1,4 +1,4 @@
-"""Property-based tests of the divergences' numerics (DESIGN.md section 4).
+"""Property-based tests of the divergences' numerics (docs/architecture.md, "Numerics").
 
 Inputs come from :mod:`opsd_core.testing.strategies` in float64, so tolerances are tight;
 the float32 and bf16 behaviour is covered by the unit tests and the contract. The

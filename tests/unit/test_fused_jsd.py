@@ -22,6 +22,7 @@ from opsd_core.errors import ConfigError
 from opsd_core.interfaces import Backend, Capabilities
 from opsd_core.sampling import BatchedSampler
 from opsd_core.trainer.trainer import Trainer
+from opsd_core.rundir import MetricsLog
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
@@ -270,7 +271,7 @@ def _trainer(tmp_path, name, *overrides):
     components = build_components(config)
     components.sampler = BatchedSampler(components.backend, 0.0, config.sampling.max_completion_tokens)  # greedy
     torch.manual_seed(0)
-    trainer = Trainer(components, components.backend.build_model(), tmp_path / name, tmp_path / f"{name}.jsonl")
+    trainer = Trainer(components, components.backend.build_model(), tmp_path / name, MetricsLog(tmp_path / f"{name}.jsonl"))
     return trainer
 
 

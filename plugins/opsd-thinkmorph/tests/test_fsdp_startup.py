@@ -33,6 +33,7 @@ from opsd_core import runtime
 from opsd_core.trainer import sharding
 from opsd_core.trainer.trainer import Trainer
 from opsd_core.types import Problem, Score
+from opsd_core.rundir import MetricsLog
 from opsd_thinkmorph.backend import ThinkMorphBackend
 from opsd_thinkmorph.config import ThinkMorphParams
 
@@ -88,7 +89,7 @@ def make_trainer(directory: Path, ranks, config, backend, student, skeleton=None
     components = Components(
         config, backend, StreamTask(), JsdDivergence(), EmaTeacher(), greedy, backend.context_builder()
     )
-    trainer = Trainer(components, student, directory, directory / "metrics.jsonl", ranks=ranks, skeleton=skeleton)
+    trainer = Trainer(components, student, directory, MetricsLog(directory / "metrics.jsonl"), ranks=ranks, skeleton=skeleton)
     directory.mkdir(parents=True, exist_ok=True)
     return trainer
 

@@ -1,0 +1,166 @@
+"""The run directory: the one owner of a run's files, and the one reader of its metrics.
+
+Owns: where each file of a run lives (``config.toml``, ``metrics.jsonl``, ``results.json``,
+``report.md`` and plots, ``<phase>/checkpoints/``), creating the directory for a new run and
+refusing to reuse another run's, writing the resolved config and the results atomically,
+appending and reading metric lines (:class:`MetricsLog`), and the lock that makes one process
+the only writer of a run directory at a time.
+Does not know: torch, what the metrics or results mean, or how checkpoints are written
+(``trainer.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opsd_core.errors import ConfigError, OpsdError
+
+CONFIG = "config.toml"
+METRICS = "metrics.jsonl"
+RESULTS = "results.json"
+REPORT = "report.md"
+LOCK = ".lock"
+
+
+class RunDirectoryError(OpsdError):
+    """A run directory that cannot be used as asked (held by another process, malformed files)."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one rename, so readers see the old or the new file whole."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+@dataclass(frozen=True)
+class MetricsLog:
+    """The JSON lines of ``metrics.jsonl``: one record per logged optimizer step of a phase."""
+
+    path: Path
+
+    def read(self, phase: str | None = None) -> list[dict[str, Any]]:
+        """Every record in order (only ``phase``'s when given). A last line cut by a crash is
+        left out; a malformed line anywhere else is a :class:`RunDirectoryError`."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the write a crash interrupted
+                    break
+                raise RunDirectoryError(f"{self.path}: line {number} is not a JSON record") from None
+            if phase is None or record.get("phase") == phase:
+                records.append(record)
+        return records
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def truncate(self, phase: str, step: int) -> None:
+        """Drop ``phase``'s records after ``step`` (and a line cut by a crash): what a resume
+        from the checkpoint of ``step`` will write again."""
+        if not self.path.exists():
+            return
+        kept = [r for r in self.read() if r.get("phase") != phase or r.get("step", 0) <= step]
+        write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    """``output_dir/name`` of a run and every file in it."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, config: Any) -> RunDirectory:
+        """The directory ``run.output_dir / run.name`` of a run config."""
+        return cls(Path(config.run.output_dir) / config.run.name)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / RESULTS
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / REPORT
+
+    @property
+    def metrics(self) -> MetricsLog:
+        return MetricsLog(self.path / METRICS)
+
+    def phase_dir(self, phase: str) -> Path:
+        """Where a training phase keeps its ``checkpoints/``."""
+        return self.path / phase
+
+    def holds_run(self) -> bool:
+        return self.config_path.is_file()
+
+    def create(self, config_toml: str, resume: bool) -> None:
+        """Make the directory for a new run and write its resolved config, or check that a
+        resumed one holds a run; refuse to start a new run in another run's directory."""
+        if self.holds_run() and not resume:
+            raise ConfigError(
+                f"run.name: {str(self.path)!r} already holds a run (got {self.path.name!r}); resume it with "
+                f"`opsd run --resume {self.path}` or choose another run.name"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.holds_run():
+            write_atomic(self.config_path, config_toml)
+
+    def read_results(self) -> dict[str, Any]:
+        """``results.json``: one record per finished phase (empty for a new run)."""
+        if not self.results_path.exists():
+            return {}
+        try:
+            return json.loads(self.results_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise RunDirectoryError(f"{self.results_path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        write_atomic(self.results_path, json.dumps(results, indent=2))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory as its only writer for the block.
+
+        An advisory ``flock`` on ``.lock``: the operating system releases it when the holder
+        exits, however it exits, so a crash never leaves the directory locked. A second
+        process is refused with the holder's pid and host.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = (self.path / LOCK).open("a+", encoding="utf-8")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunDirectoryError(
+                    f"{self.path} is in use by {holder}; wait for that run to end or choose another run.name"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
