@@ -208,7 +208,8 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
 @click.command("eval")
 @_config_argument
 @_checkpoint_option
-@click.option("--modes", default="student,teacher,noise", show_default=True, help="Contexts to evaluate (task mode).")
+@click.option("--contexts", "modes", default="student,teacher,noise", show_default=True,
+              help="Task evaluation: the contexts to answer in (student, teacher, noise).")
 @click.option(
     "--benchmarks",
     metavar="NAMES",
@@ -325,7 +326,7 @@ def _task_eval(config_path: str | None, overrides: tuple[str, ...], checkpoint: 
     chosen = tuple(mode.strip() for mode in modes.split(",") if mode.strip())
     unknown = [mode for mode in chosen if mode not in MODES]
     if unknown or not chosen:
-        raise click.BadParameter(f"choose from {', '.join(MODES)} (got {modes!r})", param_hint="--modes")
+        raise click.BadParameter(f"choose from {', '.join(MODES)} (got {modes!r})", param_hint="--contexts")
     config = _load(config_path, overrides)
     components, model = _model(config, checkpoint)
     problems = list(components.task.eval_problems(config.eval.limit))

@@ -157,7 +157,7 @@ def test_the_benchmark_task_of_the_howto_runs_with_opsd_eval(tmp_path, monkeypat
     result = CliRunner().invoke(
         cli,
         [
-            "eval", str(ROOT / "examples" / "quickstart.toml"), "--modes", "student",
+            "eval", str(ROOT / "examples" / "quickstart.toml"), "--contexts", "student",
             "--set", "task.name=shapes", "--set", f"task.root='{tmp_path}'",
             "--set", "backend.free_text='skip'", "--set", "eval.max_completion_tokens=4",
         ],

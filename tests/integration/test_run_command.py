@@ -100,7 +100,7 @@ def test_diagnose_eval_and_infer(finished_run, tmp_path):
     assert diagnosed.exit_code == 0, diagnosed.output
     figures = json.loads(diagnosed.output)
     assert figures["kl"] > 0 and figures["samples"] == 8
-    evaluated = runner.invoke(cli, ["eval", *common, "--modes", "student,teacher"])
+    evaluated = runner.invoke(cli, ["eval", *common, "--contexts", "student,teacher"])
     rows = json.loads(evaluated.output)
     assert [row["mode"] for row in rows] == ["student", "teacher"] and rows[0]["count"] == 8
     images = tmp_path / "images"
@@ -108,7 +108,7 @@ def test_diagnose_eval_and_infer(finished_run, tmp_path):
     assert answered.exit_code == 0, answered.output
     assert "response (teacher context)" in answered.output
     assert len(list(images.glob("*.png"))) == 2
-    bad = runner.invoke(cli, ["eval", *common, "--modes", "student,oracle"])
+    bad = runner.invoke(cli, ["eval", *common, "--contexts", "student,oracle"])
     assert bad.exit_code == 2 and "oracle" in bad.output
 
 
