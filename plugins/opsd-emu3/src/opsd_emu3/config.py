@@ -65,7 +65,9 @@ class Emu3Params(PluginParams):
     vt_guidance_scale: float = Field(
         3.0, description="Visual thoughts: classifier-free guidance scale (1 disables guidance).", ge=1.0
     )
-    vt_temperature: float = Field(1.0, description="Visual thoughts: sampling temperature of image tokens.", gt=0)
+    vt_temperature: float = Field(
+        1.0, description="Visual thoughts: sampling temperature of image tokens (0 = greedy).", ge=0
+    )
     vt_top_k: int = Field(
         2048, description="Visual thoughts: sample among the top-k visual tokens (0 keeps them all).", ge=0
     )
