@@ -5,7 +5,9 @@ Owns: the conditional prompt of a problem (its student context, then the image h
 the same header), classifier-free guidance on their log-probabilities, the position rule that
 only visual tokens are sampled and an end-of-line token closes every row (what transformers'
 ``prefix_allowed_tokens_fn`` does for Emu3's ``generate``), temperature and top-k, and decoding
-the code grid to PIL images.
+the code grid to PIL images. Each step is what transformers' ``generate`` does with those
+settings (the tests compare whole token sequences); the loop is ours because it takes a
+``torch.Generator`` and runs the conditional and unconditional rows as one batch.
 Does not know: how the context is laid out (the backend renders it) or the VQ-VAE's internals.
 """
 
