@@ -165,3 +165,44 @@ def test_images_are_tokenised_as_at_inference_whatever_the_models_mode():
     assert all(torch.equal(value, buffers[name]) for name, value in vq.named_buffers()), "running statistics moved"
     model.eval()
     assert torch.equal(trained, backend._encode(vq, pixels))
+
+
+def test_a_drawing_checkpoint_draws_the_visual_thoughts_while_chat_answers(tmp_path):
+    """Chat (seed 0) answers, a second checkpoint (seed 1) draws: the images are the second
+    model's, whatever model is passed, and a run that generates visual thoughts is accepted."""
+    from opsd_core.config import load_config
+
+    backend = debug_backend()
+    backend.save_pretrained(backend.build_model(), tmp_path / "chat")
+    gen = debug_backend(seed=1)
+    gen_model = gen.build_model()
+    gen.save_pretrained(gen_model, tmp_path / "gen")
+    pair = Emu3Backend(
+        Emu3Params(checkpoint=str(tmp_path / "chat"), checkpoint_kind="chat", drawing_checkpoint=str(tmp_path / "gen"), **SMALL)
+    )
+    answering = pair.build_model()
+    batch = problems(2)
+    drawn = pair.generate_visual_thought(answering, batch, torch.Generator().manual_seed(0))
+    expected = gen.generate_visual_thought(gen_model, batch, torch.Generator().manual_seed(0))
+    assert [image.tobytes() for image in drawn] == [image.tobytes() for image in expected]
+    own = backend.generate_visual_thought(answering, batch, torch.Generator().manual_seed(0))
+    assert [image.tobytes() for image in drawn] != [image.tobytes() for image in own]
+    assert not any(p.requires_grad for p in pair.drawing_model().parameters())
+    pair.check_run(load_config(EXAMPLES / "emu3-debug.toml"))
+
+
+def test_drawing_checkpoints_that_cannot_serve_are_refused(tmp_path):
+    import json
+
+    with pytest.raises(ValueError, match="draws itself"):
+        Emu3Params(checkpoint=str(tmp_path), checkpoint_kind="gen", drawing_checkpoint=str(tmp_path))
+    with pytest.raises(ConfigError, match="backend.drawing_checkpoint: .* lacks config.json"):
+        debug_backend(drawing_checkpoint=str(tmp_path / "missing"))
+    backend = debug_backend()
+    backend.save_pretrained(backend.build_model(), tmp_path / "other")
+    config_file = tmp_path / "other" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["vocabulary_map"]["<|extra_200|>"] += 1
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="another vocabulary"):
+        debug_backend(drawing_checkpoint=str(tmp_path / "other"))

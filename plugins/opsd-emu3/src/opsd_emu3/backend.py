@@ -4,7 +4,8 @@ Owns: rendering contexts as Emu3-Chat turns with each image VQ-encoded by the mo
 VQ-VAE into its token block (``<|image start|>{h}*{w}<|image token|>`` codes with an end-of-line
 token after every row, ``<|extra_201|><|image end|>``), completion-row logits, batched KV-cached
 decoding over left-padded rows, visual-thought generation (:mod:`opsd_emu3.visual_thought`),
-and checkpoints in the Hugging Face layout.
+by the model given or by a frozen second checkpoint (``drawing_checkpoint``: Emu3-Gen drawing
+for Emu3-Chat), and checkpoints in the Hugging Face layout.
 Does not know: losses, teachers, optimizers or sampling policy.
 """
 
@@ -95,6 +96,9 @@ class Emu3Backend(Backend):
             special={name: index for name, index in self.ids.items() if name not in ("eos", "pad")},
         )
         self._codes: dict[tuple, torch.Tensor] = {}
+        self.drawing_directory = Path(p.drawing_checkpoint) if p.drawing_checkpoint is not None else None
+        self.drawing_config = self._read_drawing_config() if self.drawing_directory is not None else None
+        self._drawing_model: Emu3ForConditionalGeneration | None = None
         self._check_lengths()
 
     # ------------------------------------------------------------------ vocabulary and model
@@ -113,6 +117,15 @@ class Emu3Backend(Backend):
             torch.manual_seed(self.params.seed)
             model = Emu3ForConditionalGeneration(self.config)
         return model.to(device=self.device, dtype=self.dtype).eval()
+
+    def drawing_model(self) -> Emu3ForConditionalGeneration:
+        """The frozen model of ``drawing_checkpoint`` on ``params.device`` in ``params.dtype``, loaded at the first call."""
+        if self._drawing_model is None:
+            model = Emu3ForConditionalGeneration.from_pretrained(
+                self.drawing_directory, config=self.drawing_config, dtype=self.dtype, local_files_only=True
+            )
+            self._drawing_model = model.to(self.device).eval().requires_grad_(False)
+        return self._drawing_model
 
     def context_builder(self) -> PrivilegedContextBuilder:
         return emu3_context.context_builder()
@@ -276,7 +289,9 @@ class Emu3Backend(Backend):
 
     # ------------------------------------------------------------------ visual thoughts
     def generate_visual_thought(self, model, problems: Sequence[Problem], generator: torch.Generator | None = None) -> list:
-        """One PIL image of ``vt_grid`` tokens per problem, sampled with guidance and VQ-decoded."""
+        """One PIL image of ``vt_grid`` tokens per problem, sampled with guidance and VQ-decoded: by
+        ``model``, or by the drawing checkpoint's model when ``drawing_checkpoint`` is set (``model``
+        is then not used)."""
         if not self.params.can_draw:
             raise CapabilityError(
                 "backend.checkpoint_kind = 'chat': Emu3-Chat was not trained to generate images. Use stored visual "
@@ -284,7 +299,8 @@ class Emu3Backend(Backend):
             )
         from opsd_emu3.visual_thought import draw_visual_thoughts
 
-        return draw_visual_thoughts(self, model, problems, generator)
+        drawer = self.drawing_model() if self.drawing_directory is not None else model
+        return draw_visual_thoughts(self, drawer, problems, generator)
 
     # ------------------------------------------------------------------ parallelism and weights on disk
     def parallelize(self, model, mesh: Any, config: Any):
@@ -308,6 +324,19 @@ class Emu3Backend(Backend):
         side = max(self.spatial_factor, int(self.params.image_max_pixels**0.5) // self.spatial_factor * self.spatial_factor)
         return torch.zeros(3, side, side)
 
+    def _read_drawing_config(self) -> Emu3Config:
+        """The drawing checkpoint's config, refused unless it shares this model's vocabulary (the
+        drawn tokens and the prompts are read with one tokenizer) and its positions hold a drawing."""
+        state_dict.check_directory(self.drawing_directory, "backend.drawing_checkpoint")
+        config = Emu3Config.from_pretrained(self.drawing_directory, local_files_only=True)
+        if config.vocabulary_map != self.config.vocabulary_map or config.text_config.vocab_size != self.config.text_config.vocab_size:
+            raise ConfigError(
+                f"backend.drawing_checkpoint: {self.drawing_directory} has another vocabulary than backend.checkpoint "
+                f"(its vocabulary_map or vocab_size differs); use Emu3-Gen-hf beside Emu3-Chat-hf, whose vocabularies match"
+            )
+        config.text_config.attention_dropout = 0.0
+        return config
+
     def _check_lengths(self) -> None:
         """Refuse settings whose longest context cannot fit the model's positions."""
         image = self._largest_image()
@@ -316,10 +345,15 @@ class Emu3Backend(Backend):
         pair = self.context_builder().build(problem, torch.zeros(3, rows * self.spatial_factor, columns * self.spatial_factor))
         teacher = self.context_length(pair.teacher)
         drawing = self.context_length(pair.student) + len(self.image_header(rows, columns)) + rows * (columns + 1)
-        for what, needed in (("the teacher context at backend.image_max_pixels", teacher), ("drawing a visual thought of backend.vt_grid", drawing)):
-            if needed > self.max_positions:
+        drawer = self.drawing_config or self.config
+        checks = (
+            ("the teacher context at backend.image_max_pixels", teacher, self.max_positions),
+            ("drawing a visual thought of backend.vt_grid", drawing, drawer.text_config.max_position_embeddings),
+        )
+        for what, needed, positions in checks:
+            if needed > positions:
                 raise ConfigError(
-                    f"{what} needs {needed} positions but this Emu3 has {self.max_positions} "
+                    f"{what} needs {needed} positions but this Emu3 has {positions} "
                     f"(image_max_pixels = {self.params.image_max_pixels}, vt_grid = {self.params.vt_grid}); lower them"
                 )
 

@@ -1,7 +1,8 @@
 """Params of the ``emu3`` backend.
 
 Owns: the fields, defaults and constraints of the backend's config section: where the weights
-are and which of Emu3's two released checkpoints they are, devices and dtypes, how context
+are and which of Emu3's two released checkpoints they are, the optional second checkpoint
+that draws visual thoughts, devices and dtypes, how context
 images are sized, and the visual-thought sampling settings (grid, guidance, temperature).
 Does not know: torch or models; importing this module stays light (``opsd list``,
 ``opsd validate``). Limits that depend on the checkpoint (maximum positions, the VQ's spatial
@@ -42,6 +43,15 @@ class Emu3Params(PluginParams):
         "answers questions about images, cannot draw visual thoughts) and 'gen' (text-to-image: draws "
         "visual thoughts, weak at answering). Required with flavour 'checkpoint'; one model cannot be both.",
     )
+    drawing_checkpoint: str | None = Field(
+        None,
+        description="Directory of a second Emu3 checkpoint in the Hugging Face layout (Emu3-Gen-hf) that draws "
+        "the visual thoughts while `checkpoint` (Emu3-Chat-hf, checkpoint_kind 'chat') answers: loaded once, "
+        "frozen, on `device` in `dtype`, and used instead of the teacher for drawing. The visual thought is then "
+        "Gen's drawing, not the answering model's own. Its vocabulary map must equal the answering model's. "
+        "Also allowed with flavour 'debug' (a directory the debug flavour saved), for tests.",
+        min_length=1,
+    )
     device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'.", pattern=r"^(cpu|cuda(:\d+)?)$")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype of the built model.")
     seed: int = Field(0, description="Seed of the debug flavour's random weights.", ge=0)
@@ -65,7 +75,9 @@ class Emu3Params(PluginParams):
     vt_guidance_scale: float = Field(
         3.0, description="Visual thoughts: classifier-free guidance scale (1 disables guidance).", ge=1.0
     )
-    vt_temperature: float = Field(1.0, description="Visual thoughts: sampling temperature of image tokens.", gt=0)
+    vt_temperature: float = Field(
+        1.0, description="Visual thoughts: sampling temperature of image tokens (0 = greedy).", ge=0
+    )
     vt_top_k: int = Field(
         2048, description="Visual thoughts: sample among the top-k visual tokens (0 keeps them all).", ge=0
     )
@@ -88,6 +100,11 @@ class Emu3Params(PluginParams):
                 )
         elif self.checkpoint is not None or self.checkpoint_kind is not None:
             raise ValueError("backend.checkpoint and backend.checkpoint_kind apply only to flavour 'checkpoint'")
+        if self.drawing_checkpoint is not None and self.checkpoint_kind == "gen":
+            raise ValueError(
+                "backend.drawing_checkpoint is set with checkpoint_kind = 'gen', which draws itself; drop "
+                "drawing_checkpoint, or answer with Emu3-Chat-hf (checkpoint_kind = 'chat') and draw with it"
+            )
         if self.image_min_pixels > self.image_max_pixels:
             raise ValueError(
                 f"backend.image_min_pixels ({self.image_min_pixels}) exceeds backend.image_max_pixels "
@@ -99,5 +116,6 @@ class Emu3Params(PluginParams):
 
     @property
     def can_draw(self) -> bool:
-        """Whether these weights were trained to generate images (the debug flavour stands in for both)."""
-        return self.flavour == DEBUG or self.checkpoint_kind == "gen"
+        """Whether visual thoughts can be drawn: by weights trained to generate images, or by the
+        drawing checkpoint (the debug flavour stands in for both kinds)."""
+        return self.flavour == DEBUG or self.checkpoint_kind == "gen" or self.drawing_checkpoint is not None

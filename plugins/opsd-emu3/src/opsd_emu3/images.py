@@ -2,7 +2,8 @@
 
 Owns: resizing a task's image the way Emu3's image processor does (aspect kept, sides multiples
 of the VQ's spatial factor, pixel count clamped), normalising with the processor's mean and
-std, and turning the VQ decoder's output back into PIL images.
+std, and turning the VQ decoder's output back into PIL images (by the image processor's
+post-processing).
 Does not know: tokens, models or contexts.
 """
 
@@ -59,9 +60,14 @@ class ImageTransform:
         return (pixels - self._column(self.mean)) / self._column(self.std)
 
     def to_pil(self, pixels: torch.Tensor) -> list[PILImage.Image]:
-        """PIL images of float (B, 3, H, W) decoder output in the normalised space."""
-        unit = pixels.detach().float().cpu() * self._column(self.std) + self._column(self.mean)  # (B, 3, H, W)
-        return [to_rgb(image) for image in unit]
+        """PIL images of float (B, 3, H, W) decoder output in the normalised space, by
+        ``Emu3ImageProcessor.postprocess`` with this transform's mean and std (unnormalise, scale
+        to 0-255, clip, truncate to uint8), as transformers' Emu3 turns decoded images into pictures."""
+        from transformers.models.emu3.image_processing_emu3 import Emu3ImageProcessor
+
+        processor = Emu3ImageProcessor(image_mean=list(self.mean), image_std=list(self.std))
+        images = [image for image in pixels.detach().float().cpu()]
+        return processor.postprocess(images, return_tensors="PIL.Image.Image")["pixel_values"]
 
     @staticmethod
     def _column(values: tuple[float, float, float]) -> torch.Tensor:

@@ -27,19 +27,19 @@ PREPROCESSOR = "preprocessor_config.json"
 LEGACY_KEYS = ((r"^text_model\.model\.", "model.text_model."), (r"^text_model\.lm_head\.", "lm_head."), (r"^vqmodel\.", "model.vqmodel."))
 
 
-def check_directory(directory: Path) -> None:
-    """Raise ConfigError unless ``directory`` holds a loadable Emu3 checkpoint."""
+def check_directory(directory: Path, field: str = "backend.checkpoint") -> None:
+    """Raise ConfigError, naming the config ``field``, unless ``directory`` holds a loadable Emu3 checkpoint."""
     required = ("config.json", "tokenizer_config.json", (WEIGHTS, INDEX), ("tokenizer.json", "vocab.json"))
     missing = state_dicts.missing_files(directory, required)
     if missing:
         raise ConfigError(
-            f"backend.checkpoint: {directory} is not an Emu3 checkpoint in the Hugging Face layout; it lacks "
+            f"{field}: {directory} is not an Emu3 checkpoint in the Hugging Face layout; it lacks "
             f"{', '.join(missing)}. Put the files of Emu3-Chat-hf or Emu3-Gen-hf there (nothing is downloaded)."
         )
     model_type = json.loads((directory / "config.json").read_text()).get("model_type")
     if model_type != "emu3":
         raise ConfigError(
-            f"backend.checkpoint: {directory}/config.json has model_type {model_type!r}, want 'emu3' (the "
+            f"{field}: {directory}/config.json has model_type {model_type!r}, want 'emu3' (the "
             "Hugging Face conversion, e.g. Emu3-Chat-hf; the original BAAI/Emu3-Chat repository uses remote code)"
         )
 

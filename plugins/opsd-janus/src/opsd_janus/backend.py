@@ -380,12 +380,14 @@ class JanusBackend(Backend):
         directory = Path(directory)
         state_dict.save_checkpoint(model, directory)
         self.tokenizer.save_pretrained(str(directory))
-        self._image_processor().save_pretrained(str(directory))
+        self.image_processor().save_pretrained(str(directory))
 
     def load_weights(self, model, directory: Path) -> None:
         state_dict.load_into(model, Path(directory))
 
-    def _image_processor(self):
+    def image_processor(self):
+        """``JanusImageProcessorPil`` with this backend's size, mean and std (saved with checkpoints,
+        and the post-processing of drawn images)."""
         from transformers.models.janus.image_processing_pil_janus import (
             JanusImageProcessorPil,
         )

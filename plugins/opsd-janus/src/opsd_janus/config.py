@@ -2,8 +2,8 @@
 
 Owns: the fields, defaults and constraints of the backend's config section: where the weights
 are (or the tiny ``debug`` flavour), device and dtype, the image size, the longest context the
-run may render, and the visual-thought generation settings (CFG scale, temperature, image
-tokens).
+run may render, and the visual-thought generation settings (CFG scale, temperature, top-k,
+image tokens).
 Does not know: torch or models; importing this module stays light (``opsd list``,
 ``opsd validate``). Constraints that need the checkpoint's own config (its image size, its
 position limit) are checked when the backend is constructed, before any step runs.
@@ -69,6 +69,13 @@ class JanusParams(PluginParams):
     )
     vt_temperature: float = Field(
         1.0, description="Visual thoughts: sampling temperature of the image tokens (0 = greedy).", ge=0
+    )
+    vt_top_k: int = Field(
+        0,
+        description="Visual thoughts: sample among the top-k image tokens after guidance and temperature (0 keeps "
+        "them all, as DeepSeek's Janus-Pro generation script does; transformers' generate applies its default "
+        "top_k = 50 unless told otherwise).",
+        ge=0,
     )
     vt_prompt: str = Field(
         "Draw the intermediate visual thought that solves this problem.",

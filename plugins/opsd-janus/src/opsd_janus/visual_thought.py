@@ -2,23 +2,23 @@
 
 Owns: the generation prompt (``<|User|>: {problem image}\\n{question}\\n{vt_prompt}\\n\\n
 <|Assistant|>:<begin_of_image>``), its unconditional twin (every token but BOS and
-``<begin_of_image>`` replaced by padding, as ``JanusForConditionalGeneration.generate`` builds
-it, so the problem image is dropped too), the sampling loop (LLM hidden state ->
-``generation_head`` -> classifier-free guidance -> temperature sample -> ``generation_embeddings``
-+ ``generation_aligner`` as the next input), and decoding the codes with the VQ decoder into
-PIL images.
+``<begin_of_image>`` replaced by padding, as ``JanusForConditionalGeneration.generate`` masks
+it, so the problem image's features are dropped too), the sampling loop (LLM hidden state ->
+``generation_head`` -> classifier-free guidance -> temperature and top-k -> a draw ->
+``generation_embeddings`` + ``generation_aligner`` as the next input), and decoding the codes
+with the VQ decoder and the image processor's post-processing into PIL images.
 Does not know: training, or what the images are used for.
 
-The loop is ours rather than ``generate(generation_mode="image")`` because that draws with the
-global RNG (no ``torch.Generator``, so no per-call reproducibility) and takes one prompt
-length per batch; this one runs right-padded rows with per-row positions.
+The loop draws exactly as ``generate(generation_mode="image")`` does (the same guidance, warpers
+and multinomial draw; the tests compare whole token sequences on a tiny model), but is ours
+because that method reads no pixels (the problem image could not be in the prompt) and draws
+from the global random stream, where this one takes a ``torch.Generator``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from opsd_core.types import Problem
@@ -29,16 +29,25 @@ def generation_prompts(backend, problems: Sequence[Problem]):
     """Conditional and unconditional prompts: 2B :class:`~opsd_janus.backend.Rendered` rows."""
     from opsd_janus.backend import Rendered
 
-    conditional, unconditional = [], []
+    conditional = []
     for problem in problems:
         rendered = Rendered(tokens=[backend.ids["bos"]] + backend.encode(chat.USER_OPEN))
         backend.add_image(rendered, backend.preprocess_image(problem.image))
         rendered.tokens += backend.encode(f"\n{problem.question}\n{backend.params.vt_prompt}{chat.ASSISTANT_OPEN}")
         rendered.tokens.append(backend.ids["image_start"])
         conditional.append(rendered)
-        blank = [backend.ids["pad"]] * (len(rendered.tokens) - 2)
-        unconditional.append(Rendered(tokens=[backend.ids["bos"], *blank, backend.ids["image_start"]]))
-    return conditional + unconditional
+    return conditional + [unconditional_prompt(backend, rendered) for rendered in conditional]
+
+
+def unconditional_prompt(backend, rendered):
+    """The unconditional twin of a conditional :class:`~opsd_janus.backend.Rendered` prompt: every
+    token but BOS and ``<begin_of_image>`` replaced by padding (so the problem image's slots are
+    padding and no image features are spliced in), as ``JanusForConditionalGeneration.generate``
+    masks its unconditional rows."""
+    from opsd_janus.backend import Rendered
+
+    kept = {backend.ids["bos"], backend.ids["image_start"]}
+    return Rendered(tokens=[token if token in kept else backend.ids["pad"] for token in rendered.tokens])
 
 
 def guided_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -50,15 +59,26 @@ def guided_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
 @torch.no_grad()
 def draw_visual_thoughts(backend, model, problems: Sequence[Problem], generator: torch.Generator | None = None) -> list:
     """One PIL image per problem, ``visual_thought_side`` pixels square."""
-    from transformers import DynamicCache
-
-    from opsd_core.sampling import choose_tokens
-    from opsd_janus.backend import JanusDecodeState, step
-
-    params = backend.params
     rendered = generation_prompts(backend, problems)
     for r in rendered:
         backend.require_fits(len(r.tokens) + backend.image_tokens, "a visual-thought prompt plus its image tokens")
+    codes = draw_codes(backend, model, rendered, generator)  # (B, N)
+    return decode_codes(backend, model, codes)
+
+
+@torch.no_grad()
+def draw_codes(
+    backend, model, rendered: Sequence, generator: torch.Generator | None = None, on_scores: Callable | None = None
+) -> torch.Tensor:
+    """int64 (B, N) image codes, N = ``image_tokens``, from 2B prompt rows (B conditional, then
+    their B unconditional twins): hidden state -> ``generation_head`` -> guidance -> temperature
+    top-k sample -> ``generation_embeddings`` + ``generation_aligner`` as the next input.
+    ``on_scores``, when given, sees each step's float (B, C) guided logits."""
+    from transformers import DynamicCache
+
+    from opsd_janus.backend import JanusDecodeState, step
+
+    params = backend.params
     cache = DynamicCache(config=model.config.text_config)
     hidden, attention, lengths = backend.hidden_states(model, rendered, cache)
     last = hidden[torch.arange(len(rendered), device=hidden.device), lengths - 1]  # (2B, D)
@@ -66,18 +86,38 @@ def draw_visual_thoughts(backend, model, problems: Sequence[Problem], generator:
     codes = []
     for index in range(backend.image_tokens):
         logits = guided_logits(model.model.generation_head(last), params.vt_guidance_scale)  # (B, C)
-        chosen = choose_tokens(logits, params.vt_temperature, generator)  # (B,)
+        if on_scores is not None:
+            on_scores(logits)
+        chosen = sample_codes(logits, params.vt_temperature, params.vt_top_k, generator)  # (B,)
         codes.append(chosen)
         if index + 1 < backend.image_tokens:
             embeds = model.prepare_embeddings_for_image_generation(chosen.repeat(2).unsqueeze(1))  # (2B, 1, D)
             last = step(model, state, embeds.to(hidden.dtype))[:, -1]  # (2B, D)
-    pixels = model.decode_image_tokens(torch.stack(codes, dim=1))  # (B, H, W, 3) in about [-1, 1]
-    return [to_pil(image) for image in pixels]
+    return torch.stack(codes, dim=1)
 
 
-def to_pil(pixels: torch.Tensor):
-    """A PIL RGB image from float (H, W, 3) pixels in [-1, 1]."""
-    from PIL import Image
+def sample_codes(scores: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """int64 (B,) codes from float (B, C) guided logits, as ``generate`` picks them after its guidance:
+    argmax when ``temperature`` is 0; else the logits divided by ``temperature``, all but the
+    ``top_k`` best set to -inf (0 keeps all), softmax, one multinomial draw per row from
+    ``generator``'s stream (on the generator's device, so a seeded draw is the same wherever the
+    model runs)."""
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    scores = scores / temperature
+    if 0 < top_k < scores.shape[-1]:
+        threshold = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
+    probabilities = scores.softmax(dim=-1)
+    device = generator.device if generator is not None else probabilities.device
+    return torch.multinomial(probabilities.to(device), 1, generator=generator).squeeze(1).to(scores.device)
 
-    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+def decode_codes(backend, model, codes: torch.Tensor) -> list:
+    """PIL images of int64 (B, N) codes: ``decode_image_tokens`` (float (B, H, W, 3) in the
+    normalised space), then the image processor's ``postprocess`` (unnormalise, scale to 0-255,
+    clip, truncate to uint8), as transformers' Janus image generation turns tokens into images.
+    The images go to ``postprocess`` channels first: the NumPy processor normalises only that layout."""
+    pixels = model.decode_image_tokens(codes).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    images = list(pixels.float().cpu())
+    return backend.image_processor().postprocess(images, return_tensors="PIL.Image.Image")["pixel_values"]
