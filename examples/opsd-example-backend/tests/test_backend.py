@@ -11,10 +11,8 @@ from opsd_example_backend import vocab
 from opsd_example_backend.backend import ByteBackend
 from opsd_example_backend.config import ByteUMMParams
 
-from opsd_core.config import RunConfig
-from opsd_core.errors import CheckpointError, ConfigError
+from opsd_core.api import CheckpointError, ConfigError, Problem, RunConfig
 from opsd_core.testing.backend_contract import check_backend_contract
-from opsd_core.types import Problem
 
 RUN_CONFIG = Path(__file__).resolve().parents[1] / "byte-umm.toml"
 SHORT_RUN = [
@@ -111,7 +109,7 @@ def test_check_run_refuses_what_the_model_cannot_serve():
 
 
 def test_registered_through_the_entry_point():
-    from opsd_core.plugins import build_plugin_manager, fill_registries
+    from opsd_core.testing.cli import build_plugin_manager, fill_registries
 
     registries = fill_registries(build_plugin_manager({"OPSD_LOAD_PLUGINS": "example-backend"}))
     entry = registries.backend.get("byte-umm")
@@ -120,7 +118,7 @@ def test_registered_through_the_entry_point():
 
 
 def test_a_short_opsd_run(tmp_path):
-    from opsd_core.cli import cli
+    from opsd_core.testing.cli import cli
 
     result = CliRunner().invoke(
         cli, ["run", str(RUN_CONFIG), "--no-progress", "--set", f"run.output_dir='{tmp_path}'", *SHORT_RUN]

@@ -21,14 +21,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from opsd_core.types import Problem
+from opsd_core.api import Problem
+from opsd_core.api.backend import choose_tokens
 from opsd_janus import context as chat
+from opsd_janus.decoding import JanusDecodeState, Rendered, step
 
 
 def generation_prompts(backend, problems: Sequence[Problem]):
-    """Conditional and unconditional prompts: 2B :class:`~opsd_janus.backend.Rendered` rows."""
-    from opsd_janus.backend import Rendered
-
+    """Conditional and unconditional prompts: 2B :class:`~opsd_janus.decoding.Rendered` rows."""
     conditional, unconditional = [], []
     for problem in problems:
         rendered = Rendered(tokens=[backend.ids["bos"]] + backend.encode(chat.USER_OPEN))
@@ -51,9 +51,6 @@ def guided_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
 def draw_visual_thoughts(backend, model, problems: Sequence[Problem], generator: torch.Generator | None = None) -> list:
     """One PIL image per problem, ``visual_thought_side`` pixels square."""
     from transformers import DynamicCache
-
-    from opsd_core.sampling import choose_tokens
-    from opsd_janus.backend import JanusDecodeState, step
 
     params = backend.params
     rendered = generation_prompts(backend, problems)
