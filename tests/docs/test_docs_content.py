@@ -1,13 +1,16 @@
 """What the documentation promises about the code: every hook with its exact signature, the
 tutorials in the table of contents and built, cross references to other projects resolved
-offline, and the how-to's benchmark-task code running against the real API."""
+offline, the API reference showing exactly the declared public API, and the how-to's
+benchmark-task code running against the real API."""
 
 from __future__ import annotations
 
 import html
 import importlib.util
+import importlib
 import inspect
 import json
+import pkgutil
 import re
 import types
 import zlib
@@ -15,6 +18,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+import opsd_core.api
+import opsd_core.testing
 from opsd_core import hookspecs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +59,27 @@ def test_the_api_reference_shows_every_hook_with_its_signature(built):
         assert shown == parameters, (
             f"the API reference shows {name}({', '.join(shown)}), the hookspec is {name}({', '.join(parameters)})"
         )
+
+
+def test_the_api_reference_lists_exactly_the_public_api():
+    page = (DOCS / "reference" / "api.md").read_text()
+    directive = r"^\.\. (?:autoclass|autofunction|autoexception|py:class|py:data):: (opsd_core\.api(?:\.\w+)?)\.(\w+)$"
+    shown = re.findall(directive, page, flags=re.MULTILINE)
+    modules = ["opsd_core.api"] + [
+        info.name for info in pkgutil.iter_modules(opsd_core.api.__path__, "opsd_core.api.") if not info.ispkg
+    ]
+    for name in modules:
+        declared = set(importlib.import_module(name).__all__)
+        listed = [attribute for module, attribute in shown if module == name]
+        assert len(listed) == len(set(listed)), f"docs/reference/api.md shows a name of {name} twice"
+        assert set(listed) == declared, (
+            f"docs/reference/api.md and {name}.__all__ differ: not shown {sorted(declared - set(listed))}, "
+            f"not declared {sorted(set(listed) - declared)}"
+        )
+    assert {module for module, _ in shown} == set(modules), "docs/reference/api.md shows a module that is not public"
+    helpers = [info.name for info in pkgutil.iter_modules(opsd_core.testing.__path__, "opsd_core.testing.")]
+    missing = [name for name in helpers if f".. automodule:: {name}\n" not in page]
+    assert not missing, f"docs/reference/api.md does not show the test helpers {missing}"
 
 
 def test_every_tutorial_is_in_the_table_of_contents_and_built(built):

@@ -11,11 +11,9 @@ from opsd_example_backend import vocab
 from opsd_example_backend.backend import ByteBackend
 from opsd_example_backend.config import ByteUMMParams
 
-from opsd_core.components import build_components
-from opsd_core.config import RunConfig, load_config
-from opsd_core.errors import CheckpointError, ConfigError
+from opsd_core.api import CheckpointError, ConfigError, Problem, RunConfig, load_config
+from opsd_core.testing.trainer import build_components
 from opsd_core.testing.backend_contract import check_backend_contract
-from opsd_core.types import Problem
 
 RUN_CONFIG = Path(__file__).resolve().parents[1] / "byte-umm.toml"
 SHORT_RUN = [
@@ -116,7 +114,7 @@ def test_runs_that_need_drawing_are_refused_because_no_drawing_is_declared():
 
 
 def test_registered_through_the_entry_point():
-    from opsd_core.plugins import build_plugin_manager, fill_registries
+    from opsd_core.testing.cli import build_plugin_manager, fill_registries
 
     registries = fill_registries(build_plugin_manager({"OPSD_LOAD_PLUGINS": "example-backend"}))
     entry = registries.backend.get("byte-umm")
@@ -125,7 +123,7 @@ def test_registered_through_the_entry_point():
 
 
 def test_a_short_opsd_run(tmp_path):
-    from opsd_core.cli import cli
+    from opsd_core.testing.cli import cli
 
     result = CliRunner().invoke(
         cli, ["run", str(RUN_CONFIG), "--no-progress", "--set", f"run.output_dir='{tmp_path}'", *SHORT_RUN]

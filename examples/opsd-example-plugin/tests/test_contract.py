@@ -5,10 +5,7 @@ import torch
 from opsd_example_plugin.config import TotalVariationParams
 from opsd_example_plugin.divergence import TotalVariation
 
-from opsd_core.testing.divergence_contract import (
-    DivergenceContract,
-    check_divergence_contract,
-)
+from opsd_core.testing.divergence_contract import DivergenceContract, check_divergence_contract
 
 
 class TestTotalVariationContract(DivergenceContract):
@@ -28,7 +25,7 @@ def test_disjoint_distributions_are_at_distance_one():
 
 
 def test_registered_through_the_entry_point():
-    from opsd_core.plugins import build_plugin_manager, fill_registries
+    from opsd_core.testing.cli import build_plugin_manager, fill_registries
 
     registries = fill_registries(build_plugin_manager({"OPSD_LOAD_PLUGINS": "example"}))
     entry = registries.divergence.get("total-variation")

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from opsd_core.errors import CapabilityError, ConfigError
+from opsd_core.api import CapabilityError, ConfigError, Problem
 from opsd_core.testing.backend_contract import check_backend_contract
-from opsd_core.types import Problem
 from opsd_emu3.backend import Emu3Backend
 from opsd_emu3.config import Emu3Params
 
@@ -135,8 +134,7 @@ def test_chat_checkpoint_refuses_to_draw(tmp_path):
 
 
 def test_run_settings_the_model_cannot_serve_are_refused_when_the_run_starts(tmp_path):
-    from opsd_core.config import load_config
-    from opsd_core.errors import ConfigError
+    from opsd_core.api import ConfigError, load_config
 
     backend = debug_backend()
     config = load_config(EXAMPLES / "emu3-debug.toml", ["sampling.max_forward_tokens=5000"])

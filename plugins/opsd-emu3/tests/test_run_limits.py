@@ -11,10 +11,7 @@ import torch
 from opsd_emu3.backend import Emu3Backend
 from opsd_emu3.config import Emu3Params
 
-from opsd_core.config import load_config
-from opsd_core.errors import ConfigError
-from opsd_core.length_budget import context_floor
-from opsd_core.types import Problem
+from opsd_core.api import ConfigError, Problem, context_floor, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "emu3-debug.toml"
 POSITIONS = 1024  # the debug model's max_position_embeddings

@@ -13,9 +13,9 @@ from opsd_janus.backend import JanusBackend
 from opsd_janus.config import JanusParams
 from pydantic import ValidationError
 
-from opsd_core.sampling import BatchedSampler
+from opsd_core.api import Problem
+from opsd_core.api.backend import BatchedSampler
 from opsd_core.testing.backend_contract import check_backend_contract
-from opsd_core.types import Problem
 
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -169,8 +169,7 @@ def test_fsdp_in_one_process_gives_the_unsharded_logits_and_gradients(backend):
 
 
 def test_a_forward_cap_beyond_the_positions_is_refused_when_the_run_starts(backend):
-    from opsd_core.config import load_config
-    from opsd_core.errors import ConfigError
+    from opsd_core.api import ConfigError, load_config
 
     config = load_config(EXAMPLES / "janus-pro-debug.toml", ["sampling.max_forward_tokens=5000"])
     with pytest.raises(ConfigError, match="sampling.max_forward_tokens = 5000"):

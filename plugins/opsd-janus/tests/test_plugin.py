@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from opsd_core.cli import cli
+from opsd_core.testing.cli import cli
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 

@@ -11,10 +11,7 @@ import torch
 from opsd_janus.backend import JanusBackend
 from opsd_janus.config import JanusParams
 
-from opsd_core.config import load_config
-from opsd_core.errors import ConfigError
-from opsd_core.length_budget import context_floor
-from opsd_core.types import Problem
+from opsd_core.api import ConfigError, Problem, context_floor, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "janus-pro-debug.toml"
 POSITIONS = 400  # backend.max_context_tokens of these tests (the debug model has 1024)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opsd_core.api import Problem
 from opsd_core.testing.backend_contract import check_backend_contract
-from opsd_core.types import Problem
 from opsd_thinkmorph.backend import ThinkMorphBackend
 from opsd_thinkmorph.config import ThinkMorphParams
 
@@ -130,11 +130,11 @@ def test_one_row_layer_leaves_other_steps_to_the_layer():
 def test_sharded_models_decode_one_row_with_the_kernels_while_gathered():
     """one_row_layer reads the layers' weights without calling the layers (whose FSDP hooks
     gather them), so it runs only while a sharded model's weights are whole, as they are in
-    the trainer's sampling (sharding.gathered); there it gives the unsharded logits."""
+    the trainer's sampling (inside ``gathered``); there it gives the unsharded logits."""
     from types import SimpleNamespace
 
     from opsd_core.testing.fsdp import one_process_group
-    from opsd_core.trainer.sharding import gathered
+    from opsd_core.testing.trainer import gathered
 
     with one_process_group() as mesh:
         backend = debug_backend()
@@ -153,7 +153,7 @@ def test_sharded_models_decode_one_row_with_the_kernels_while_gathered():
 
 
 def _batch(rows, pad):
-    from opsd_core.types import CompletionBatch
+    from opsd_core.api import CompletionBatch
 
     width = max(len(r) for r in rows)
     tokens = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -165,7 +165,7 @@ def _batch(rows, pad):
 
 
 def test_interleaved_answer_draws_a_visual_thought_after_an_image_request(monkeypatch):
-    from opsd_core.sampling import BatchedSampler
+    from opsd_core.api.backend import BatchedSampler
 
     backend = debug_backend(vt_timesteps=2)
     model = backend.build_model().eval()

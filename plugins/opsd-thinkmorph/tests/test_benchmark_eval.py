@@ -9,8 +9,8 @@ import json
 import torch
 from click.testing import CliRunner
 
-from opsd_core.cli import cli
-from opsd_core.evaluation.miniature import write_miniature_benchmarks
+from opsd_core.testing.cli import cli
+from opsd_core.testing.miniature import write_miniature_benchmarks
 
 
 def test_benchmarks_are_answered_in_both_modes_and_resumed(tmp_path):
@@ -37,8 +37,8 @@ def test_benchmarks_are_answered_in_both_modes_and_resumed(tmp_path):
 
 
 def test_the_cli_caps_the_visual_thoughts_of_each_answer(tmp_path, monkeypatch):
-    from opsd_core.sampling import BatchedSampler
-    from opsd_core.types import CompletionBatch
+    from opsd_core.api import CompletionBatch
+    from opsd_core.api.backend import BatchedSampler
 
     def always_asks(self, model, contexts, generator=None):
         tokens = torch.tensor([[ord(c) % 50 + 10 for c in "ab"]] * len(contexts))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from opsd_thinkmorph.model import ImageInputs, SiglipAttention
 
-from opsd_core.errors import ConfigError
+from opsd_core.api import ConfigError
 
 # The CPU tests' helpers, imported by name (the suite runs in importlib mode).
 sys.path.insert(0, str(Path(__file__).parent))

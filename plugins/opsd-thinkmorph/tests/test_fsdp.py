@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from opsd_core.errors import ConfigError
+from opsd_core.api import ConfigError
 from opsd_core.testing import fsdp
-from opsd_core import runtime
+from opsd_core.testing.trainer import Ranks, process_group
 from opsd_thinkmorph.backend import ThinkMorphBackend
 from opsd_thinkmorph.config import ThinkMorphParams
 from opsd_thinkmorph.parallelize import checkpoint_forward, mixed_precision_policy
@@ -42,11 +42,11 @@ def worker(out: Path) -> None:
     """What each of the 2 torchrun processes runs."""
     torch.set_num_threads(1)
     config = fsdp.comparison_config(activation_checkpointing=True)
-    with runtime.process_group(config, torch.device("cpu")) as ranks:
+    with process_group(config, torch.device("cpu")) as ranks:
         fsdp.train_straight(debug_backend, out / "fsdp", ranks, config)
         fsdp.train_resumed(debug_backend, out / "fsdp", out / "fsdp-resumed", ranks, config, from_step=2)
         hsdp = fsdp.comparison_config(replicate=2)
-        with runtime.process_group(hsdp, torch.device("cpu")) as hsdp_ranks:
+        with process_group(hsdp, torch.device("cpu")) as hsdp_ranks:
             assert hsdp_ranks.mesh.ndim == 2
             fsdp.train_straight(debug_backend, out / "hsdp", hsdp_ranks, hsdp)
 
@@ -64,7 +64,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    fsdp.train_straight(debug_backend, out / "single", runtime.Ranks(), fsdp.comparison_config())
+    fsdp.train_straight(debug_backend, out / "single", Ranks(), fsdp.comparison_config())
     fsdp.run_torchrun(__file__, out)
     return out
 
@@ -80,7 +80,7 @@ def test_resumed_two_process_run_equals_the_uninterrupted_one(runs):
 
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     shutil.copytree(runs / "fsdp" / "checkpoints", tmp_path / "checkpoints")
-    trainer = fsdp.make_trainer(debug_backend, tmp_path, runtime.Ranks(), fsdp.comparison_config())
+    trainer = fsdp.make_trainer(debug_backend, tmp_path, Ranks(), fsdp.comparison_config())
     assert trainer.resume() and trainer.step == STEPS
     saved = fsdp.final_weights(runs / "fsdp", "student")
     for key, value in trainer.student.state_dict().items():

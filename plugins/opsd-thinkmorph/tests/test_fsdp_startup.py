@@ -23,17 +23,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opsd_core.components import Components
-from opsd_core.config import RunConfig
-from opsd_core.divergences.jsd import JsdDivergence
-from opsd_core.interfaces import Task
-from opsd_core.sampling import BatchedSampler
-from opsd_core.teachers.ema import EmaTeacher
-from opsd_core import runtime
-from opsd_core.trainer import sharding
-from opsd_core.trainer.trainer import Trainer
-from opsd_core.types import Problem, Score
-from opsd_core.rundir import MetricsLog
+from opsd_core.api import Problem, RunConfig, Score, Task
+from opsd_core.testing.trainer import (
+    BatchedSampler,
+    Components,
+    EmaTeacher,
+    JsdDivergence,
+    MetricsLog,
+    Trainer,
+    build_start,
+    local_tensors,
+    process_group,
+    sharded_clone,
+    skeleton_mismatch,
+    unsharded_copy,
+)
 from opsd_thinkmorph.backend import ThinkMorphBackend
 from opsd_thinkmorph.config import ThinkMorphParams
 
@@ -95,7 +99,7 @@ def make_trainer(directory: Path, ranks, config, backend, student, skeleton=None
 
 
 def _whole(model, skeleton, ranks) -> dict[str, torch.Tensor] | None:
-    full = sharding.unsharded_copy(model, skeleton, ranks)
+    full = unsharded_copy(model, skeleton, ranks)
     if full is None:
         return None
     return {name: t.clone() for name, t in [*full.named_parameters(), *full.named_buffers()]}
@@ -104,32 +108,32 @@ def _whole(model, skeleton, ranks) -> dict[str, torch.Tensor] | None:
 def worker(out: Path) -> None:
     torch.set_num_threads(1)
     config = run_config()
-    with runtime.process_group(config, torch.device("cpu")) as ranks:
+    with process_group(config, torch.device("cpu")) as ranks:
         backend = CountingBackend(ThinkMorphParams(**PARAMS))
-        start, skeleton = sharding.build_start(backend, config, ranks, torch.device("cpu"))
+        start, skeleton = build_start(backend, config, ranks, torch.device("cpu"))
         built_at_start = CountingBackend.built
         assert not any(p.requires_grad for p in start.parameters())
         whole = _whole(start, skeleton, ranks)
-        parked = sharding.local_tensors(start)
-        back = sharding.sharded_clone(parked, skeleton, backend, ranks, config)
+        parked = local_tensors(start)
+        back = sharded_clone(parked, skeleton, backend, ranks, config)
         whole_back = _whole(back, skeleton, ranks)
         if ranks.is_main:
             torch.save(whole, out / "start.pt")
             torch.save(whole_back, out / "start-unparked.pt")
 
-        student = sharding.sharded_clone(start, skeleton, backend, ranks, config)
+        student = sharded_clone(start, skeleton, backend, ranks, config)
         make_trainer(out / "from-shards", ranks, config, backend, student, skeleton).fit(progress=False)
 
         interrupted = make_trainer(
             out / "from-shards-resumed", ranks, config, backend,
-            sharding.sharded_clone(start, skeleton, backend, ranks, config), skeleton,
+            sharded_clone(start, skeleton, backend, ranks, config), skeleton,
         )  # fmt: skip
         while interrupted.step < 2:
             interrupted._log(interrupted.train_step())
         interrupted.save()
         resumed = make_trainer(
             out / "from-shards-resumed", ranks, config, backend,
-            sharding.sharded_clone(start, skeleton, backend, ranks, config), skeleton,
+            sharded_clone(start, skeleton, backend, ranks, config), skeleton,
         )  # fmt: skip
         resumed.fit(progress=False)
 
@@ -197,8 +201,8 @@ def test_a_run_started_from_shards_resumes_to_the_same_end(runs):
 def test_a_skeleton_that_does_not_match_the_model_is_reported():
     backend = ThinkMorphBackend(ThinkMorphParams(**PARAMS))
     skeleton, full = backend.model_skeleton(), backend.build_model()
-    assert sharding._skeleton_mismatch(skeleton, full) is None
-    assert "instead of" in sharding._skeleton_mismatch(skeleton.to(torch.float64), full)
+    assert skeleton_mismatch(skeleton, full) is None
+    assert "instead of" in skeleton_mismatch(skeleton.to(torch.float64), full)
 
 
 if __name__ == "__main__":

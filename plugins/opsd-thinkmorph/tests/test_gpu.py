@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from opsd_core.api.backend import BatchedSampler
 from opsd_core.testing.backend_contract import decode_logits
-from opsd_core.sampling import BatchedSampler
 
 # The CPU tests' helpers, imported by name (the suite runs in importlib mode).
 sys.path.insert(0, str(Path(__file__).parent))

@@ -30,7 +30,7 @@ CONFIG = Path(__file__).resolve().parents[3] / "examples" / "thinkmorph-debug.to
 
 
 def opsd(*arguments: str) -> None:
-    command = [sys.executable, "-c", "from opsd_core.cli import main; main()", *arguments, "--no-progress"]
+    command = [sys.executable, "-c", "from opsd_core.testing.cli import main; main()", *arguments, "--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "4"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
 

@@ -11,8 +11,8 @@ from opsd_thinkmorph import visual_thought
 from opsd_thinkmorph.backend import ThinkMorphBackend
 from opsd_thinkmorph.config import ThinkMorphParams
 
-from opsd_core.sampling import BatchedSampler
-from opsd_core.types import CompletionBatch, Context, Problem
+from opsd_core.api import CompletionBatch, Context, Problem
+from opsd_core.api.backend import BatchedSampler
 
 ASK = "<think>look closer</think><image_start>"
 ANSWER = "<answer>A</answer>"

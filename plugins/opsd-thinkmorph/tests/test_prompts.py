@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from opsd_core.types import PROBLEM_IMAGE, QUESTION, REF_INTRO, SYSTEM, TRANSITION, VISUAL_THOUGHT, Problem
+from opsd_core.api import PROBLEM_IMAGE, QUESTION, REF_INTRO, SYSTEM, TRANSITION, VISUAL_THOUGHT, Problem
 from opsd_thinkmorph import prompts
 
 

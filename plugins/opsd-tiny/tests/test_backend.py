@@ -7,9 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from opsd_core.errors import CapabilityError, CheckpointError
+from opsd_core.api import VISUAL_THOUGHT, CapabilityError, CheckpointError, CompletionBatch, ImageSegment
 from opsd_core.testing.backend_contract import check_backend_contract, decode_logits
-from opsd_core.types import VISUAL_THOUGHT, CompletionBatch, ImageSegment
 from opsd_tiny import state_dict
 from opsd_tiny.backend import TinyBackend
 from opsd_tiny.config import SHIPPED_CHECKPOINT, TinyBackendParams

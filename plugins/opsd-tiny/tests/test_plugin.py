@@ -6,7 +6,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from opsd_core.registry import Registry
+from opsd_core.api import Registry
 from opsd_tiny import context, plugin
 from opsd_tiny.config import FrozenLakeParams, TinyBackendParams
 from opsd_tiny.vocab import Vocab
@@ -24,7 +24,7 @@ def test_hooks_register_lazy_factories():
 
 def test_registering_imports_no_torch():
     code = (
-        "import sys; from opsd_core.registry import Registry; from opsd_tiny import plugin; "
+        "import sys; from opsd_core.api import Registry; from opsd_tiny import plugin; "
         "plugin.register_backends(Registry('backend')); plugin.register_tasks(Registry('task')); "
         "print('torch' in sys.modules)"
     )

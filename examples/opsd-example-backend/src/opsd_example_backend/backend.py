@@ -21,13 +21,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from opsd_core.errors import CapabilityError, CheckpointError, ConfigError
-from opsd_core.interfaces import Backend, DecodeState, PrivilegedContextBuilder
-from opsd_core.types import (
+from opsd_core.api import (
+    Backend,
+    CapabilityError,
+    CheckpointError,
     CompletionBatch,
     CompletionLogits,
+    ConfigError,
     Context,
+    DecodeState,
     ImageSegment,
+    PrivilegedContextBuilder,
     TextSegment,
     Vocabulary,
 )

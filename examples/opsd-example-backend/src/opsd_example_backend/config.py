@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from opsd_core.config import PluginParams
+from opsd_core.api import PluginParams
 
 
 class ByteUMMParams(PluginParams):

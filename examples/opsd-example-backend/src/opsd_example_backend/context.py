@@ -7,7 +7,7 @@ image, question; teacher adds ref_intro, visual thought, transition) or how segm
 tokens (the backend).
 """
 
-from opsd_core.contexts.paper import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
+from opsd_core.api import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
 
 SYSTEM_PROMPT = "You solve visual puzzles. Answer with the moves only."
 

@@ -5,7 +5,7 @@ Does not know: torch or model code; the backend class is registered as a lazy
 ``"module:attr"`` string, so ``opsd list`` imports nothing heavy.
 """
 
-from opsd_core.hookspecs import hookimpl
+from opsd_core.api import hookimpl
 from opsd_example_backend.config import ByteUMMParams
 
 

@@ -6,7 +6,7 @@ Does not know: torch; configs are validated without importing it.
 
 from pydantic import Field
 
-from opsd_core.config import PluginParams
+from opsd_core.api import PluginParams
 
 
 class TotalVariationParams(PluginParams):

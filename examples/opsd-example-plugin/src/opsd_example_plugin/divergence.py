@@ -7,7 +7,7 @@ Does not know: images, backends or reductions; it sees logits and a mask, nothin
 
 import torch
 
-from opsd_core.interfaces import Divergence
+from opsd_core.api import Divergence
 from opsd_example_plugin.config import TotalVariationParams
 
 

@@ -5,7 +5,7 @@ Does not know: torch; the divergence class is registered as a lazy ``"module:att
 so that ``opsd list`` imports nothing heavy.
 """
 
-from opsd_core.hookspecs import hookimpl
+from opsd_core.api import hookimpl
 from opsd_example_plugin.config import TotalVariationParams
 
 

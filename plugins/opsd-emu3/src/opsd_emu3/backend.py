@@ -21,11 +21,23 @@ import torch
 from transformers import AutoTokenizer, Emu3Config, Emu3ForConditionalGeneration
 from transformers.cache_utils import DynamicCache
 
-from opsd_core.batching import PaddedRows, completion_columns, pad_left
-from opsd_core.errors import CapabilityError, ConfigError
-from opsd_core.interfaces import Backend, Capabilities, DecodeState, PrivilegedContextBuilder
-from opsd_core.length_budget import check_length_budget, context_floor
-from opsd_core.types import CompletionBatch, CompletionLogits, Context, ImageSegment, Problem, Vocabulary
+from opsd_core.api import (
+    Backend,
+    Capabilities,
+    CapabilityError,
+    CompletionBatch,
+    CompletionLogits,
+    ConfigError,
+    Context,
+    DecodeState,
+    ImageSegment,
+    PrivilegedContextBuilder,
+    Problem,
+    Vocabulary,
+    check_length_budget,
+    context_floor,
+)
+from opsd_core.api.backend import PaddedRows, completion_columns, pad_left
 from opsd_emu3 import context as emu3_context
 from opsd_emu3 import flavours, state_dict
 from opsd_emu3.config import CHECKPOINT, DEBUG, Emu3Params
@@ -269,7 +281,7 @@ class Emu3Backend(Backend):
     def check_run(self, config: Any) -> None:
         """Refuse, at the start of a run, a forward cap beyond the model's positions, completion
         and forward caps that cannot fit beside the shortest contexts with images at
-        ``image_max_pixels`` (see :mod:`opsd_core.length_budget`), and drawing with the Chat
+        ``image_max_pixels`` (see :func:`opsd_core.api.check_length_budget`), and drawing with the Chat
         checkpoint (it was not trained to generate images)."""
         super().check_run(config)
         if config.sampling.max_forward_tokens > self.max_positions:

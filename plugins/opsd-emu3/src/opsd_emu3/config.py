@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from opsd_core.config.base import PluginParams
+from opsd_core.api import PluginParams
 
 CHECKPOINT = "checkpoint"
 DEBUG = "debug"

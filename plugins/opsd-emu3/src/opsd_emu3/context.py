@@ -11,8 +11,15 @@ Does not know: tokens, VQ codes or weights.
 
 from __future__ import annotations
 
-from opsd_core.contexts.paper import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
-from opsd_core.types import SYSTEM, Context, ImageSegment, TextSegment
+from opsd_core.api import (
+    PAPER_REF_INTRO,
+    PAPER_TRANSITION,
+    SYSTEM,
+    Context,
+    ImageSegment,
+    PaperContextBuilder,
+    TextSegment,
+)
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant. Think step by step, then give the final answer wrapped in "

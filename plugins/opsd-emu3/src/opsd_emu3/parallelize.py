@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-from opsd_core.parallel import checkpoint_forward, mixed_precision_policy
+from opsd_core.api.backend import checkpoint_forward, mixed_precision_policy
 
 
 

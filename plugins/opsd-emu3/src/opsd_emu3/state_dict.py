@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from opsd_core import state_dicts
-from opsd_core.errors import ConfigError
+from opsd_core.api import ConfigError, state_dicts
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -59,7 +58,7 @@ def legacy_to_current(name: str) -> str:
 
 def load_into(model: torch.nn.Module, directory: Path) -> None:
     """Copy the checkpoint's weights into ``model``: every key must match, shapes included (a
-    tied ``lm_head`` may be absent). Raise :class:`~opsd_core.state_dicts.WeightsMismatchError`
+    tied ``lm_head`` may be absent). Raise :class:`~opsd_core.api.state_dicts.WeightsMismatchError`
     listing missing and unexpected keys and shape mismatches."""
     state_dicts.load_into(model, read_state_dict(directory), f"{directory} (this Emu3 config)")
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from opsd_core.types import Problem
+from opsd_core.api import Problem
 
 
 @torch.no_grad()

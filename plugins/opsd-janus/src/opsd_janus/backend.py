@@ -4,9 +4,10 @@ Owns: rendering contexts as Janus-Pro conversations (text pieces tokenized one b
 image a ``<begin_of_image>`` + placeholders + ``<end_of_image>`` block whose placeholder slots
 receive the SigLIP encoder's aligned features, as ``JanusModel`` does), the image transform of
 ``JanusImageProcessor`` (pad to square with the mean colour, resize, normalise),
-completion-row logits, batched KV-cached decoding (right padding, per-row positions),
-visual-thought generation (delegated to :mod:`opsd_janus.visual_thought`), and checkpoints in
-the Hugging Face layout (:mod:`opsd_janus.state_dict`).
+completion-row logits, batched KV-cached decoding (right padding, per-row positions; the state
+and the step are :mod:`opsd_janus.decoding`'s), visual-thought generation (delegated to
+:mod:`opsd_janus.visual_thought`), and checkpoints in the Hugging Face layout
+(:mod:`opsd_janus.state_dict`).
 Does not know: losses, teachers, optimizers or sampling policy.
 
 Image slots are tracked from the rendering, not found by searching for the placeholder id, so
@@ -17,60 +18,32 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from opsd_core.batching import completion_rows, pad_right
-from opsd_core.errors import ConfigError
-from opsd_core.interfaces import Backend, Capabilities, DecodeState, PrivilegedContextBuilder
-from opsd_core.length_budget import check_length_budget, context_floor
-from opsd_core.types import (
+from opsd_core.api import (
+    Backend,
+    Capabilities,
     CompletionBatch,
     CompletionLogits,
+    ConfigError,
     Context,
     ImageSegment,
+    PrivilegedContextBuilder,
     Problem,
     TextSegment,
     Vocabulary,
+    check_length_budget,
+    context_floor,
 )
+from opsd_core.api.backend import completion_rows, pad_right
 from opsd_janus import context as chat
 from opsd_janus import state_dict
 from opsd_janus.config import CHECKPOINT, DEBUG, JanusParams
-
-
-@dataclass
-class Rendered:
-    """One context as model input.
-
-    Attributes:
-        tokens: token ids, image slots holding the placeholder id.
-        image_slots: positions of the image slots, in order (image_tokens per image).
-        images: float32 (3, S, S) normalised pixels of each image, in order.
-    """
-
-    tokens: list[int] = field(default_factory=list)
-    image_slots: list[int] = field(default_factory=list)
-    images: list[torch.Tensor] = field(default_factory=list)
-
-
-class JanusDecodeState(DecodeState):
-    """A batch being decoded.
-
-    Attributes:
-        logits: float (B, V) next-token logits.
-        cache: transformers' DynamicCache of the prefilled rows and decoded tokens.
-        attention: int64 (B, S), 1 where a cached column is a real token (0: padding).
-        next_positions: int64 (B,) position id of each row's next token.
-        capacity: columns the state may reach (prefill width + max_new_tokens).
-    """
-
-    def __init__(self, model, cache, attention: torch.Tensor, next_positions: torch.Tensor, logits: torch.Tensor, capacity: int):
-        self.model, self.cache, self.attention = model, cache, attention
-        self.next_positions, self.logits, self.capacity = next_positions, logits, capacity
+from opsd_janus.decoding import JanusDecodeState, Rendered, step
 
 
 class JanusBackend(Backend):
@@ -334,7 +307,7 @@ class JanusBackend(Backend):
 
         The forward cap must be within ``max_context_tokens``; the completion caps and the
         forward cap must fit beside the shortest student and teacher contexts (see
-        :mod:`opsd_core.length_budget`); and when visual thoughts may be drawn, the drawing
+        :func:`opsd_core.api.check_length_budget`); and when visual thoughts may be drawn, the drawing
         prompt (problem image, empty question, ``vt_prompt``) plus its image tokens must fit.
         """
         super().check_run(config)
@@ -399,21 +372,3 @@ class JanusBackend(Backend):
             image_std=self.std.flatten().tolist(),
         )
 
-
-def step(model, state: JanusDecodeState, embeds: torch.Tensor) -> torch.Tensor:
-    """Append float (B, 1, D) ``embeds`` at each row's next position; return float (B, 1, D)
-    hidden states. Shared by text decoding and image-token generation."""
-    if state.attention.shape[1] >= state.capacity:
-        raise RuntimeError(f"decoding state full: it was started with room for {state.capacity} columns")
-    batch = embeds.shape[0]
-    ones = torch.ones(batch, 1, dtype=state.attention.dtype, device=state.attention.device)
-    state.attention = torch.cat([state.attention, ones], dim=1)  # (B, S + 1)
-    output = model.model.language_model(
-        inputs_embeds=embeds,
-        attention_mask=state.attention,
-        position_ids=state.next_positions.view(batch, 1),
-        cache=state.cache,
-        use_cache=True,
-    )
-    state.next_positions = state.next_positions + 1
-    return output.last_hidden_state

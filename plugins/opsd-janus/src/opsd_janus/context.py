@@ -11,7 +11,7 @@ Does not know: token ids, pixels or models.
 
 from __future__ import annotations
 
-from opsd_core.contexts.paper import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
+from opsd_core.api import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
 
 # Janus-Pro's tokenizer strings (the debug tokenizer reuses them).
 BOS = "<｜begin▁of▁sentence｜>"

@@ -5,7 +5,7 @@ Does not know: torch or model code; the factory is a ``"module:attr"`` string re
 first use, so ``opsd list`` stays light.
 """
 
-from opsd_core.hookspecs import hookimpl
+from opsd_core.api import hookimpl
 from opsd_janus.config import JanusParams
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from opsd_core import state_dicts
+from opsd_core.api import state_dicts
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -38,7 +38,7 @@ def require_checkpoint(directory: Path) -> None:
 def load_into(model: torch.nn.Module, directory: Path) -> None:
     """Copy the weights of ``directory`` (one file or index + shards) into ``model``: every
     parameter and persistent buffer, tied duplicates excepted. Raise
-    :class:`~opsd_core.state_dicts.WeightsMismatchError` (a ValueError) listing missing and
+    :class:`~opsd_core.api.state_dicts.WeightsMismatchError` (a ValueError) listing missing and
     unexpected keys and shape mismatches."""
     directory = Path(directory)
     state_dicts.load_into(model, state_dicts.read_weights(directory), f"{directory} (this Janus config)")

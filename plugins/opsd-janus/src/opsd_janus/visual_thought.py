@@ -21,14 +21,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from opsd_core.types import Problem
+from opsd_core.api import Problem
 from opsd_janus import context as chat
+from opsd_janus.decoding import JanusDecodeState, Rendered, step
 
 
 def generation_prompts(backend, problems: Sequence[Problem]):
-    """Conditional and unconditional prompts: 2B :class:`~opsd_janus.backend.Rendered` rows."""
-    from opsd_janus.backend import Rendered
-
+    """Conditional and unconditional prompts: 2B :class:`~opsd_janus.decoding.Rendered` rows."""
     conditional = []
     for problem in problems:
         rendered = Rendered(tokens=[backend.ids["bos"]] + backend.encode(chat.USER_OPEN))
@@ -40,12 +39,10 @@ def generation_prompts(backend, problems: Sequence[Problem]):
 
 
 def unconditional_prompt(backend, rendered):
-    """The unconditional twin of a conditional :class:`~opsd_janus.backend.Rendered` prompt: every
+    """The unconditional twin of a conditional :class:`~opsd_janus.decoding.Rendered` prompt: every
     token but BOS and ``<begin_of_image>`` replaced by padding (so the problem image's slots are
     padding and no image features are spliced in), as ``JanusForConditionalGeneration.generate``
     masks its unconditional rows."""
-    from opsd_janus.backend import Rendered
-
     kept = {backend.ids["bos"], backend.ids["image_start"]}
     return Rendered(tokens=[token if token in kept else backend.ids["pad"] for token in rendered.tokens])
 
@@ -75,8 +72,6 @@ def draw_codes(
     top-k sample -> ``generation_embeddings`` + ``generation_aligner`` as the next input.
     ``on_scores``, when given, sees each step's float (B, C) guided logits."""
     from transformers import DynamicCache
-
-    from opsd_janus.backend import JanusDecodeState, step
 
     params = backend.params
     cache = DynamicCache(config=model.config.text_config)

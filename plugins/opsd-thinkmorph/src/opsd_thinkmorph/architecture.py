@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from opsd_core.errors import CheckpointError
+from opsd_core.api import CheckpointError
 
 
 class CheckpointFileError(CheckpointError, FileNotFoundError):

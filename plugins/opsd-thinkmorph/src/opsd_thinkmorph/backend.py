@@ -16,19 +16,23 @@ from typing import Any
 
 import torch
 
-from opsd_core.batching import gather_rows
-from opsd_core.errors import CapabilityError, ConfigError
-from opsd_core.interfaces import Backend, Capabilities, DecodeState, PrivilegedContextBuilder
-from opsd_core.types import (
+from opsd_core.api import (
+    Backend,
+    Capabilities,
+    CapabilityError,
     CompletionBatch,
     CompletionHidden,
     CompletionLogits,
+    ConfigError,
     Context,
+    DecodeState,
     ImageSegment,
+    PrivilegedContextBuilder,
     Problem,
     TextSegment,
     Vocabulary,
 )
+from opsd_core.api.backend import gather_rows
 from opsd_thinkmorph import architecture, prompts, state_dict
 from opsd_thinkmorph.config import CHECKPOINT, DEBUG, ThinkMorphParams
 from opsd_thinkmorph.images import ImageTransform
@@ -227,7 +231,7 @@ class ThinkMorphBackend(Backend):
         if self.params.fixed_shape_decoding:
             compile = self.params.compile_decoding and parameter.is_cuda and not is_sharded(model)
             # one_row_layer reads the layers' weights without calling the layers, so it needs them
-            # whole: unsharded, or gathered (opsd_core.trainer.sharding.gathered) for sampling.
+            # whole: unsharded, or gathered, as the trainer gathers a sharded model for sampling.
             layer = model.language_model.model.layers[0]
             kernels = self.params.decode_kernels and not is_shard(layer.mlp.down_proj.weight)
             state.fixed = FixedShapeDecoder(
@@ -320,7 +324,7 @@ class ThinkMorphBackend(Backend):
         """
         if max_visual_thoughts < 0:
             raise ValueError(f"max_visual_thoughts must be >= 0, got {max_visual_thoughts}")
-        from opsd_core.sampling import BatchedSampler
+        from opsd_core.api.backend import BatchedSampler
 
         rounds = BatchedSampler(self, 0.0, max_tokens, max_image_skips=0).sample(model, contexts).token_lists()
         tokens, drawn = [list(first) for first in rounds], [0] * len(contexts)
@@ -347,7 +351,7 @@ class ThinkMorphBackend(Backend):
     def _with_round(context: Context, reasoning: str, thought: Any, earlier: int) -> Context:
         """``context`` followed by a round's text and the visual thought drawn after it; the first
         pair is named ``reasoning`` / ``visual_thought``, later ones ``reasoning_2`` / ``visual_thought_2``, ..."""
-        from opsd_core.types import VISUAL_THOUGHT
+        from opsd_core.api import VISUAL_THOUGHT
 
         suffix = "" if earlier == 0 else f"_{earlier + 1}"
         added = (TextSegment(f"reasoning{suffix}", reasoning), ImageSegment(f"{VISUAL_THOUGHT}{suffix}", thought))

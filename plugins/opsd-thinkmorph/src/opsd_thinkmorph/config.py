@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from opsd_core.config.base import PluginParams
+from opsd_core.api import PluginParams
 
 CHECKPOINT = "checkpoint"
 DEBUG = "debug"
@@ -76,8 +76,8 @@ class ThinkMorphParams(PluginParams):
     decode_kernels: bool = Field(
         True,
         description="Fixed-shape decode steps of one row run each decoder layer in four weight passes "
-        "(opsd_core.kernels.gemv: q/k/v together, o with the residual, gate/up with SwiGLU, down with the "
-        "residual) and one-query attention (opsd_core.kernels.attention): Triton kernels on GPUs, the same "
+        "(opsd_core.api.kernels: q/k/v together, o with the residual, gate/up with SwiGLU, down with the "
+        "residual) and one-query attention (opsd_core.api.kernels): Triton kernels on GPUs, the same "
         "arithmetic in torch elsewhere (sharded models use them while their weights are gathered, as "
         "they are for sampling). False runs the layer as written (a library matrix product per "
         "projection, library attention).",

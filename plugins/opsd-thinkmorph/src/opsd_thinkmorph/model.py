@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from opsd_core.kernels import gemv
-from opsd_core.kernels.attention import one_query_attention
+from opsd_core.api import kernels
 from opsd_thinkmorph.architecture import BagelConfig, LLMConfig, ViTConfig
 
 
@@ -213,7 +212,7 @@ class MoTAttention(nn.Module):
     ) -> torch.Tensor:
         """(B, T, H*d) attention outputs of (B, T, H / Hk / Hk, d) projections (q and k normalised).
 
-        ``one_query`` (B = T = 1 only): attend with :func:`opsd_core.kernels.attention.one_query_attention`.
+        ``one_query`` (B = T = 1 only): attend with :func:`opsd_core.api.kernels.one_query_attention`.
         """
         B, T = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
@@ -222,7 +221,7 @@ class MoTAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, Hk, S, d)
         if one_query:
-            out = one_query_attention(q.reshape(self.num_heads, -1), k[0], v[0], mask.reshape(-1))  # (H, d)
+            out = kernels.one_query_attention(q.reshape(self.num_heads, -1), k[0], v[0], mask.reshape(-1))  # (H, d)
             return out.view(1, 1, -1)
         out = attention(q, k, v, mask.unsqueeze(1))
         return out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*d)
@@ -257,26 +256,27 @@ def call_layer(layer: MoTDecoderLayer, h, routing, rope, mask, cache):
 
 def one_row_layer(layer: MoTDecoderLayer, h, routing, rope, mask, cache):
     """:func:`call_layer` for a step of one row and one position through the understanding
-    expert, in four weight passes (:mod:`opsd_core.kernels.gemv`): q, k and v; o with the
-    residual; gate, up and SwiGLU; down with the residual; attention over the cache by
-    :mod:`opsd_core.kernels.attention`. Other steps go to :func:`call_layer`. The arithmetic is
-    the layer's, rounded where the layer rounds; what changes is that each weight is read
-    once, in few launches.
+    expert, in four weight passes (:func:`~opsd_core.api.kernels.row_linear`,
+    :func:`~opsd_core.api.kernels.row_swiglu`): q, k and v; o with the residual; gate, up and
+    SwiGLU; down with the residual; attention over the cache by
+    :func:`~opsd_core.api.kernels.one_query_attention`. Other steps go to :func:`call_layer`.
+    The arithmetic is the layer's, rounded where the layer rounds; what changes is that each
+    weight is read once, in few launches.
     """
     if routing is not None or h.shape[0] * h.shape[1] != 1:
         return call_layer(layer, h, routing, rope, mask, cache)
     attn, mlp = layer.self_attn, layer.mlp
     heads, kv_heads, width = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    qkv = gemv.linear(
+    qkv = kernels.row_linear(
         layer.input_layernorm(h),
         [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
         [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias],
     )
     q, k, v = qkv.view(1, 1, heads + 2 * kv_heads, width).split([heads, kv_heads, kv_heads], dim=2)
     out = attn.attend(attn.q_norm(q), attn.k_norm(k), v, rope, mask, cache, one_query=True)  # (1, 1, H*d)
-    row = gemv.linear(out, [attn.o_proj.weight], residual=h.reshape(-1))  # (D,)
-    activated = gemv.swiglu(layer.post_attention_layernorm(row), mlp.gate_proj.weight, mlp.up_proj.weight)
-    return gemv.linear(activated, [mlp.down_proj.weight], residual=row).view_as(h)
+    row = kernels.row_linear(out, [attn.o_proj.weight], residual=h.reshape(-1))  # (D,)
+    activated = kernels.row_swiglu(layer.post_attention_layernorm(row), mlp.gate_proj.weight, mlp.up_proj.weight)
+    return kernels.row_linear(activated, [mlp.down_proj.weight], residual=row).view_as(h)
 
 
 class Qwen2MoTModel(nn.Module):

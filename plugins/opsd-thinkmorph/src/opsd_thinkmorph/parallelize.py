@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-from opsd_core.parallel import checkpoint_forward, mixed_precision_policy
+from opsd_core.api.backend import checkpoint_forward, mixed_precision_policy
 
 from opsd_thinkmorph.model import Bagel
 

@@ -10,7 +10,7 @@ Does not know: tokens or turn markers (the backend renders every text segment as
 
 from __future__ import annotations
 
-from opsd_core.contexts.paper import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
+from opsd_core.api import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
 
 # ThinkMorph's reasoning vocabulary. These are ordinary text (each several BPE tokens), not the
 # tokenizer's special ``<|vision_start|>``/``<|vision_end|>`` markers. A turn ending with

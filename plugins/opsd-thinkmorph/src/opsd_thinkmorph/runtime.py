@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from opsd_core.kernels import gemv
+from opsd_core.api import kernels
 from opsd_thinkmorph.model import Bagel, KVCache, call_layer, one_row_layer
 from opsd_thinkmorph.packing import PackedRows
 
@@ -111,7 +111,7 @@ class FixedShapeDecoder:
         h = self.model.language_model.model.embed_tokens(self.tokens)
         hidden = self.model.llm_forward(h, self.positions, mask, None, self.cache, run_layer=self.run_layer)
         if self.one_row:
-            return gemv.linear(hidden, [self.model.language_model.lm_head.weight]).view(1, -1)
+            return kernels.row_linear(hidden, [self.model.language_model.lm_head.weight]).view(1, -1)
         return self.model.lm_logits(hidden[:, -1])
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

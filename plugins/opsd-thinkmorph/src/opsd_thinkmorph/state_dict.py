@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from opsd_core import state_dicts
+from opsd_core.api import state_dicts
 from opsd_thinkmorph.architecture import BagelConfig, CheckpointContentError, CheckpointFileError
 
 # Frozen sin-cos tables: recomputed at construction, never loaded (as every official loader does).

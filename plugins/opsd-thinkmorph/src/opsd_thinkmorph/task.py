@@ -36,10 +36,8 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
-from opsd_core.evaluation.answers import answer_tag, boxed, extract_choice, infer_option
-from opsd_core.evaluation.scorers import relaxed_correct
-from opsd_core.interfaces import Task
-from opsd_core.types import Problem, Score
+from opsd_core.api import Problem, Score, Task
+from opsd_core.api.scoring import answer_tag, boxed, extract_choice, infer_option, relaxed_correct
 from opsd_thinkmorph.task_params import ThinkMorphDataParams
 
 REQUIRED_COLUMNS = ("pid", "question", "answer", "problem_image_0", "reasoning_image_0")
@@ -437,7 +435,7 @@ class ThinkMorphDataTask(Task):
         * an option letter (``B``, ``(B)``, ``B.``): the options are parsed from the question
           (``(A) text`` or lines ``A. text``; else the letters A to max(D, reference)); the
           chosen letter is the core's option inference on the prediction (letter, then option
-          text), falling back to :func:`~opsd_core.evaluation.answers.extract_choice` on the
+          text), falling back to :func:`~opsd_core.api.scoring.extract_choice` on the
           whole response (the harness's rule);
         * a move sequence (U/D/L/R or up/down/left/right, as Spatial_Navigation answers):
           the predicted moves must equal it exactly. The maze is not in the data, so another

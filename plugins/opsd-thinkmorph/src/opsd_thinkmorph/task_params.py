@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from opsd_core.config.base import PluginParams
+from opsd_core.api import PluginParams
 
 PAPER_DATASETS = ["Visual_Search", "Spatial_Navigation", "Jigsaw_Assembly", "Chart_Refocus"]
 PAPER_NUM_USED = [6990, 6000, 6000, 6000]

@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from opsd_core.errors import CheckpointError
+from opsd_core.api import CheckpointError
 
 VAE_FILE = "ae.safetensors"
 LATENT_PATCH = 2  # latent pixels per token side: 2x2 latent pixels x 16 channels = 64 features

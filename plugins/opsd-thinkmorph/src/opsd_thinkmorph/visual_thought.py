@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from opsd_core.types import Problem
+from opsd_core.api import Problem
 from opsd_thinkmorph import prompts
 from opsd_thinkmorph import vae as vae_ops
 from opsd_thinkmorph.flow import GuidanceConfig, sample_visual_thought_latents

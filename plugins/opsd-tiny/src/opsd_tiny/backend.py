@@ -19,9 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from opsd_core.errors import CapabilityError
-from opsd_core.interfaces import Backend, Capabilities, DecodeState, PrivilegedContextBuilder
-from opsd_core.types import SYSTEM, CompletionBatch, CompletionHidden, CompletionLogits, Context, ImageSegment, TextSegment, Vocabulary
+from opsd_core.api import (
+    SYSTEM,
+    Backend,
+    Capabilities,
+    CapabilityError,
+    CompletionBatch,
+    CompletionHidden,
+    CompletionLogits,
+    Context,
+    DecodeState,
+    ImageSegment,
+    PrivilegedContextBuilder,
+    TextSegment,
+    Vocabulary,
+)
 from opsd_tiny import context as prompts
 from opsd_tiny import state_dict
 from opsd_tiny.config import RANDOM_WEIGHTS, SHIPPED_CHECKPOINT, TinyBackendParams

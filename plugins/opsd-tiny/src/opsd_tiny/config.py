@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from opsd_core.config.base import PluginParams
+from opsd_core.api import PluginParams
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "frozen-lake"
 RANDOM_WEIGHTS = "random"

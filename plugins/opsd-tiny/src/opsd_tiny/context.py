@@ -7,7 +7,7 @@ image, question; teacher adds ref_intro, visual thought, transition) or how segm
 tokens (the backend).
 """
 
-from opsd_core.contexts.paper import PaperContextBuilder
+from opsd_core.api import PaperContextBuilder
 
 SYSTEM = "navigate the frozen lake"
 QUESTION = "find path S to G ?"

@@ -5,7 +5,7 @@ Does not know: torch or model code; factories are ``"module:attr"`` strings reso
 use, so ``opsd list`` stays light.
 """
 
-from opsd_core.hookspecs import hookimpl
+from opsd_core.api import hookimpl
 
 from opsd_tiny.config import FrozenLakeParams, TinyBackendParams
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from opsd_core.types import VISUAL_THOUGHT, CompletionBatch, Context, ImageSegment, Problem
+from opsd_core.api import VISUAL_THOUGHT, CompletionBatch, Context, ImageSegment, Problem
 from opsd_tiny.backend import TinyBackend
 from opsd_tiny.config import RANDOM_WEIGHTS, FrozenLakeParams, TinyBackendParams
 from opsd_tiny.task import FrozenLakeTask, LakeMap, detour_path, trace_text

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from opsd_core import state_dicts
-from opsd_core.errors import CheckpointError
+from opsd_core.api import CheckpointError, state_dicts
 from opsd_tiny.model import TinyConfig
 from opsd_tiny.vocab import Vocab
 

@@ -20,8 +20,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from opsd_core.interfaces import Task
-from opsd_core.types import Problem, Score
+from opsd_core.api import Problem, Score, Task
 from opsd_tiny.config import FrozenLakeParams
 from opsd_tiny.context import QUESTION
 from opsd_tiny.vocab import MOVES, cell_token
