@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from opsd_thinkmorph.demo_data import write_demo_dataset
 
 from opsd_core.testing.runs import run_config_file
-from opsd_thinkmorph.demo_data import write_demo_dataset
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 SIZES = ("device", "image_min_pixels", "image_max_pixels", "vt_grid", "vt_top_k")

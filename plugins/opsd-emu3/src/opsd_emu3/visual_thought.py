@@ -13,7 +13,7 @@ Does not know: how the context is laid out (the backend renders it) or the VQ-VA
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -52,7 +52,6 @@ def draw_codes(
     prompts: Sequence[Sequence[int]],
     negative: Sequence[int],
     generator: torch.Generator | None,
-    on_scores: Callable | None = None,
 ) -> torch.Tensor:
     """int64 (B, rows, columns) VQ codes drawn after B token-id ``prompts`` (each ending with the image
     header), guided by the ``negative`` prompt when ``vt_guidance_scale`` > 1.
@@ -60,9 +59,7 @@ def draw_codes(
     Every step, end-of-line steps included, goes as transformers' ``generate`` with guidance, a
     prefix constraint, temperature and top-k: log-softmax of the conditional and unconditional
     logits, guidance, every id but the allowed ones set to -inf, then a draw (argmax at
-    temperature 0). End-of-line steps draw too, so the random stream advances as there.
-    ``on_scores``, when given, sees each step's float (B, V) scores after guidance and the
-    constraint."""
+    temperature 0). End-of-line steps draw too, so the random stream advances as there."""
     params = backend.params
     rows, columns = params.vt_grid
     batch = len(prompts)
@@ -75,8 +72,6 @@ def draw_codes(
         allowed = torch.zeros(scores.shape[-1], dtype=torch.bool)
         allowed[allowed_tokens(backend, step)] = True
         scores = scores.masked_fill(~allowed, float("-inf"))
-        if on_scores is not None:
-            on_scores(scores)
         token = _sample(scores, params.vt_temperature, params.vt_top_k, generator)  # (B,)
         row, column = divmod(step, columns + 1)
         if column < columns:

@@ -17,7 +17,7 @@ from the global random stream, where this one takes a ``torch.Generator``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -64,13 +64,11 @@ def draw_visual_thoughts(backend, model, problems: Sequence[Problem], generator:
 
 
 @torch.no_grad()
-def draw_codes(
-    backend, model, rendered: Sequence, generator: torch.Generator | None = None, on_scores: Callable | None = None
-) -> torch.Tensor:
+def draw_codes(backend, model, rendered: Sequence, generator: torch.Generator | None = None) -> torch.Tensor:
     """int64 (B, N) image codes, N = ``image_tokens``, from 2B prompt rows (B conditional, then
     their B unconditional twins): hidden state -> ``generation_head`` -> guidance -> temperature
-    top-k sample -> ``generation_embeddings`` + ``generation_aligner`` as the next input.
-    ``on_scores``, when given, sees each step's float (B, C) guided logits."""
+    and top-k -> a draw (:func:`sample_codes`) -> ``generation_embeddings`` + ``generation_aligner``
+    as the next input."""
     from transformers import DynamicCache
 
     params = backend.params
@@ -81,8 +79,6 @@ def draw_codes(
     codes = []
     for index in range(backend.image_tokens):
         logits = guided_logits(model.model.generation_head(last), params.vt_guidance_scale)  # (B, C)
-        if on_scores is not None:
-            on_scores(logits)
         chosen = sample_codes(logits, params.vt_temperature, params.vt_top_k, generator)  # (B,)
         codes.append(chosen)
         if index + 1 < backend.image_tokens:
