@@ -17,7 +17,7 @@ from opsd_core.config import RunConfig
 from opsd_core.errors import ConfigError, PluginError
 from opsd_core.interfaces import Backend, Divergence, OnPolicySampler, PrivilegedContextBuilder, Task, TeacherUpdate
 from opsd_core.interfaces.backend import CAPABILITY_METHODS
-from opsd_core.plugins import get_registries
+from opsd_core import plugins
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Components:
 def build_components(config: RunConfig, registries: Any = None, world_size: int = 1) -> Components:
     """The backend, task, divergence, teacher update, sampler and context builder named by
     ``config``, checked by :func:`check_components` for a run in ``world_size`` processes."""
-    registries = registries or get_registries()
+    registries = registries or plugins.get_registries()
     backend = build_backend(config, registries)
 
     def build(section: str, *extra: Any) -> Any:
@@ -59,7 +59,7 @@ def build_components(config: RunConfig, registries: Any = None, world_size: int 
 def build_backend(config: RunConfig, registries: Any = None) -> Backend:
     """Only the backend named by ``config`` (benchmark evaluation needs no task or loss), its
     declared capabilities checked against its methods."""
-    registries = registries or get_registries()
+    registries = registries or plugins.get_registries()
     backend = registries.of("backend").create(config.backend.name, config.backend)
     check_declared_capabilities(backend)
     return backend

@@ -168,7 +168,7 @@ def test_images_are_tokenised_as_at_inference_whatever_the_models_mode():
 def test_a_drawing_checkpoint_draws_the_visual_thoughts_while_chat_answers(tmp_path):
     """Chat (seed 0) answers, a second checkpoint (seed 1) draws: the images are the second
     model's, whatever model is passed, and a run that generates visual thoughts is accepted."""
-    from opsd_core.config import load_config
+    from opsd_core.api import load_config
 
     backend = debug_backend()
     backend.save_pretrained(backend.build_model(), tmp_path / "chat")

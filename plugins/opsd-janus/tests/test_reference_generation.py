@@ -22,7 +22,7 @@ from opsd_janus.config import JanusParams
 from transformers import GenerationConfig
 from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-from opsd_core.types import Problem
+from opsd_core.api import Problem
 
 PROMPTS = ("a red circle", "two squares, one inside the other, drawn in blue")
 
