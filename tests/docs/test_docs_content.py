@@ -13,6 +13,7 @@ import types
 import zlib
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from opsd_core import hookspecs
@@ -43,6 +44,7 @@ def test_the_plugins_page_lists_every_hook_with_its_signature():
     assert not unknown, f"docs/plugins.md lists hooks that do not exist: {unknown}"
 
 
+@pytest.mark.docs
 def test_the_api_reference_shows_every_hook_with_its_signature(built):
     page = (built / "reference" / "api.html").read_text()
     for name, parameters in HOOKS.items():
@@ -56,6 +58,7 @@ def test_the_api_reference_shows_every_hook_with_its_signature(built):
         )
 
 
+@pytest.mark.docs
 def test_every_tutorial_is_in_the_table_of_contents_and_built(built):
     index = (DOCS / "index.md").read_text()
     tutorials = sorted(path.stem for path in (DOCS / "tutorials").glob("*.md"))
@@ -66,6 +69,7 @@ def test_every_tutorial_is_in_the_table_of_contents_and_built(built):
         assert (built / "tutorials" / f"{name}.html").is_file()
 
 
+@pytest.mark.docs
 def test_the_plugin_tutorial_shows_the_example_plugin_code(built):
     page = html.unescape(re.sub(r"<[^>]+>", "", (built / "tutorials" / "new-umm-plugin.html").read_text()))
     for line in (
@@ -78,6 +82,7 @@ def test_the_plugin_tutorial_shows_the_example_plugin_code(built):
         assert line in page, f"the tutorial no longer shows {line!r}"
 
 
+@pytest.mark.docs
 def test_cross_references_to_other_projects_resolve_offline(built):
     api = (built / "reference" / "api.html").read_text()
     tutorial = (built / "tutorials" / "new-umm-plugin.html").read_text()
