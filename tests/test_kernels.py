@@ -50,6 +50,7 @@ def test_linear_refuses_bad_arguments():
         gemv.swiglu(x, weights[0], torch.cat(weights[:2]))
 
 
+@pytest.mark.slow  # inductor compiles C++ on a CPU: most of a minute on 2 busy cores
 def test_ops_compile_whole():
     x, weights, biases, residual = _inputs([8, 4])
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from opsd_core.config import RunConfig
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -26,6 +28,7 @@ walk(cli, "opsd")
 """
 
 
+@pytest.mark.docs
 def test_every_cli_command_is_in_the_reference(built):
     # A fresh process: other tests may add commands to the in-process group through plugins.
     listed = subprocess.run([sys.executable, "-c", _LIST_COMMANDS], capture_output=True, text=True, check=True)
@@ -35,6 +38,7 @@ def test_every_cli_command_is_in_the_reference(built):
     assert not missing, f"commands missing from the CLI reference: {missing}"
 
 
+@pytest.mark.docs
 def test_every_config_field_is_in_the_reference(built):
     page = (built / "reference" / "config.html").read_text()
     missing = []

@@ -16,6 +16,7 @@ import types
 import zlib
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import opsd_core.api
@@ -48,6 +49,7 @@ def test_the_plugins_page_lists_every_hook_with_its_signature():
     assert not unknown, f"docs/plugins.md lists hooks that do not exist: {unknown}"
 
 
+@pytest.mark.docs
 def test_the_api_reference_shows_every_hook_with_its_signature(built):
     page = (built / "reference" / "api.html").read_text()
     for name, parameters in HOOKS.items():
@@ -82,6 +84,7 @@ def test_the_api_reference_lists_exactly_the_public_api():
     assert not missing, f"docs/reference/api.md does not show the test helpers {missing}"
 
 
+@pytest.mark.docs
 def test_every_tutorial_is_in_the_table_of_contents_and_built(built):
     index = (DOCS / "index.md").read_text()
     tutorials = sorted(path.stem for path in (DOCS / "tutorials").glob("*.md"))
@@ -92,6 +95,7 @@ def test_every_tutorial_is_in_the_table_of_contents_and_built(built):
         assert (built / "tutorials" / f"{name}.html").is_file()
 
 
+@pytest.mark.docs
 def test_the_plugin_tutorial_shows_the_example_plugin_code(built):
     page = html.unescape(re.sub(r"<[^>]+>", "", (built / "tutorials" / "new-umm-plugin.html").read_text()))
     for line in (
@@ -104,6 +108,7 @@ def test_the_plugin_tutorial_shows_the_example_plugin_code(built):
         assert line in page, f"the tutorial no longer shows {line!r}"
 
 
+@pytest.mark.docs
 def test_cross_references_to_other_projects_resolve_offline(built):
     api = (built / "reference" / "api.html").read_text()
     tutorial = (built / "tutorials" / "new-umm-plugin.html").read_text()

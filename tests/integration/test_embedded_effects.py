@@ -1,4 +1,5 @@
-"""The paper's three effects on the shipped tiny UMM, with the full quickstart recipe.
+"""The paper's three effects on the shipped tiny UMM, with the full quickstart recipe
+(``-m slow``; the default suite runs a shortened one, test_embedded_effects_short.py).
 
 One experiment (KL diagnostic -> OPSD -> eval -> noise control -> eval) is run once for the
 module; each test asserts one effect with wide margins, on the fixed 1000-problem eval set.
@@ -11,6 +12,8 @@ import pytest
 from opsd_core.config import load_config, to_toml
 from opsd_core.experiment import Experiment
 from opsd_core.rundir import RunDirectory
+
+pytestmark = pytest.mark.slow
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
 

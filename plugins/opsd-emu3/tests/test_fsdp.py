@@ -20,6 +20,8 @@ from opsd_emu3.config import Emu3Params
 
 from opsd_core.testing import fsdp
 
+pytestmark = pytest.mark.multiprocess
+
 
 def debug_backend() -> Emu3Backend:
     return Emu3Backend(Emu3Params(flavour="debug", image_min_pixels=16 * 16, image_max_pixels=32 * 32, vt_grid=(4, 4)))

@@ -20,6 +20,8 @@ from opsd_janus.config import JanusParams
 
 from opsd_core.testing import fsdp
 
+pytestmark = pytest.mark.multiprocess
+
 
 def debug_backend() -> JanusBackend:
     return JanusBackend(JanusParams(flavour="debug", image_size=32, image_tokens=16))

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from opsd_core.testing.runs import run_config_file
 from opsd_thinkmorph.demo_data import write_demo_dataset
+
+pytestmark = pytest.mark.multiprocess
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "janus-pro-debug.toml"
 

@@ -69,15 +69,18 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("variant", ["fsdp", "hsdp"])
 def test_two_processes_equal_one(runs, variant):
     fsdp.assert_same_run(runs / "single", runs / variant)
 
 
+@pytest.mark.multiprocess
 def test_resumed_two_process_run_equals_the_uninterrupted_one(runs):
     fsdp.assert_identical_runs(runs / "fsdp", runs / "fsdp-resumed")
 
 
+@pytest.mark.multiprocess
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     shutil.copytree(runs / "fsdp" / "checkpoints", tmp_path / "checkpoints")
     trainer = fsdp.make_trainer(debug_backend, tmp_path, Ranks(), fsdp.comparison_config())

@@ -167,10 +167,12 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.multiprocess
 def test_only_rank_0_builds_the_whole_model(runs):
     assert json.loads((runs / "builds.json").read_text()) == [1, 0]
 
 
+@pytest.mark.multiprocess
 def test_the_sharded_start_model_is_the_model_one_process_builds(runs):
     reference = ThinkMorphBackend(ThinkMorphParams(**PARAMS)).build_model()
     expected = dict([*reference.named_parameters(), *reference.named_buffers()])
@@ -181,6 +183,7 @@ def test_the_sharded_start_model_is_the_model_one_process_builds(runs):
             assert whole[name].dtype == tensor.dtype and torch.equal(whole[name], tensor.detach()), f"{saved} {name}"
 
 
+@pytest.mark.multiprocess
 def test_a_trainer_started_from_shards_trains_like_one_given_the_whole_student(runs):
     assert _metrics(runs / "from-shards") == _metrics(runs / "whole")
     for name in ("student", "teacher"):
@@ -190,6 +193,7 @@ def test_a_trainer_started_from_shards_trains_like_one_given_the_whole_student(r
             assert actual[key].dtype == expected[key].dtype and torch.equal(actual[key], expected[key]), f"{name} {key}"
 
 
+@pytest.mark.multiprocess
 def test_a_run_started_from_shards_resumes_to_the_same_end(runs):
     assert _metrics(runs / "from-shards-resumed") == _metrics(runs / "from-shards")
     for name in ("student", "teacher"):
