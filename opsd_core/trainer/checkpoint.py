@@ -95,6 +95,20 @@ def save_checkpoint(
     return final
 
 
+def remove_interrupted_saves(checkpoints_dir: Path) -> list[Path]:
+    """Delete the temporary directories of saves that a killed process left behind (the caller
+    holds the run directory's lock, so no save is in progress); returns what was removed."""
+    if not checkpoints_dir.is_dir():
+        return []
+    leftovers = [path for path in checkpoints_dir.iterdir() if path.name.startswith(".tmp-step-")]
+    for path in leftovers:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+    return leftovers
+
+
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """Checkpoint directories under ``checkpoints_dir`` by step (temporary ones excluded)."""
     if not checkpoints_dir.is_dir():
@@ -114,14 +128,40 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
             "being written) or not a checkpoint"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+            for entry in files.values()
+        ):
+            raise TypeError("'files' must map each name to its bytes and sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise CheckpointError(f"checkpoint {str(directory)!r}: unreadable {MANIFEST} ({error})") from None
+    if TRAINER_STATE not in files:
+        raise CheckpointError(f"checkpoint {str(directory)!r}: {MANIFEST} does not list {TRAINER_STATE}")
+    root = directory.resolve()
+    for name in files:
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts:
+            raise CheckpointError(f"checkpoint {str(directory)!r}: {MANIFEST} names {name!r}, outside the checkpoint")
+    on_disk = set()
+    for path in directory.rglob("*"):
+        if path.is_symlink():
+            raise CheckpointError(
+                f"checkpoint {str(directory)!r}: {path.relative_to(directory)} is a symbolic link; "
+                "checkpoints hold plain files only"
+            )
+        if path.is_file() and str(path.relative_to(directory)) != MANIFEST:
+            on_disk.add(str(path.relative_to(directory)))
+    unlisted = sorted(on_disk - set(files))
+    if unlisted:
+        raise CheckpointError(f"checkpoint {str(directory)!r} holds files its {MANIFEST} does not list: {unlisted[:5]}")
     for name, expected in files.items():
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {str(directory)!r} is missing {name}")
+        if root not in path.resolve().parents:
+            raise CheckpointError(f"checkpoint {str(directory)!r}: {name} lies outside the checkpoint")
         if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {str(directory)!r}: {name} is corrupt (checksum mismatch)")
     return manifest

@@ -451,8 +451,12 @@ class Trainer:
         """Load this phase's newest checkpoint, if any; True when one was loaded. Rank 0 picks
         and verifies it; the other ranks take their shards from rank 0."""
         main = self.ranks.is_main
+        if main:
+            checkpoint.remove_interrupted_saves(self.checkpoints_dir)
         directory = self.ranks.broadcast(checkpoint.latest_checkpoint(self.checkpoints_dir) if main else None)
         if directory is None:
+            if main:  # steps logged by a run killed before its first checkpoint are taken again
+                self.metrics.truncate(self.mode.name, 0)
             return False
         state = checkpoint.load_trainer_state(directory, verify=main, mmap=self.ranks.distributed)
         load = self.backend.load_weights

@@ -108,6 +108,18 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
     assert lines(tmp_path / "straight-metrics.jsonl") == lines(tmp_path / "interrupted-metrics.jsonl")
 
 
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    killed = _setup(tmp_path, name="killed")
+    killed.resume()
+    killed._log(killed.train_step())  # step 1 logged, no checkpoint yet, then "crash"
+    (tmp_path / "killed" / "checkpoints" / ".tmp-step-0000002-99").mkdir(parents=True)  # a save cut short
+    again = _setup(tmp_path, name="killed")
+    again.fit(progress=False)
+    steps = [record["step"] for record in MetricsLog(tmp_path / "killed-metrics.jsonl").read("opsd")]
+    assert steps == [1, 2, 3, 4]
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".tmp-*"))
+
+
 def test_corrupt_checkpoint_is_refused_on_resume(tmp_path):
     trainer = _setup(tmp_path)
     trainer.train_step()

@@ -11,6 +11,7 @@ from opsd_core.trainer.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_trainer_state,
+    remove_interrupted_saves,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -73,3 +74,52 @@ def test_temporary_directories_are_not_checkpoints(tmp_path):
     (tmp_path / ".tmp-step-0000009-123").mkdir()
     assert latest_checkpoint(tmp_path) is None
     assert latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_interrupted_saves_are_removed_and_checkpoints_kept(tmp_path):
+    kept = save_checkpoint(tmp_path, 1, _weights, {"step": 1})
+    (tmp_path / ".tmp-step-0000002-4242" / "student").mkdir(parents=True)
+    (tmp_path / ".tmp-step-0000002-4242" / "student" / "model.bin").write_bytes(b"half")
+    assert [p.name for p in remove_interrupted_saves(tmp_path)] == [".tmp-step-0000002-4242"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name]
+    assert remove_interrupted_saves(tmp_path / "absent") == []
+
+
+def _rewrite_manifest(path, change):
+    manifest = json.loads((path / MANIFEST).read_text())
+    change(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(files={}), "does not list trainer_state.pt"),
+        (lambda m: m["files"].update({"../../outside": {"bytes": 1, "sha256": "0" * 64}}), "outside the checkpoint"),
+        (lambda m: m["files"].update({"/etc/hostname": {"bytes": 1, "sha256": "0" * 64}}), "outside the checkpoint"),
+        (lambda m: m["files"].pop("student/model.bin"), "does not list"),
+        (lambda m: m.update(files=["trainer_state.pt"]), "unreadable"),
+    ],
+)
+def test_a_manifest_must_list_exactly_the_files_inside(tmp_path, change, message):
+    path = save_checkpoint(tmp_path, 1, _weights, {"step": 1})
+    _rewrite_manifest(path, change)
+    with pytest.raises(CheckpointError, match=message):
+        verify_checkpoint(path)
+
+
+def test_symbolic_links_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "run", 1, _weights, {"step": 1})
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes((path / "student" / "model.bin").read_bytes())
+    (path / "student" / "model.bin").unlink()
+    (path / "student" / "model.bin").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        verify_checkpoint(path)
+
+
+def test_an_extra_file_in_a_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path, 1, _weights, {"step": 1})
+    (path / "student" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="does not list.*student/extra.bin"):
+        verify_checkpoint(path)
