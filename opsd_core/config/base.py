@@ -9,9 +9,12 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors and every field carries a description."""
+    """A config section: unknown keys are errors, every field carries a description, and no
+    float may be infinite or NaN (a run would train on NaN and still exit 0)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 class PluginParams(Section):

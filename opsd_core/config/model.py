@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, create_model
+from pydantic import Discriminator, Field, Tag, create_model, model_validator
 
 from opsd_core.config.base import PluginParams, Section
 from opsd_core.config.sections import (
@@ -79,6 +79,15 @@ class RunConfig(Section):
     experiment: ExperimentSection = Field(
         default_factory=ExperimentSection, description="Phases of `opsd run`: OPSD and the controls."
     )
+
+    @model_validator(mode="after")
+    def _schedule_decays(self) -> RunConfig:
+        if self.schedule.min_lr > self.optim.lr:
+            raise ValueError(
+                f"schedule.min_lr ({self.schedule.min_lr}) must not exceed optim.lr ({self.optim.lr}): "
+                "the cosine decays from optim.lr down to schedule.min_lr"
+            )
+        return self
 
 
 def _section_class_name(section: str, entry_name: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from opsd_core.config.base import Section
 
@@ -18,9 +18,15 @@ from opsd_core.config.base import Section
 class RunSection(Section):
     """Where a run writes and how it is seeded."""
 
-    name: str = Field("opsd-run", description="Run name; the run directory is output_dir/name.", min_length=1)
+    name: str = Field(
+        "opsd-run",
+        description="Run name; the run directory is output_dir/name, so one path component: no slash or "
+        "backslash, not '.' or '..'.",
+        min_length=1,
+        max_length=200,
+    )
     output_dir: str = Field("runs", description="Parent directory of run directories.")
-    seed: int = Field(0, description="Seed of the problem stream, sampling and noise.", ge=0)
+    seed: int = Field(0, description="Seed of the problem stream, sampling and noise.", ge=0, le=2**63 - 1)
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Device to run on; 'auto' picks CUDA when available."
     )
@@ -28,8 +34,15 @@ class RunSection(Section):
         "fp32", description="Autocast precision of forwards; master weights stay fp32."
     )
     threads: int | None = Field(
-        None, description="CPU threads for torch (None leaves torch's default).", ge=1
+        None, description="CPU threads for torch (None leaves torch's default).", ge=1, le=4096
     )
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, name: str) -> str:
+        if name in (".", "..") or any(character in name for character in "/\\\0"):
+            raise ValueError("must be one directory name inside output_dir: no slash or backslash, not '.' or '..'")
+        return name
 
 
 class PluginSection(Section):
@@ -91,7 +104,7 @@ class ScheduleSection(Section):
     """Learning-rate schedule: linear warm-up, then cosine decay to ``min_lr``."""
 
     warmup_steps: int = Field(200, description="Optimizer steps of linear warm-up from 0.", ge=0)
-    total_steps: int = Field(1000, description="Optimizer steps of the whole run.", ge=1)
+    total_steps: int = Field(1000, description="Optimizer steps of the whole run.", ge=1, le=10**9)
     min_lr: float = Field(1e-7, description="Learning rate at the end of the cosine decay.", ge=0)
 
     @model_validator(mode="after")
@@ -111,8 +124,9 @@ class TrainSection(Section):
         description="Problems per micro-batch (one completion each), over all processes: in a "
         "multi-process run each rank takes an equal share, so it must be a multiple of the process count.",
         ge=1,
+        le=1_000_000,
     )
-    grad_accum: int = Field(2, description="Micro-batches per optimizer step.", ge=1)
+    grad_accum: int = Field(2, description="Micro-batches per optimizer step.", ge=1, le=1_000_000)
     checkpoint_every: int = Field(500, description="Optimizer steps between checkpoints (0: only the last).", ge=0)
     keep_checkpoints: int = Field(2, description="Newest checkpoints to keep; older ones are deleted.", ge=1)
     log_every: int = Field(10, description="Optimizer steps between metric lines.", ge=1)
@@ -153,7 +167,7 @@ class EvalSection(Section):
 class DiagnosticsSection(Section):
     """The KL diagnostic of the paper's Eq. 4 and gap closure (Eq. 9)."""
 
-    kl_samples: int = Field(256, description="On-policy student samples the KL is averaged over.", ge=1)
+    kl_samples: int = Field(256, description="On-policy student samples the KL is averaged over.", ge=1, le=10**7)
     batch_size: int = Field(64, description="Samples scored together.", ge=1)
     seed: int = Field(0, description="Seed of the diagnostic's problems, samples and noise.", ge=0)
 
