@@ -60,6 +60,10 @@ class CheckpointError(OpsdError):
     """A checkpoint directory is missing, partial, corrupt or of the wrong layout."""
 
 
+class NonFiniteError(OpsdError):
+    """A training step produced a non-finite loss or gradient norm (``train.on_non_finite = "stop"``)."""
+
+
 class CapabilityError(OpsdError):
     """A backend was asked for something it cannot do (e.g. image generation, a long context)."""
 

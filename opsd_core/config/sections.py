@@ -127,6 +127,12 @@ class TrainSection(Section):
         le=1_000_000,
     )
     grad_accum: int = Field(2, description="Micro-batches per optimizer step.", ge=1, le=1_000_000)
+    on_non_finite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A step whose loss or gradient norm is infinite or NaN: 'stop' ends the run with an error "
+        "(the last checkpoint stays the newest), 'skip' drops that step's update; either way the event is "
+        "recorded in metrics.jsonl.",
+    )
     checkpoint_every: int = Field(500, description="Optimizer steps between checkpoints (0: only the last).", ge=0)
     keep_checkpoints: int = Field(2, description="Newest checkpoints to keep; older ones are deleted.", ge=1)
     log_every: int = Field(10, description="Optimizer steps between metric lines.", ge=1)

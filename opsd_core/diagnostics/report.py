@@ -91,7 +91,7 @@ def write_plots(directory: Path, results: dict[str, Any]) -> list[str]:
     if metrics:
         figure, axis = plt.subplots(figsize=(7, 4))
         for phase in phases:
-            points = [(m["step"], m["loss"]) for m in metrics if m.get("phase") == phase]
+            points = [(m["step"], m["loss"]) for m in metrics if m.get("phase") == phase and "loss" in m]
             if points:
                 axis.plot(*zip(*points), label=PHASE_TITLES[phase])
         axis.set_xlabel("optimizer step")

@@ -11,8 +11,10 @@ Does not know: any model, task or divergence; everything goes through the role i
 
 from __future__ import annotations
 
+import math
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from opsd_core import runtime
 from opsd_core.components import Components
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.divergences import kl_divergence
-from opsd_core.errors import ConfigError
+from opsd_core.errors import ConfigError, NonFiniteError
 from opsd_core.rundir import MetricsLog
 from opsd_core.sampling import sample_seed
 from opsd_core.trainer import checkpoint, optimizer_state, sharding
@@ -195,16 +197,44 @@ class Trainer:
 
         grad_norm = self._clip_gradients()
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.teacher_update.update(self.teacher, self.student)
-        self.step += 1
         metrics = {"loss": loss_total, "grad_norm": grad_norm, "lr": lr}
         if not self.mode.sft:
             metrics["kl"] = kl_total
             metrics["completion_tokens"] = tokens / samples_per_step
             metrics["finished"] = finished / samples_per_step
-        return self.ranks.mean(metrics | timings, skip=("grad_norm", "lr"))
+        # Averaged before the update, so every rank takes the same decision on a non-finite step.
+        metrics = self.ranks.mean(metrics | timings, skip=("grad_norm", "lr"))
+        finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self._non_finite_step(metrics)
+            with warnings.catch_warnings():  # the schedule advances past the dropped update on purpose
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                self.scheduler.step()
+        if finite:
+            self.teacher_update.update(self.teacher, self.student)
+        self.step += 1
+        return metrics
+
+    def _non_finite_step(self, metrics: dict[str, float]) -> None:
+        """Record a step whose loss or gradient norm is not finite; then stop the run (the last
+        checkpoint stays the newest) or, with ``train.on_non_finite = "skip"``, drop its update."""
+        action = self.config.train.on_non_finite
+        step = self.step + 1
+        if self.ranks.is_main:
+            self.metrics.append(
+                {"phase": self.mode.name, "step": step, "event": "non-finite", "action": action,
+                 "loss_value": repr(metrics["loss"]), "grad_norm_value": repr(metrics["grad_norm"])}
+            )  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        if action == "stop":
+            raise NonFiniteError(
+                f"phase {self.mode.name!r}, step {step}: loss {metrics['loss']!r}, gradient norm "
+                f"{metrics['grad_norm']!r}; the run stopped before applying it (its last checkpoint is kept). "
+                "Lower optim.lr or raise optim.eps, or set train.on_non_finite = 'skip' to drop such steps"
+            )
 
     def _prepare_micro_batch(self, timings: dict[str, float]):
         """This rank's problems of the next micro-batch with their student and teacher contexts

@@ -9,7 +9,7 @@ import torch
 from opsd_core.components import build_components
 from opsd_core.config import load_config
 from opsd_core.contexts.noise import with_noise_visual_thought
-from opsd_core.errors import CheckpointError
+from opsd_core.errors import CheckpointError, NonFiniteError
 from opsd_core.trainer.checkpoint import list_checkpoints
 from opsd_core.trainer.trainer import Mode, Trainer
 from opsd_core.types import VISUAL_THOUGHT, ImageSegment
@@ -190,3 +190,39 @@ def test_a_problems_sampling_seed_does_not_depend_on_the_rank_that_samples_it(tm
         split += seeds
     assert split == first[3]
     assert len(set(first[3] + second[3])) == 8  # every place in the stream has its own seed
+
+
+class _Poisoned:
+    """The run's divergence, with NaN losses from the first call."""
+
+    def __init__(self, divergence):
+        self.divergence = divergence
+        self.uses_hidden_states = False
+
+    def per_token(self, student_logits, teacher_logits, mask=None):
+        return self.divergence.per_token(student_logits, teacher_logits, mask) * float("nan")
+
+
+def test_a_non_finite_step_stops_the_run_and_is_recorded(tmp_path):
+    trainer = _setup(tmp_path)
+    trainer.divergence = _Poisoned(trainer.divergence)
+    before = {name: p.detach().clone() for name, p in trainer.student.named_parameters()}
+    with pytest.raises(NonFiniteError, match="phase 'opsd', step 1: loss nan"):
+        trainer.fit(progress=False)
+    assert all(torch.equal(before[name], p) for name, p in trainer.student.named_parameters())
+    events = [r for r in MetricsLog(tmp_path / "run-metrics.jsonl").read() if r.get("event") == "non-finite"]
+    assert [(e["step"], e["action"]) for e in events] == [(1, "stop")]
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_a_non_finite_step_can_be_skipped(tmp_path):
+    trainer = _setup(tmp_path, "train.on_non_finite='skip'", "schedule.total_steps=2", "train.checkpoint_every=0")
+    trainer.divergence = _Poisoned(trainer.divergence)
+    before = {name: p.detach().clone() for name, p in trainer.student.named_parameters()}
+    teacher = {name: p.detach().clone() for name, p in trainer.teacher.named_parameters()}
+    trainer.fit(progress=False)
+    assert trainer.step == 2
+    assert all(torch.equal(before[name], p) for name, p in trainer.student.named_parameters())
+    assert all(torch.equal(teacher[name], p) for name, p in trainer.teacher.named_parameters())
+    records = MetricsLog(tmp_path / "run-metrics.jsonl").read()
+    assert [(r["step"], r["action"]) for r in records if r.get("event")] == [(1, "skip"), (2, "skip")]
