@@ -28,6 +28,9 @@ METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 REPORT = "report.md"
 LOCK = ".lock"
+CHANGES = "changes.jsonl"
+# What may differ when a run is resumed: how it is launched, not what it computes.
+LAUNCH_FIELDS = frozenset({"train.replicate", "train.shard", "run.threads"})
 
 
 class RunDirectoryError(OpsdError):
@@ -122,9 +125,49 @@ class RunDirectory:
                 f"run.name: {str(self.path)!r} already holds a run (got {self.path.name!r}); resume it with "
                 f"`opsd run --resume {self.path}` or choose another run.name"
             )
+        strangers = sorted(p.name for p in self.path.iterdir() if p.name != LOCK) if self.path.is_dir() else []
+        if strangers and not self.holds_run():
+            raise ConfigError(
+                f"run.name: {str(self.path)!r} holds files ({', '.join(strangers[:3])}) but no {CONFIG}, so it is "
+                "not a run directory; choose another run.name or output_dir"
+            )
         self.path.mkdir(parents=True, exist_ok=True)
         if not self.holds_run():
             write_atomic(self.config_path, config_toml)
+
+    def discard_if_unstarted(self) -> bool:
+        """Remove a run directory that holds nothing but its config (and lock): a run that failed
+        before it produced anything, so that the corrected command can start afresh."""
+        if not self.path.is_dir() or {p.name for p in self.path.iterdir()} - {CONFIG, LOCK}:
+            return False
+        for name in (CONFIG, LOCK):
+            (self.path / name).unlink(missing_ok=True)
+        self.path.rmdir()
+        return True
+
+    def resume_point(self) -> dict[str, Any]:
+        """Where a resume continues: the finished phases and each phase's newest checkpoint step."""
+        steps = {}
+        for checkpoints in sorted(self.path.glob("*/checkpoints")):
+            numbered = [p.name for p in checkpoints.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()]
+            if numbered:
+                steps[checkpoints.parent.name] = max(int(name[5:]) for name in numbered)
+        return {"finished_phases": sorted(self.read_results()), "checkpoint_steps": steps}
+
+    def record_changes(self, changes: dict[str, tuple[Any, Any]], config_toml: str) -> None:
+        """Append a resume's changed fields, and where the run stood, to ``changes.jsonl``; when
+        anything beyond the launch layout changed, ``config.toml`` becomes ``config_toml``."""
+        record = {
+            "fields": {key: {"from": old, "to": new} for key, (old, new) in changes.items()},
+            "resumed_at": self.resume_point(),
+        }
+        with (self.path / CHANGES).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if set(changes) - LAUNCH_FIELDS:
+            note = "".join(
+                f"# changed on resume ({CHANGES}): {key} = {old!r} -> {new!r}\n" for key, (old, new) in changes.items()
+            )
+            write_atomic(self.config_path, note + config_toml)
 
     def read_results(self) -> dict[str, Any]:
         """``results.json``: one record per finished phase (empty for a new run)."""

@@ -7,7 +7,10 @@ Does not know: torch or model code at import time; commands import what they nee
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import traceback
 
 import click
 
@@ -48,6 +51,29 @@ class _OpsdGroup(click.Group):
             return super().invoke(ctx)
         except OpsdError as error:
             raise click.ClickException(str(error)) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as error:
+            where = f" ({error.filename})" if error.filename else ""
+            log = _log_traceback()
+            raise click.ClickException(
+                f"{error.strerror or error}{where}: the operating system refused a file operation (a read-only "
+                f"or full disk, a missing directory, permissions); full traceback in {log}"
+            ) from None
+        except Exception as error:
+            log = _log_traceback()
+            raise click.ClickException(
+                f"unexpected {type(error).__name__}: {error}. This is a bug in opsd or in a plugin, not in your "
+                f"input; please report it with the full traceback, written to {log}"
+            ) from None
+
+
+def _log_traceback() -> str:
+    """Write the exception being handled to a file in the temporary directory; its path."""
+    handle, path = tempfile.mkstemp(prefix="opsd-error-", suffix=".log")
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        traceback.print_exc(file=stream)
+    return path
 
 
 @click.group(cls=_OpsdGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -76,20 +76,28 @@ def torchrun_command(nproc_per_node: int, arguments: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def _run_arguments(config_path: str | None, overrides: tuple[str, ...], resume_dir: str | None, no_progress: bool):
+def _run_arguments(
+    config_path: str | None, overrides: tuple[str, ...], resume_dir: str | None, no_progress: bool, allow_changes: bool
+):
     """``opsd run``'s arguments for the workers (everything but ``--nproc-per-node``)."""
     arguments = ["run"] + ([config_path] if config_path else [])
     for override in overrides:
         arguments += ["--set", override]
     if resume_dir is not None:
         arguments += ["--resume", resume_dir]
-    return arguments + (["--no-progress"] if no_progress else [])
+    return arguments + (["--no-progress"] if no_progress else []) + (["--allow-changes"] if allow_changes else [])
 
 
 @click.command("run")
 @_config_argument
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (e.g. in logs).")
+@click.option(
+    "--allow-changes",
+    is_flag=True,
+    help="With --resume: apply --set overrides that change what the run computes (refused otherwise); "
+    "config.toml and changes.jsonl record them and the step they took effect.",
+)
 @click.option(
     "--backend",
     metavar="NAME",
@@ -108,6 +116,7 @@ def run_command(
     overrides: tuple[str, ...],
     resume_dir: str | None,
     no_progress: bool,
+    allow_changes: bool,
     backend: str | None,
     nproc_per_node: int | None,
 ) -> None:
@@ -118,9 +127,11 @@ def run_command(
     With --nproc-per-node N > 1 (or when started by torchrun), training is sharded over the
     processes with the backend's FSDP2 setup; rank 0 alone prints and writes (docs/distributed.md).
     """
-    from opsd_core.config import load_config, to_toml
+    from opsd_core.config import config_changes, load_config, to_toml
     from opsd_core.experiment import Experiment
-    from opsd_core.rundir import CONFIG, RunDirectory
+    from opsd_core.rundir import CONFIG, LAUNCH_FIELDS, RunDirectory
+
+    changes: dict = {}
 
     if backend is not None:
         if config_path is None and resume_dir is None:
@@ -135,11 +146,20 @@ def run_command(
         where = Path(resume_dir).resolve()
         located = (f"run.output_dir={json.dumps(str(where.parent))}", f"run.name={json.dumps(where.name)}")
         config = load_config(saved, (*located, *overrides))
+        changes = config_changes(load_config(saved, located), config)
+        refused = {key: change for key, change in changes.items() if key not in LAUNCH_FIELDS}
+        if refused and not allow_changes:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+            raise ConfigError(
+                f"--resume would change what the run computes ({listed}); resume without these --set "
+                "overrides, or pass --allow-changes to apply them from here on (recorded in config.toml "
+                "and changes.jsonl)"
+            )
     else:
         config = _load(config_path, overrides)
     launched = "WORLD_SIZE" in os.environ
     if nproc_per_node is not None and nproc_per_node > 1 and not launched:  # the config is valid: start them
-        arguments = _run_arguments(config_path, overrides, resume_dir, no_progress)
+        arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes)
         raise SystemExit(subprocess.call(torchrun_command(nproc_per_node, arguments)))
     if nproc_per_node is not None and launched:
         started = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
@@ -160,10 +180,18 @@ def run_command(
         with run_dir.lock() if ranks.is_main else contextlib.nullcontext():
             if ranks.is_main:
                 run_dir.create(to_toml(config), resume=resume_dir is not None)
+                if resume_dir is not None and changes:
+                    run_dir.record_changes(changes, to_toml(config))
             ranks.barrier()
             echo = click.echo if ranks.is_main else lambda *_: None
             echo(f"Run directory: {run_dir.path}")
-            results = Experiment(config, run_dir, echo=click.echo, progress=not no_progress, ranks=ranks).run()
+            try:
+                results = Experiment(config, run_dir, echo=click.echo, progress=not no_progress, ranks=ranks).run()
+            except BaseException:
+                # A new run that failed before writing anything leaves no directory behind.
+                if ranks.is_main and resume_dir is None and run_dir.discard_if_unstarted():
+                    echo(f"Nothing was written; removed {run_dir.path}")
+                raise
     echo("")
     echo(format_terminal(results_table(results)))
     echo(f"\nReport: {run_dir.report_path}")
@@ -292,6 +320,7 @@ def eval_command(
                 target = Path(f"{stem}-{number}")
         else:
             target = Path(out_dir)
+        _refuse_training_run(target)
         existing = [name for name in harness.RESULTS if (target / name).exists()]
         if existing and not force:
             raise click.UsageError(
@@ -306,6 +335,7 @@ def eval_command(
         config = _load(config_path, overrides)
         backend_instance, model = _model(config, checkpoint, backend_only=True)
         target = Path(out_dir) if out_dir else Path(config.run.output_dir) / f"{config.run.name}-benchmarks"
+        _refuse_training_run(target)
         max_tokens = config.eval.max_completion_tokens or config.sampling.max_completion_tokens
         for mode in chosen:
             harness.answer_benchmarks(backend_instance, model, names, Path(data_root), target, mode,
@@ -317,6 +347,16 @@ def eval_command(
     paths = harness.write_results(results, items, target)
     click.echo(harness.results_markdown(results))
     click.echo("Results: " + ", ".join(str(p) for p in paths))
+
+
+def _refuse_training_run(target: Path) -> None:
+    """Benchmark results never go into a training run's directory (its results.json is the run's)."""
+    from opsd_core.rundir import RunDirectory
+
+    if RunDirectory(target).holds_run():
+        raise click.UsageError(
+            f"--out {target} is a training run directory (it holds config.toml); write benchmark results elsewhere"
+        )
 
 
 def _task_eval(config_path: str | None, overrides: tuple[str, ...], checkpoint: str | None, modes: str) -> None:

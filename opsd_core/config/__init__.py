@@ -3,6 +3,7 @@
 from opsd_core.config.base import PluginParams, Section
 from opsd_core.config.loader import (
     apply_overrides,
+    config_changes,
     load_config,
     parse_override,
     read_toml,
@@ -23,6 +24,7 @@ from opsd_core.config.sections import (
 )
 
 __all__ = [
+    "config_changes",
     "PLUGIN_SECTIONS",
     "DiagnosticsSection",
     "EvalSection",

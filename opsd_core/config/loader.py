@@ -97,6 +97,21 @@ def load_config(
     return validate_config(data, registries, source=str(path) if path is not None else "config")
 
 
+def config_changes(before: BaseModel, after: BaseModel) -> dict[str, tuple[Any, Any]]:
+    """``{"section.field": (old, new)}`` for every resolved value that differs between two configs."""
+
+    def flat(table: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(table, dict):
+            return {prefix: table}
+        items: dict[str, Any] = {}
+        for key, value in table.items():
+            items |= flat(value, f"{prefix}.{key}" if prefix else key)
+        return items
+
+    old, new = flat(before.model_dump(mode="json")), flat(after.model_dump(mode="json"))
+    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)}
+
+
 def to_toml(config: BaseModel) -> str:
     """The resolved config as TOML (None values are left out: TOML has no null)."""
     return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))

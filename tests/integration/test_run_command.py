@@ -86,6 +86,60 @@ def test_resume_continues_in_a_copied_run_directory(finished_run, tmp_path):
     assert {path: path.read_bytes() for path in directory.rglob("*") if path.is_file()} == before  # untouched
 
 
+def _copy(directory, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    return copy
+
+
+def test_resume_refuses_changes_to_what_the_run_computes(finished_run, tmp_path):
+    copy = _copy(finished_run[0], tmp_path)
+    before = {path: path.read_bytes() for path in copy.rglob("*") if path.is_file()}
+    result = CliRunner().invoke(cli, ["run", "--resume", str(copy), "--set", "optim.lr=0.01", "--no-progress"])
+    assert result.exit_code != 0
+    assert "optim.lr: 0.0003 -> 0.01" in result.output and "--allow-changes" in result.output
+    assert {path: path.read_bytes() for path in copy.rglob("*") if path.is_file()} == before
+
+
+def test_resume_records_launch_changes_and_allowed_changes(finished_run, tmp_path):
+    copy = _copy(finished_run[0], tmp_path)
+    config_before = (copy / "config.toml").read_text()
+    result = CliRunner().invoke(cli, ["run", "--resume", str(copy), "--set", "run.threads=1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (copy / "config.toml").read_text() == config_before  # the launch layout is not the run's config
+    (record,) = [json.loads(line) for line in (copy / "changes.jsonl").read_text().splitlines()]
+    assert record["fields"] == {"run.threads": {"from": 2, "to": 1}}
+
+    args = ["run", "--resume", str(copy), "--set", "schedule.total_steps=3", "--allow-changes", "--no-progress"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    config = tomllib.loads((copy / "config.toml").read_text())
+    assert config["schedule"]["total_steps"] == 3
+    assert "# changed on resume (changes.jsonl): schedule.total_steps = 2 -> 3" in (copy / "config.toml").read_text()
+    record = json.loads((copy / "changes.jsonl").read_text().splitlines()[-1])
+    assert record["fields"]["schedule.total_steps"] == {"from": 2, "to": 3}
+    assert record["resumed_at"]["checkpoint_steps"] == {"noise": 2, "opsd": 2, "sft": 2}
+
+
+def test_a_second_writer_of_a_run_directory_is_refused(finished_run, tmp_path):
+    from opsd_core.rundir import RunDirectory
+
+    copy = _copy(finished_run[0], tmp_path)
+    with RunDirectory(copy).lock():
+        result = CliRunner().invoke(cli, ["run", "--resume", str(copy), "--no-progress"])
+    assert result.exit_code != 0 and "is in use by pid" in result.output
+
+
+def test_a_run_that_fails_at_start_up_leaves_no_directory(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    args = ["run", QUICKSTART, "--no-progress", *_short(tmp_path), "--set", f"backend.checkpoint='{missing}'"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert not (tmp_path / "quickstart").exists()
+
+
 def test_resume_needs_a_run_directory(tmp_path):
     result = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path)])
     assert result.exit_code != 0 and "not a run directory" in result.output

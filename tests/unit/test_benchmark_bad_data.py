@@ -143,3 +143,10 @@ def test_items_jsonl_and_the_rescoring_directory(root, tmp_path, monkeypatch):
     assert refused.exit_code != 0 and "--force" in refused.output
     forced = CliRunner().invoke(cli, [*arguments, "--out", str(out), "--force"])
     assert forced.exit_code == 0, forced.output
+    training_run = tmp_path / "a-training-run"
+    training_run.mkdir()
+    (training_run / "config.toml").write_text("")
+    (training_run / "results.json").write_text("{}")
+    into_run = CliRunner().invoke(cli, [*arguments, "--out", str(training_run), "--force"])
+    assert into_run.exit_code != 0 and "training run directory" in into_run.output
+    assert (training_run / "results.json").read_text() == "{}"

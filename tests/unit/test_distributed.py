@@ -100,9 +100,12 @@ def test_meta_skeleton_keeps_structure_and_names_but_no_memory():
 
 
 def test_torchrun_relaunch_command():
-    arguments = _run_arguments("cfg.toml", ("optim.lr=1e-4", "run.name=x"), "runs/x", True)
-    assert arguments == ["run", "cfg.toml", "--set", "optim.lr=1e-4", "--set", "run.name=x", "--resume", "runs/x", "--no-progress"]
-    assert _run_arguments(None, (), None, False) == ["run"]
+    arguments = _run_arguments("cfg.toml", ("optim.lr=1e-4", "run.name=x"), "runs/x", True, True)
+    assert arguments == [
+        "run", "cfg.toml", "--set", "optim.lr=1e-4", "--set", "run.name=x", "--resume", "runs/x", "--no-progress",
+        "--allow-changes",
+    ]  # fmt: skip
+    assert _run_arguments(None, (), None, False, False) == ["run"]
     command = torchrun_command(4, ["run"])
     assert command[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
     assert command[-1] == "run" and "from opsd_core.cli import main" in command[-2]

@@ -83,3 +83,23 @@ def test_a_killed_holder_leaves_the_directory_free(tmp_path):
     subprocess.run([sys.executable, "-c", holder], check=False)
     with run.lock():  # the operating system released it with the process
         pass
+
+
+def test_a_directory_with_files_but_no_config_is_not_adopted(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds files .*results.json.* but no config.toml"):
+        run.create("x = 1\n", resume=False)
+    assert not run.config_path.exists()
+
+
+def test_an_unstarted_run_is_discarded_and_a_started_one_kept(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    with run.lock():
+        run.create("x = 1\n", resume=False)
+        assert run.discard_if_unstarted()
+    assert not run.path.exists()
+    run.create("x = 1\n", resume=False)
+    run.metrics.append({"phase": "opsd", "step": 1})
+    assert not run.discard_if_unstarted() and run.holds_run()
