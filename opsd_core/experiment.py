@@ -20,7 +20,7 @@ import torch
 
 from opsd_core.components import Components, build_components
 from opsd_core.config import RunConfig
-from opsd_core.diagnostics.kl import gap_closure, kl_gap
+from opsd_core.diagnostics.kl import gap_closure, gap_closure_standard_error, kl_gap
 from opsd_core.evaluation import evaluate
 from opsd_core.rundir import RunDirectory
 from opsd_core import runtime
@@ -86,11 +86,16 @@ class Experiment:
         )
         return {mode: result.summary() for mode, result in results.items()}
 
-    def kl(self, sampler: torch.nn.Module, teacher: torch.nn.Module, student: torch.nn.Module, noise: bool = False) -> float:
+    def kl(
+        self, name: str, sampler: torch.nn.Module, teacher: torch.nn.Module, student: torch.nn.Module, noise: bool = False
+    ) -> dict[str, Any]:
+        """The KL diagnostic as result fields: ``name``, ``name_se`` and ``name_samples`` (each
+        sample's row-KL sum and rows, for paired comparisons). Every call uses the same problems
+        and per-sample seeds, so estimates of two models are paired sample by sample."""
         diagnostics = self.config.diagnostics
         count = diagnostics.kl_samples
         problems = (self.eval_problems * (count // max(len(self.eval_problems), 1) + 1))[:count]
-        return kl_gap(
+        estimate = kl_gap(
             self.backend,
             sampler,
             teacher,
@@ -102,6 +107,7 @@ class Experiment:
             temperature=self.config.sampling.temperature,
             seed=diagnostics.seed,
         )
+        return {name: estimate.mean, f"{name}_se": estimate.standard_error, f"{name}_samples": estimate.per_sample}
 
     def start_model(self) -> torch.nn.Module:
         """The start checkpoint's model, back on the device if it was parked."""
@@ -129,8 +135,8 @@ class Experiment:
         start = self.start_model()
         with sharding.gathered(start):
             record = {
-                "kl": self.kl(start, start, start),
-                "kl_noise": self.kl(start, start, start, noise=True),
+                **self.kl("kl", start, start, start),
+                **self.kl("kl_noise", start, start, start, noise=True),
                 "eval": self.evaluate(start, ("student", "teacher", "noise")),
             }
         record["wall_s"] = time.perf_counter() - started
@@ -176,11 +182,11 @@ class Experiment:
             record = {
                 "eval": self.evaluate(student, ("student", "teacher")),
                 "teacher_eval": teacher_eval,
-                "kl": self.kl(student, student, student),
+                **self.kl("kl", student, student, student),
             }
             start = self.start_model()
             with sharding.gathered(start):
-                record["kl_t0"] = self.kl(student, start, student)
+                record |= self.kl("kl_t0", student, start, student)
         record |= {"train_s": train_s, "sampler_tokens_per_s": self._sampler_throughput(mode.name)}
         record["eval_s"] = time.perf_counter() - started
         self.results[mode.name] = record
@@ -207,6 +213,8 @@ class Experiment:
         for mode in phases(self.config):
             record = self.train_phase(mode)
             record["gap_closure"] = gap_closure(start["kl"], record["kl_t0"])
+            if "kl_samples" in start and "kl_t0_samples" in record:
+                record["gap_closure_se"] = gap_closure_standard_error(start["kl_samples"], record["kl_t0_samples"])
         self.results["total_wall_s"] = self.results.get("total_wall_s", 0.0) + time.perf_counter() - started
         self._save()
         if self.ranks.is_main:

@@ -230,7 +230,9 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
                   temperature=config.sampling.temperature, seed=config.diagnostics.seed)
     kl = kl_gap(components.backend, model, model, model, problems, **common)
     kl_noise = kl_gap(components.backend, model, model, model, problems, noise=True, **common)
-    click.echo(json.dumps({"samples": len(problems), "kl": kl, "kl_noise": kl_noise}, indent=2))
+    figures = {"samples": len(problems), "kl": kl.mean, "kl_se": kl.standard_error,
+               "kl_noise": kl_noise.mean, "kl_noise_se": kl_noise.standard_error}  # fmt: skip
+    click.echo(json.dumps(figures, indent=2))
 
 
 @click.command("eval")

@@ -3,21 +3,57 @@
 Owns: sampling on-policy completions from the student in the student context, scoring the
 *same* completion rows in the teacher context and the student context (position-aligned, one
 row per completion token plus the EOS row; the paper's code compared misaligned rows), and
-averaging KL(p_teacher || p_student) over those rows.
+averaging KL(p_teacher || p_student) over those rows, and the uncertainty of that average and
+of the gap closure: each sample's draws are keyed by its seed and its place in the problem list,
+so two models estimated on the same problems with the same seed are paired sample by sample,
+and the gap closure's standard error is a paired one over those samples.
 Does not know: training, or any model family's internals.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from opsd_core.divergences import kl_divergence
 from opsd_core.evaluation.evaluate import contexts_for
 from opsd_core.interfaces import Backend
-from opsd_core.sampling import BatchedSampler
+from opsd_core.sampling import BatchedSampler, sample_seed
 from opsd_core.types import Problem
+
+
+@dataclass(frozen=True)
+class KlEstimate:
+    """A KL diagnostic: the mean over completion rows and what it was averaged from.
+
+    Attributes:
+        mean: nats per completion row, rows of all samples pooled.
+        standard_error: of ``mean``, over samples (a ratio estimator's linearisation).
+        per_sample: ``(sum of the sample's row KLs, its rows)`` for each sample, in problem order.
+    """
+
+    mean: float
+    standard_error: float
+    per_sample: list[tuple[float, int]]
+
+
+def _linearised(per_sample: Sequence[tuple[float, int]]) -> tuple[float, list[float]]:
+    """The pooled mean sum(t) / sum(n) and each sample's influence on it, (t_i - mean n_i) / mean(n)."""
+    total = sum(t for t, _ in per_sample)
+    rows = sum(n for _, n in per_sample)
+    mean = total / max(rows, 1)
+    average_rows = rows / max(len(per_sample), 1) or 1.0
+    return mean, [(t - mean * n) / average_rows for t, n in per_sample]
+
+
+def _standard_error(influences: Sequence[float]) -> float:
+    if len(influences) < 2:
+        return float("nan")
+    return statistics.stdev(influences) / math.sqrt(len(influences))
 
 
 @torch.no_grad()
@@ -33,13 +69,14 @@ def kl_gap(
     max_tokens: int = 1024,
     temperature: float = 1.0,
     seed: int = 0,
-) -> float:
-    """Mean KL(teacher_model in the teacher context || student_model in the student context)
-    in nats per completion row, over completions sampled from ``sampling_model`` in the student
-    context. With ``noise`` the teacher context's VT is N(0, 1) noise."""
+) -> KlEstimate:
+    """KL(teacher_model in the teacher context || student_model in the student context) in nats
+    per completion row, over completions sampled from ``sampling_model`` in the student context.
+    Sample i draws with the seed ``sample_seed(seed, i)``, whatever the batch. With ``noise`` the
+    teacher context's VT is N(0, 1) noise (drawn from a generator seeded by ``seed``)."""
     generator = torch.Generator().manual_seed(seed)
     sampler = BatchedSampler(backend, temperature=temperature, max_completion_tokens=max_tokens)
-    total, rows = 0.0, 0
+    per_sample: list[tuple[float, int]] = []
     models = (sampling_model, teacher_model, student_model)
     modes = [model.training for model in models]
     for model in models:
@@ -49,18 +86,21 @@ def kl_gap(
             batch = problems[start : start + batch_size]
             students = contexts_for("student", backend, batch)
             teachers = contexts_for("noise" if noise else "teacher", backend, batch, generator)
-            completions = sampler.sample(sampling_model, students, generator)
+            seeds = [sample_seed(seed, start + index) for index in range(len(batch))]
+            completions = sampler.sample(sampling_model, students, seeds=seeds)
             teacher_rows = backend.completion_logits(teacher_model, teachers, completions)
             student_rows = backend.completion_logits(student_model, students, completions)
             per_row = kl_divergence(
                 student_rows.logits, teacher_rows.logits, direction="forward", mask=student_rows.mask, reduction="none"
-            )
-            total += float(per_row.sum())
-            rows += int(student_rows.mask.sum())
+            )  # (B, N + 1)
+            sums = per_row.double().sum(dim=1).tolist()
+            rows = student_rows.mask.sum(dim=1).tolist()
+            per_sample += [(float(total), int(count)) for total, count in zip(sums, rows)]
     finally:
         for model, mode in zip(models, modes):
             model.train(mode)
-    return total / max(rows, 1)
+    mean, influences = _linearised(per_sample)
+    return KlEstimate(mean, _standard_error(influences), per_sample)
 
 
 def gap_closure(kl_before: float, kl_after: float) -> float:
@@ -68,3 +108,19 @@ def gap_closure(kl_before: float, kl_after: float) -> float:
     if kl_before <= 0:
         return float("nan")
     return 1.0 - kl_after / kl_before
+
+
+def gap_closure_standard_error(before: KlEstimate | Sequence, after: KlEstimate | Sequence) -> float:
+    """Standard error of :func:`gap_closure` paired over samples: ``before`` and ``after`` are
+    estimates (or their ``per_sample`` lists) on the same problems with the same seeds, sample i
+    of one matched with sample i of the other (delta method on 1 - A / B)."""
+    before = before.per_sample if isinstance(before, KlEstimate) else before
+    after = after.per_sample if isinstance(after, KlEstimate) else after
+    if len(before) != len(after):
+        raise ValueError(f"paired estimates need the same samples (got {len(before)} and {len(after)})")
+    kl_before, d_before = _linearised(before)
+    kl_after, d_after = _linearised(after)
+    if kl_before <= 0:
+        return float("nan")
+    influences = [-(a / kl_before - kl_after * b / kl_before**2) for a, b in zip(d_after, d_before)]
+    return _standard_error(influences)

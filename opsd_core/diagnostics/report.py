@@ -19,6 +19,15 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _with_error(record: dict[str, Any], name: str, scale: float = 1.0, digits: int = 3, unit: str = "") -> str:
+    """``record[name]`` with ``± record[name + "_se"]`` where a standard error was recorded."""
+    value = f"{scale * record[name]:.{digits}f}{unit}"
+    error = record.get(f"{name}_se")
+    if error is None or error != error:  # absent, or NaN (one sample)
+        return value
+    return f"{value} ± {scale * error:.{digits}f}{unit}"
+
+
 def results_table(results: dict[str, Any]) -> list[list[str]]:
     """Rows of the results table: header first."""
     start = results["start"]
@@ -27,7 +36,7 @@ def results_table(results: dict[str, Any]) -> list[list[str]]:
              "KL(T||S) before", "KL to start teacher after", "gap closure", "train s", "eval s"]]
     rows.append([
         "start checkpoint", _percent(before), "-", "-", _percent(start["eval"]["teacher"]["accuracy"]), "-",
-        f"{start['kl']:.3f}", "-", "-", "-", f"{start['wall_s']:.0f}",
+        _with_error(start, "kl"), "-", "-", "-", f"{start['wall_s']:.0f}",
     ])
     for phase, title in PHASE_TITLES.items():
         record = results.get(phase)
@@ -41,9 +50,9 @@ def results_table(results: dict[str, Any]) -> list[list[str]]:
             f"{100 * (after - before):+.1f}",
             _percent(record["eval"]["teacher"]["accuracy"]),
             _percent(record["teacher_eval"]["teacher"]["accuracy"]),
-            f"{start['kl']:.3f}",
-            f"{record['kl_t0']:.3f}",
-            f"{100 * record['gap_closure']:.1f}%" if "gap_closure" in record else "-",
+            _with_error(start, "kl"),
+            _with_error(record, "kl_t0"),
+            _with_error(record, "gap_closure", 100, 1, "%") if "gap_closure" in record else "-",
             f"{record['train_s']:.0f}",
             f"{record['eval_s']:.0f}",
         ])
@@ -133,14 +142,15 @@ def write_report(directory: Path, results: dict[str, Any], config: Any) -> Path:
         format_markdown(rows),
         "",
         f"Start checkpoint, noise-VT context accuracy: {_percent(start['noise']['accuracy'])}%; "
-        f"KL(noise-VT teacher || student): {results['start']['kl_noise']:.3f} nats/token.",
+        f"KL(noise-VT teacher || student): {_with_error(results['start'], 'kl_noise')} nats/token.",
         f"Total wall time: {results.get('total_wall_s', 0.0):.0f} s.",
         *[f"{PHASE_TITLES[p]}: on-policy sampler {results[p]['sampler_tokens_per_s']:.0f} completion tokens/s."
           for p in PHASE_TITLES if results.get(p, {}).get("sampler_tokens_per_s")],
         "",
         "KL values are nats per completion row, on position-aligned rows of on-policy student samples "
         "(paper Eq. 4); gap closure is 1 - KL(start teacher || trained student) / KL(start teacher || start "
-        "student) (Eq. 9).",
+        "student) (Eq. 9). Each ± is one standard error over the diagnostic's samples; before and after are "
+        "estimated on the same problems with the same per-sample seeds, so the gap closure's error is paired.",
         "",
     ]
     lines += [f"![{name}]({name})" for name in plots]
