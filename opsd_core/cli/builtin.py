@@ -10,7 +10,6 @@ import json
 
 import click
 
-
 _SET_HELP = "Override a config value: section.field=value (value parsed as a TOML literal). Repeatable."
 _LIST_KINDS = {
     "backends": "backend",
@@ -95,7 +94,41 @@ def config_schema() -> None:
     click.echo(json.dumps(config_model(get_registries()).model_json_schema(), indent=2))
 
 
+@click.command("examples")
+@click.option(
+    "--copy",
+    "destination",
+    type=click.Path(file_okay=False),
+    help="Copy every shipped config into this directory (existing files are never replaced).",
+)
+def examples_command(destination: str | None) -> None:
+    """List the run configs installed with opsd, or copy them to edit."""
+    import shutil
+    from pathlib import Path
+
+    from opsd_core.cli.shipped import SHIPPED_CONFIGS, shipped_config_names
+
+    names = shipped_config_names()
+    if destination is None:
+        for name in names:
+            lines = (SHIPPED_CONFIGS / f"{name}.toml").read_text(encoding="utf-8").splitlines()
+            summary = lines[0].lstrip("# ").strip() if lines and lines[0].startswith("#") else ""
+            click.echo(f"{name:<20}  {summary}")
+        click.echo(f"(in {SHIPPED_CONFIGS}; `opsd run --backend NAME` runs NAME.toml)")
+        return
+    target = Path(destination)
+    clashes = [name for name in names if (target / f"{name}.toml").exists()]
+    if clashes:
+        raise click.ClickException(
+            f"{target} already holds {', '.join(f'{name}.toml' for name in clashes)}; nothing was copied"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(SHIPPED_CONFIGS / f"{name}.toml", target / f"{name}.toml")
+    click.echo(f"copied {len(names)} configs to {target}")
+
+
 def add_builtin_commands(cli: click.Group) -> None:
     """Register the built-in commands on the ``opsd`` group."""
-    for command in (plugins_command, list_command, validate_command, config_group):
+    for command in (plugins_command, list_command, validate_command, config_group, examples_command):
         cli.add_command(command)

@@ -16,35 +16,12 @@ from pathlib import Path
 
 import click
 
+from opsd_core.cli.shipped import backend_config_path, default_config_path
 from opsd_core.errors import ConfigError
 
-DEFAULT_CONFIG = Path("examples") / "quickstart.toml"
 _SET_HELP = "Override a config value: section.field=value (value parsed as a TOML literal). Repeatable."
 # What each torchrun worker runs: the same CLI, with the arguments that follow.
 _WORKER = "from opsd_core.cli import main; main()"
-
-
-def default_config_path() -> Path:
-    """``examples/quickstart.toml`` in the working directory, else in the source tree."""
-    here = Path.cwd() / DEFAULT_CONFIG
-    if here.is_file():
-        return here
-    source_tree = Path(__file__).resolve().parents[2] / DEFAULT_CONFIG
-    if source_tree.is_file():
-        return source_tree
-    raise ConfigError(f"no CONFIG given and {DEFAULT_CONFIG} not found; pass a run config file")
-
-
-def backend_config_path(backend: str) -> Path:
-    """``examples/<backend>.toml`` (working directory, else source tree): a backend's shipped run config."""
-    name = Path("examples") / f"{backend}.toml"
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (base / name).is_file():
-            return base / name
-    shipped = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "examples").glob("*.toml"))
-    raise ConfigError(
-        f"--backend {backend}: no {name} found; pass a CONFIG for it (shipped configs: {', '.join(shipped) or 'none'})"
-    )
 
 
 def _load(config_path: str | None, overrides: tuple[str, ...]):
@@ -170,8 +147,8 @@ def run_command(
                 param_hint="--nproc-per-node",
             )
 
-    from opsd_core.diagnostics.report import format_terminal, results_table
     from opsd_core import runtime
+    from opsd_core.diagnostics.report import format_terminal, results_table
     from opsd_core.runtime import resolve_device
 
     run_dir = RunDirectory.of(config)

@@ -29,6 +29,8 @@ LIGHT_COMMANDS = [
     ["--help"],
     ["list", "divergences"],
     ["list", "backends"],
+    ["list", "samplers"],
+    ["examples"],
     ["validate", str(REPO / "tests" / "integration" / "data" / "valid.toml")],
     ["config", "show"],
     ["plugins"],
@@ -132,3 +134,28 @@ def test_recovery_without_external_plugins():
 def test_unknown_list_kind_is_a_usage_error():
     result = CliRunner().invoke(cli, ["list", "widgets"])
     assert result.exit_code == 2 and "widgets" in result.output
+
+
+def test_examples_lists_and_copies_the_shipped_configs_without_replacing_any(tmp_path):
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["examples"])
+    assert listed.exit_code == 0
+    assert "quickstart" in listed.output and "thinkmorph-8xh800" in listed.output
+    copied = runner.invoke(cli, ["examples", "--copy", str(tmp_path / "configs")])
+    assert copied.exit_code == 0, copied.output
+    assert (tmp_path / "configs" / "quickstart.toml").read_text() == (REPO / "examples" / "quickstart.toml").read_text()
+    (tmp_path / "configs" / "quickstart.toml").write_text("# mine\n")
+    again = runner.invoke(cli, ["examples", "--copy", str(tmp_path / "configs")])
+    assert again.exit_code != 0 and "nothing was copied" in again.output
+    assert (tmp_path / "configs" / "quickstart.toml").read_text() == "# mine\n"
+
+
+def test_the_shipped_default_is_found_from_any_directory_and_a_local_copy_wins(tmp_path, monkeypatch):
+    from opsd_core.cli.shipped import SHIPPED_CONFIGS, backend_config_path, default_config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert default_config_path() == SHIPPED_CONFIGS / "quickstart.toml"
+    assert backend_config_path("thinkmorph") == SHIPPED_CONFIGS / "thinkmorph.toml"
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "quickstart.toml").write_text("[run]\n")
+    assert default_config_path() == tmp_path / "examples" / "quickstart.toml"
