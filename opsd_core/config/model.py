@@ -120,8 +120,25 @@ def _plugin_union(section: str, registries: Registries) -> Any:
     return Annotated[Union[tuple(members)], Discriminator(_name_of)]
 
 
+# Built models by the registries they were built from (kept alive with them, so ids stay unique).
+_BUILT: dict[int, tuple[Any, type[RunConfig]]] = {}
+
+
 def config_model(registries: Registries) -> type[RunConfig]:
-    """``RunConfig`` with each plugin section validated by the registered params models."""
+    """``RunConfig`` with each plugin section validated by the registered params models; built
+    once per registries object (building takes a good part of a second)."""
+    key = (id(registries), tuple(tuple(registries.of(section).names()) for section in PLUGIN_SECTIONS))
+    cached = _BUILT.get(hash(key))
+    if cached is not None and cached[0] is registries:
+        return cached[1]
+    if len(_BUILT) >= 16:
+        _BUILT.clear()
+    model = _build_config_model(registries)
+    _BUILT[hash(key)] = (registries, model)
+    return model
+
+
+def _build_config_model(registries: Registries) -> type[RunConfig]:
     fields: dict[str, Any] = {}
     for section, default_name in PLUGIN_SECTIONS.items():
         fields[section] = (

@@ -70,7 +70,7 @@ def config_tables(draw):
     return table
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(config_tables())
 def test_any_table_is_a_valid_config_or_one_config_error(table):
     try:
