@@ -33,9 +33,12 @@ class Components:
     context: PrivilegedContextBuilder
 
 
-def build_components(config: RunConfig, registries: Any = None, world_size: int = 1) -> Components:
+def build_components(
+    config: RunConfig, registries: Any = None, world_size: int = 1, training: bool = True
+) -> Components:
     """The backend, task, divergence, teacher update, sampler and context builder named by
-    ``config``, checked by :func:`check_components` for a run in ``world_size`` processes."""
+    ``config``, checked by :func:`check_components` for a run in ``world_size`` processes (or,
+    with ``training`` False, for evaluation: an evaluation-only task is then accepted)."""
     registries = registries or plugins.get_registries()
     backend = build_backend(config, registries)
 
@@ -52,7 +55,7 @@ def build_components(config: RunConfig, registries: Any = None, world_size: int 
         build("sampler", backend, config.sampling),
         build("context", backend),
     )
-    check_components(components, world_size)
+    check_components(components, world_size, training)
     return components
 
 
@@ -80,13 +83,18 @@ def check_declared_capabilities(backend: Backend) -> None:
         )
 
 
-def check_components(components: Components, world_size: int = 1) -> None:
-    """Refuse, in one message, a run that needs what its backend does not declare; then let the
-    backend refuse what only it knows (``Backend.check_run``)."""
+def check_components(components: Components, world_size: int = 1, training: bool = True) -> None:
+    """Refuse, in one message, a run that needs what its backend (or task) does not declare;
+    then let the backend refuse what only it knows (``Backend.check_run``)."""
     config, backend = components.config, components.backend
     capabilities = backend.capabilities
     name = type(backend).__name__
     problems = []
+    if training and not components.task.trains:
+        problems.append(
+            f"task.name: {config.task.name!r} is evaluation-only (it has no training problems); train on a task "
+            "with training problems and evaluate on this one with `opsd eval`"
+        )
     if components.divergence.uses_hidden_states:
         if not capabilities.hidden_states:
             problems.append(

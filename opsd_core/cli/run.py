@@ -179,7 +179,10 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
     from opsd_core.components import build_backend, build_components
     from opsd_core.runtime import resolve_device
 
-    components = build_backend(experiment_config) if backend_only else build_components(experiment_config)
+    if backend_only:
+        components = build_backend(experiment_config)
+    else:
+        components = build_components(experiment_config, training=False)
     backend = components if backend_only else components.backend
     model = backend.build_model()
     if checkpoint is not None:

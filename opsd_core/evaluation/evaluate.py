@@ -33,6 +33,8 @@ class EvalResult:
         tokens_per_sample: mean completion tokens generated.
         seconds_per_sample: wall time of decoding and scoring, per problem.
         records: per problem ``{"id", "response", "correct"}``.
+        aggregates: the task's own figures (:meth:`~opsd_core.interfaces.Task.aggregate`),
+            ``accuracy`` included.
     """
 
     mode: str
@@ -41,9 +43,11 @@ class EvalResult:
     tokens_per_sample: float
     seconds_per_sample: float
     records: list[dict] = field(default_factory=list, repr=False)
+    aggregates: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float | int | str]:
         return {
+            **self.aggregates,
             "mode": self.mode,
             "accuracy": self.accuracy,
             "count": self.count,
@@ -100,10 +104,11 @@ def evaluate(
         started = time.perf_counter()
         contexts = contexts_for(mode, backend, problems, generator)
         completions = greedy_decode(backend, model, contexts, batch_size, max_tokens)
-        records = []
+        records, scores = [], []
         for problem, tokens in zip(problems, completions):
             response = backend.decode(tokens)
             score = task.score(problem, response)
+            scores.append(score)
             records.append({"id": problem.id, "response": response, "correct": score.correct})
         elapsed = time.perf_counter() - started
         count = max(len(problems), 1)
@@ -114,5 +119,6 @@ def evaluate(
             tokens_per_sample=sum(len(tokens) for tokens in completions) / count,
             seconds_per_sample=elapsed / count,
             records=records,
+            aggregates=task.aggregate(problems, scores),
         )
     return results

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from opsd_core.components import build_components, check_components, check_declared_capabilities
 from opsd_core.config import load_config
 from opsd_core.contexts.paper import PaperContextBuilder
 from opsd_core.errors import ConfigError, PluginError
-from opsd_core.interfaces import Backend, Capabilities
+from opsd_core.interfaces import Backend, Capabilities, Task
 from opsd_core.sampling import BatchedSampler
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
@@ -111,3 +112,38 @@ def test_backend_base_methods_refuse_undeclared_capabilities():
     for method, args in (("model_skeleton", ()), ("generate_visual_thought", (None, []))):
         with pytest.raises(Exception, match=type(backend).__name__):
             getattr(Backend, method)(backend, *args)
+
+
+def test_an_evaluation_only_task_is_refused_for_training_and_accepted_for_evaluation():
+    components = _components()
+
+    class Benchmark(type(components.task)):
+        trains = False
+
+    components.task.__class__ = Benchmark
+    with pytest.raises(ConfigError, match="evaluation-only"):
+        check_components(components)
+    check_components(components, training=False)
+    with pytest.raises(Exception, match="evaluation-only"):
+        Task.train_problems(components.task, 0)
+
+
+def test_evaluation_reports_the_tasks_own_aggregate():
+    from opsd_core.evaluation import evaluate
+
+    components = _components("eval.max_completion_tokens=4")
+
+    class Paired(type(components.task)):
+        def aggregate(self, problems, scores):
+            pairs = [a.correct and b.correct for a, b in zip(scores[::2], scores[1::2])]
+            return super().aggregate(problems, scores) | {"pair_accuracy": sum(pairs) / len(pairs)}
+
+    components.task.__class__ = Paired
+    torch.manual_seed(0)
+    model = components.backend.build_model().eval()
+    problems = list(components.task.eval_problems(6))
+    result = evaluate(components.backend, model, components.task, problems, ("student",), 6, 4)["student"]
+    hits = [record["correct"] for record in result.records]
+    summary = result.summary()
+    assert summary["pair_accuracy"] == sum(a and b for a, b in zip(hits[::2], hits[1::2])) / 3
+    assert summary["accuracy"] == sum(hits) / 6
