@@ -14,6 +14,11 @@ disk), :mod:`opsd_core.api.kernels` (decode-step GPU kernels) and :mod:`opsd_cor
 """
 
 from opsd_core.config import PluginParams, RunConfig, Section, load_config
+from opsd_core.contexts.paper import (
+    PAPER_REF_INTRO,
+    PAPER_TRANSITION,
+    PaperContextBuilder,
+)
 from opsd_core.errors import (
     CapabilityError,
     CheckpointError,
@@ -24,7 +29,6 @@ from opsd_core.errors import (
     UnknownNameError,
 )
 from opsd_core.hookspecs import hookimpl
-from opsd_core.contexts.paper import PAPER_REF_INTRO, PAPER_TRANSITION, PaperContextBuilder
 from opsd_core.interfaces import (
     Backend,
     Capabilities,

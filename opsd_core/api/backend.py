@@ -19,8 +19,8 @@ from opsd_core.batching import (
     pad_right,
 )
 from opsd_core.parallel import checkpoint_forward, mixed_precision_policy
-from opsd_core.sampling import BatchedSampler, choose_tokens
 from opsd_core.runtime import launched_world_size
+from opsd_core.sampling import BatchedSampler, choose_tokens, top_k_draw
 
 __all__ = [
     # Batching: B token rows padded into one (B, T) block, completion rows gathered back.
@@ -37,4 +37,5 @@ __all__ = [
     # Sampling: the framework's batched on-policy sampler and its token choice.
     "BatchedSampler",
     "choose_tokens",
+    "top_k_draw",
 ]

@@ -17,6 +17,7 @@ _HOMES = {
     "row_seeds": "sampler",
     "sample_seed": "sampler",
     "seeded_choice": "sampler",
+    "top_k_draw": "sampler",
     "uniform_noise": "sampler",
     "BatchedSamplerParams": "params",
 }

@@ -94,6 +94,23 @@ def seeded_choice(
     return (logits / temperature - torch.log(-torch.log(noise))).argmax(dim=-1)
 
 
+def top_k_draw(scores: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """int64 (B,) ids from float (B, V) ``scores`` the way transformers' ``generate`` samples: the
+    argmax when ``temperature`` is 0; else the scores divided by ``temperature``, all but the
+    ``top_k`` best set to -inf (0 keeps all), softmax, and one multinomial draw per row from
+    ``generator``'s stream, on the generator's device so a seeded draw is the same wherever the
+    model runs. (The on-policy sampler draws differently, per row seed: :func:`seeded_choice`.)"""
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    scores = scores / temperature
+    if 0 < top_k < scores.shape[-1]:
+        threshold = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
+    probabilities = scores.softmax(dim=-1)
+    device = generator.device if generator is not None else probabilities.device
+    return torch.multinomial(probabilities.to(device), 1, generator=generator).squeeze(1).to(scores.device)
+
+
 def row_seeds(count: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """int64 (count,) CPU seeds in [0, 2**62) drawn from ``generator`` (default: torch's global one)."""
     device = generator.device if generator is not None else "cpu"

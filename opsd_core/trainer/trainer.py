@@ -56,15 +56,6 @@ class Mode:
     sft: bool = False
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device: 'cuda' requested but no CUDA device is available (got 'cuda')")
-    return torch.device(name)
-
-
 class Trainer:
     """Trains ``student`` with OPSD (or a control) and writes metrics and checkpoints.
 

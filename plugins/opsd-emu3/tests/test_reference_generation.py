@@ -32,15 +32,6 @@ def drawing_backend(**settings) -> Emu3Backend:
     return Emu3Backend(Emu3Params(flavour="debug", **settings))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The debug model's matrices are tiny: a second intra-op thread only contends for shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     return drawing_backend().build_model().eval()

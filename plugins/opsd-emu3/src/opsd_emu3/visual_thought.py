@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from opsd_core.api import Problem
+from opsd_core.api.backend import top_k_draw
 
 
 @torch.no_grad()
@@ -72,7 +73,7 @@ def draw_codes(
         allowed = torch.zeros(scores.shape[-1], dtype=torch.bool)
         allowed[allowed_tokens(backend, step)] = True
         scores = scores.masked_fill(~allowed, float("-inf"))
-        token = _sample(scores, params.vt_temperature, params.vt_top_k, generator)  # (B,)
+        token = top_k_draw(scores, params.vt_temperature, params.vt_top_k, generator)  # (B,)
         row, column = divmod(step, columns + 1)
         if column < columns:
             codes[:, row, column] = _token_to_code(backend, token)
@@ -102,18 +103,6 @@ def _guided_scores(logits: torch.Tensor, batch: int, scale: float | None) -> tor
         return scores
     conditional, unconditional = scores[:batch], scores[batch:]
     return scale * (conditional - unconditional) + unconditional
-
-
-def _sample(scores: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """int64 (B,) ids from float (B, V) ``scores``: argmax at ``temperature`` 0, else a draw at
-    ``temperature`` among the ``top_k`` best (0: all)."""
-    if temperature == 0:
-        return scores.argmax(dim=-1)
-    scores = scores / temperature
-    if 0 < top_k < scores.shape[-1]:
-        threshold = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        scores = scores.masked_fill(scores < threshold, float("-inf"))
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
 def _token_to_code(backend, tokens: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from opsd_core.api import Problem
+from opsd_core.api.backend import top_k_draw
 from opsd_janus import context as chat
 from opsd_janus.decoding import JanusDecodeState, Rendered, step
 
@@ -67,7 +68,7 @@ def draw_visual_thoughts(backend, model, problems: Sequence[Problem], generator:
 def draw_codes(backend, model, rendered: Sequence, generator: torch.Generator | None = None) -> torch.Tensor:
     """int64 (B, N) image codes, N = ``image_tokens``, from 2B prompt rows (B conditional, then
     their B unconditional twins): hidden state -> ``generation_head`` -> guidance -> temperature
-    and top-k -> a draw (:func:`sample_codes`) -> ``generation_embeddings`` + ``generation_aligner``
+    and top-k -> a draw (``top_k_draw``, as ``generate`` samples) -> ``generation_embeddings`` + ``generation_aligner``
     as the next input."""
     from transformers import DynamicCache
 
@@ -79,29 +80,12 @@ def draw_codes(backend, model, rendered: Sequence, generator: torch.Generator | 
     codes = []
     for index in range(backend.image_tokens):
         logits = guided_logits(model.model.generation_head(last), params.vt_guidance_scale)  # (B, C)
-        chosen = sample_codes(logits, params.vt_temperature, params.vt_top_k, generator)  # (B,)
+        chosen = top_k_draw(logits, params.vt_temperature, params.vt_top_k, generator)  # (B,)
         codes.append(chosen)
         if index + 1 < backend.image_tokens:
             embeds = model.prepare_embeddings_for_image_generation(chosen.repeat(2).unsqueeze(1))  # (2B, 1, D)
             last = step(model, state, embeds.to(hidden.dtype))[:, -1]  # (2B, D)
     return torch.stack(codes, dim=1)
-
-
-def sample_codes(scores: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """int64 (B,) codes from float (B, C) guided logits, as ``generate`` picks them after its guidance:
-    argmax when ``temperature`` is 0; else the logits divided by ``temperature``, all but the
-    ``top_k`` best set to -inf (0 keeps all), softmax, one multinomial draw per row from
-    ``generator``'s stream (on the generator's device, so a seeded draw is the same wherever the
-    model runs)."""
-    if temperature == 0:
-        return scores.argmax(dim=-1)
-    scores = scores / temperature
-    if 0 < top_k < scores.shape[-1]:
-        threshold = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        scores = scores.masked_fill(scores < threshold, float("-inf"))
-    probabilities = scores.softmax(dim=-1)
-    device = generator.device if generator is not None else probabilities.device
-    return torch.multinomial(probabilities.to(device), 1, generator=generator).squeeze(1).to(scores.device)
 
 
 def decode_codes(backend, model, codes: torch.Tensor) -> list:
