@@ -63,8 +63,8 @@ class _OpsdGroup(click.Group):
         except Exception as error:
             log = _log_traceback()
             raise click.ClickException(
-                f"unexpected {type(error).__name__}: {error}. This is a bug in opsd or in a plugin, not in your "
-                f"input; please report it with the full traceback, written to {log}"
+                f"unexpected {type(error).__name__}: {error}. Unless the message points at your input or data, "
+                f"this is a bug in opsd or a plugin: please report it with the full traceback, written to {log}"
             ) from None
 
 

@@ -307,8 +307,8 @@ class Trainer:
         policy = self.config.sampling.visual_thoughts
         missing = [problem for problem in problems if problem.visual_thought is None]
         if policy == "stored" and missing:
-            raise ValueError(
-                f"problem {missing[0].id!r} has no stored visual thought and sampling.visual_thoughts = 'stored'; "
+            raise ConfigError(
+                f"sampling.visual_thoughts: problem {missing[0].id!r} has no stored visual thought (got 'stored'); "
                 "use 'auto' to draw the missing ones with the model"
             )
         wanted = [i for i, problem in enumerate(problems) if policy == "generate" or problem.visual_thought is None]

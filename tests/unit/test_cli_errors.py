@@ -1,5 +1,6 @@
 """What the command line prints when something fails that is not a framework error: one line,
-a non-zero exit, and the full traceback in a file the line names."""
+a non-zero exit, and the full traceback in a file the line names (a likely bug, or the
+operating system refusing a file operation)."""
 
 from __future__ import annotations
 

@@ -205,7 +205,7 @@ def test_eval_split_is_stable_disjoint_and_excluded_from_training(root):
 
 
 def test_no_eval_fraction_means_no_eval_problems_and_says_so(root):
-    with pytest.raises(ValueError, match="eval_fraction = 0 trains on every row"):
+    with pytest.raises(ValueError, match="no evaluation problems with eval_fraction = 0"):
         make(root).eval_problems()
 
 

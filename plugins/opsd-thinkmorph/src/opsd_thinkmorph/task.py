@@ -36,7 +36,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
-from opsd_core.api import Problem, Score, Task
+from opsd_core.api import ConfigError, Problem, Score, Task
 from opsd_core.api.scoring import answer_tag, boxed, extract_choice, infer_option, relaxed_correct
 from opsd_thinkmorph.task_params import ThinkMorphDataParams
 
@@ -374,9 +374,9 @@ class ThinkMorphDataTask(Task):
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
         if not self.train_rows:
-            raise ValueError(
-                f"no training rows: eval_fraction = {self.params.eval_fraction} holds out every row of "
-                f"{self.params.datasets}"
+            raise ConfigError(
+                f"task.eval_fraction: {self.params.eval_fraction} holds out every row of {self.params.datasets}, "
+                "leaving no training rows; lower it"
             )
         per_epoch = None
         if start > 0:
@@ -404,19 +404,19 @@ class ThinkMorphDataTask(Task):
         """The usable held-out rows in a fixed order (ascending split hash, which mixes the
         datasets), at most ``eval_size`` and ``limit`` of them.
 
-        Raises ValueError when there are none: with ``eval_fraction = 0`` (the paper's setting)
+        Raises ConfigError when there are none: with ``eval_fraction = 0`` (the paper's setting)
         every row is a training row, and evaluation belongs to a benchmark task.
         """
         if not self.eval_rows:
             if self.params.eval_fraction == 0:
-                raise ValueError(
-                    "the ThinkMorph data task has no evaluation problems: eval_fraction = 0 trains on every row, "
-                    "as the paper does. Set eval_fraction (e.g. 0.02) to hold rows out, or evaluate with a "
+                raise ConfigError(
+                    "task.eval_fraction: the ThinkMorph data task has no evaluation problems with eval_fraction = 0 "
+                    "(every row trains, as in the paper); set it (e.g. 0.02) to hold rows out, or evaluate with a "
                     "benchmark task"
                 )
-            raise ValueError(
-                f"no row fell into the held-out fraction {self.params.eval_fraction} of {len(self.train_rows)} "
-                "rows; raise eval_fraction"
+            raise ConfigError(
+                f"task.eval_fraction: no row of the {len(self.train_rows)} fell into the held-out fraction "
+                f"{self.params.eval_fraction}; raise it"
             )
         if self._eval_refs is None:
             self._eval_refs = [ref for ref in self.eval_rows if self.usable(ref)][: self.params.eval_size]
