@@ -1,8 +1,8 @@
 """The run directory: the one owner of a run's files, and the one reader of its metrics.
 
 Owns: where each file of a run lives (``config.toml``, ``metrics.jsonl``, ``results.json``,
-``report.md`` and plots, ``<phase>/checkpoints/``), creating the directory for a new run and
-refusing to reuse another run's, writing the resolved config and the results atomically,
+``report.md`` and plots, ``<phase>/checkpoints/step-NNNNNNN/``), creating the directory for a
+new run and refusing to reuse another run's, writing the resolved config and the results atomically,
 appending and reading metric lines (:class:`MetricsLog`), and the lock that makes one process
 the only writer of a run directory at a time.
 Does not know: torch, what the metrics or results mean, or how checkpoints are written
@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,8 +30,22 @@ RESULTS = "results.json"
 REPORT = "report.md"
 LOCK = ".lock"
 CHANGES = "changes.jsonl"
+_STEP_DIR = re.compile(r"^step-(\d{7})$")
 # What may differ when a run is resumed: how it is launched, not what it computes.
 LAUNCH_FIELDS = frozenset({"train.replicate", "train.shard", "run.threads"})
+
+
+def step_dir_name(step: int) -> str:
+    """The name of the checkpoint directory of optimizer step ``step``."""
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Checkpoint directories under ``checkpoints_dir`` by step (temporary ones excluded)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [path for path in checkpoints_dir.iterdir() if path.is_dir() and _STEP_DIR.match(path.name)]
+    return sorted(found, key=lambda path: int(_STEP_DIR.match(path.name).group(1)))
 
 
 class RunDirectoryError(OpsdError):
@@ -149,9 +164,9 @@ class RunDirectory:
         """Where a resume continues: the finished phases and each phase's newest checkpoint step."""
         steps = {}
         for checkpoints in sorted(self.path.glob("*/checkpoints")):
-            numbered = [p.name for p in checkpoints.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()]
-            if numbered:
-                steps[checkpoints.parent.name] = max(int(name[5:]) for name in numbered)
+            found = list_checkpoints(checkpoints)
+            if found:
+                steps[checkpoints.parent.name] = int(_STEP_DIR.match(found[-1].name).group(1))
         return {"finished_phases": sorted(self.read_results()), "checkpoint_steps": steps}
 
     def record_changes(self, changes: dict[str, tuple[Any, Any]], config_toml: str) -> None:

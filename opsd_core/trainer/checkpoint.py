@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,15 +21,11 @@ from typing import Any
 import torch
 
 from opsd_core.errors import CheckpointError
+from opsd_core.rundir import list_checkpoints, step_dir_name
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d{7})$")
 _FORMAT = 1
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
 
 
 def _sha256(path: Path) -> str:
@@ -107,14 +102,6 @@ def remove_interrupted_saves(checkpoints_dir: Path) -> list[Path]:
         else:
             shutil.rmtree(path)
     return leftovers
-
-
-def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """Checkpoint directories under ``checkpoints_dir`` by step (temporary ones excluded)."""
-    if not checkpoints_dir.is_dir():
-        return []
-    found = [path for path in checkpoints_dir.iterdir() if path.is_dir() and _STEP_DIR.match(path.name)]
-    return sorted(found, key=lambda path: int(_STEP_DIR.match(path.name).group(1)))
 
 
 def verify_checkpoint(directory: Path) -> dict[str, Any]:

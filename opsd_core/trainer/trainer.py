@@ -199,13 +199,12 @@ class Trainer:
         if finite:
             self.optimizer.step()
             self.scheduler.step()
+            self.teacher_update.update(self.teacher, self.student)
         else:
             self._non_finite_step(metrics)
             with warnings.catch_warnings():  # the schedule advances past the dropped update on purpose
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
                 self.scheduler.step()
-        if finite:
-            self.teacher_update.update(self.teacher, self.student)
         self.step += 1
         return metrics
 
