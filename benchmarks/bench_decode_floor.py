@@ -221,9 +221,9 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     results["bandwidth"] = measured_bandwidth()
     print(json.dumps(results), flush=True)
-    params = ThinkMorphParams(flavour="7b-random", device="cuda", dtype="bfloat16")
-    ours = ThinkMorphBackend(params)
-    layer = ThinkMorphBackend(params.model_copy(update={"decode_kernels": False}))
+    params = ThinkMorphParams(flavour="7b-random")
+    ours = ThinkMorphBackend(params).place("cuda", torch.bfloat16)
+    layer = ThinkMorphBackend(params.model_copy(update={"decode_kernels": False})).place("cuda", torch.bfloat16)
     model = ours.build_model()
     results["weight_passes"] = matmul_families(model)
     print(json.dumps(results["weight_passes"]), flush=True)

@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    backend = ThinkMorphBackend(ThinkMorphParams(flavour=args.flavour, device=args.device, dtype=dtype))
+    backend = ThinkMorphBackend(ThinkMorphParams(flavour=args.flavour)).place(args.device, getattr(torch, dtype))
     model = backend.build_model().eval()
     prompt = backend.context_length(contexts(backend, 1)[0])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"

@@ -103,7 +103,7 @@ def main() -> None:
                 "world_size": ranks.world_size,
                 "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "flavour": getattr(config.backend, "flavour", None),
-                "dtype": getattr(config.backend, "dtype", None),
+                "precision": config.run.precision,
                 "samples_per_step": samples,
                 "build_s": build_s,
                 "steps": records,

@@ -224,9 +224,9 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (or --flavour debug --device cpu)")
     small = dict(vit_max_size=56, vit_min_size=28, vae_max_size=64, vae_min_size=32) if args.flavour == "debug" else {}
-    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    params = ThinkMorphParams(flavour=args.flavour, device=args.device, dtype=dtype, **small)
-    backend = ThinkMorphBackend(params)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    params = ThinkMorphParams(flavour=args.flavour, **small)
+    backend = ThinkMorphBackend(params).place(args.device, dtype)
     start = time.perf_counter()
     model = backend.build_model()
     synchronize()
@@ -249,7 +249,7 @@ def main() -> None:
             with repeated_kv_heads():
                 side_by_side(backend, model, results, batch, backend, "repeated_kv")
         if args.compile_baseline:
-            eager = ThinkMorphBackend(params.model_copy(update={"compile_decoding": False}))
+            eager = ThinkMorphBackend(params.model_copy(update={"compile_decoding": False})).place(args.device, dtype)
             side_by_side(backend, model, results, batch, eager, "not_compiled")
     if not args.skip_vt and args.only in ("all", "vt"):
         visual_thought(backend, model, results, side=512, batch=1)

@@ -10,14 +10,14 @@ Does not know: what the components do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opsd_core.config import RunConfig
 from opsd_core.errors import ConfigError, PluginError
 from opsd_core.interfaces import Backend, Divergence, OnPolicySampler, PrivilegedContextBuilder, Task, TeacherUpdate
 from opsd_core.interfaces.backend import CAPABILITY_METHODS
-from opsd_core import plugins
+from opsd_core import plugins, runtime
 
 
 @dataclass
@@ -31,6 +31,20 @@ class Components:
     teacher_update: TeacherUpdate
     sampler: OnPolicySampler
     context: PrivilegedContextBuilder
+    registries: Any = field(default=None, repr=False)
+
+    def sampler_with(self, **sampling: Any) -> OnPolicySampler:
+        """Another sampler of the configured ``[sampler]`` kind, with some ``[sampling]``
+        settings replaced: greedy evaluation (``temperature=0.0``, ``max_image_skips=0``) and
+        the diagnostics decode with the run's own sampler, whichever plugin that is."""
+        registries = self.registries or plugins.get_registries()
+        policy = self.config.sampling.model_copy(update=sampling)
+        return registries.of("sampler").create(self.config.sampler.name, self.config.sampler, self.backend, policy)
+
+    def evaluation_sampler(self) -> OnPolicySampler:
+        """Greedy, up to ``eval.max_completion_tokens`` (else the sampling cap), no image skips."""
+        cap = self.config.eval.max_completion_tokens or self.config.sampling.max_completion_tokens
+        return self.sampler_with(temperature=0.0, max_completion_tokens=cap, max_image_skips=0)
 
 
 def build_components(
@@ -40,7 +54,7 @@ def build_components(
     ``config``, checked by :func:`check_components` for a run in ``world_size`` processes (or,
     with ``training`` False, for evaluation: an evaluation-only task is then accepted)."""
     registries = registries or plugins.get_registries()
-    backend = build_backend(config, registries)
+    backend = build_backend(config, registries, training)
 
     def build(section: str, *extra: Any) -> Any:
         params = getattr(config, section)
@@ -54,17 +68,20 @@ def build_components(
         build("teacher"),
         build("sampler", backend, config.sampling),
         build("context", backend),
+        registries,
     )
     check_components(components, world_size, training)
     return components
 
 
-def build_backend(config: RunConfig, registries: Any = None) -> Backend:
+def build_backend(config: RunConfig, registries: Any = None, training: bool = True) -> Backend:
     """Only the backend named by ``config`` (benchmark evaluation needs no task or loss), its
-    declared capabilities checked against its methods."""
+    declared capabilities checked against its methods, placed on ``run.device`` with the weight
+    dtype of ``run.precision`` (fp32 masters when ``training``)."""
     registries = registries or plugins.get_registries()
     backend = registries.of("backend").create(config.backend.name, config.backend)
     check_declared_capabilities(backend)
+    backend.place(runtime.resolve_device(config.run.device), runtime.weight_dtype(config.run.precision, training))
     return backend
 
 

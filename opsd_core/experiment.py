@@ -70,21 +70,18 @@ class Experiment:
         if self.ranks.is_main:
             self.run_dir.write_results(self.results)
 
-    def _max_tokens(self) -> int:
-        return self.config.eval.max_completion_tokens or self.config.sampling.max_completion_tokens
-
-    def evaluate(self, model: torch.nn.Module, modes: tuple[str, ...]) -> dict[str, dict]:
+    def evaluate(self, model: torch.nn.Module, contexts: tuple[str, ...]) -> dict[str, dict]:
         results = evaluate(
             self.backend,
             model,
             self.components.task,
             self.eval_problems,
-            modes=modes,
+            contexts=contexts,
             batch_size=self.config.eval.batch_size,
-            max_tokens=self._max_tokens(),
             seed=self.config.run.seed,
+            sampler=self.components.evaluation_sampler(),
         )
-        return {mode: result.summary() for mode, result in results.items()}
+        return {name: result.summary() for name, result in results.items()}
 
     def kl(
         self, name: str, sampler: torch.nn.Module, teacher: torch.nn.Module, student: torch.nn.Module, noise: bool = False
@@ -103,9 +100,8 @@ class Experiment:
             problems,
             noise=noise,
             batch_size=diagnostics.batch_size,
-            max_tokens=self.config.sampling.max_completion_tokens,
-            temperature=self.config.sampling.temperature,
             seed=diagnostics.seed,
+            sampler=self.components.sampler_with(),
         )
         return {name: estimate.mean, f"{name}_se": estimate.standard_error, f"{name}_samples": estimate.per_sample}
 

@@ -1,8 +1,8 @@
 """FSDP2 building blocks for backends' ``parallelize``: the precision policy and activation
 checkpointing, the same for every model family.
 
-Owns: what ``train.mixed_precision`` means to FSDP (bf16 compute and all-gathers, fp32 master
-weights and gradient reduction, CUDA only) and how a layer recomputes its activations.
+Owns: what ``run.precision`` means to FSDP (``bf16``: bf16 compute and all-gathers, fp32
+master weights and gradient reduction, CUDA only) and how a layer recomputes its activations.
 Does not know: which modules a backend makes FSDP units (that is each backend's
 ``parallelize.py``), meshes or the training loop.
 """
@@ -16,18 +16,19 @@ import torch
 from opsd_core.errors import ConfigError
 
 
-def mixed_precision_policy(mode: str, device_type: str):
-    """The ``MixedPrecisionPolicy`` of ``train.mixed_precision``: bf16 compute with fp32 gradient
-    reduction for ``"bf16"`` (CUDA meshes only), no casts for ``"none"``."""
+def mixed_precision_policy(precision: str, device_type: str):
+    """The ``MixedPrecisionPolicy`` of ``run.precision``: bf16 compute with fp32 gradient
+    reduction for ``"bf16"`` (CUDA meshes only), no casts for ``"fp32"``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if mode == "none":
+    if precision == "fp32":
         return MixedPrecisionPolicy()
-    if mode != "bf16":
-        raise ConfigError(f"train.mixed_precision: unknown mode (got {mode!r}); use 'none' or 'bf16'")
+    if precision != "bf16":
+        raise ConfigError(f"run.precision: unknown precision (got {precision!r}); use 'fp32' or 'bf16'")
     if device_type != "cuda":
         raise ConfigError(
-            f"train.mixed_precision: 'bf16' needs CUDA devices (got a {device_type!r} mesh); use 'none' on CPU"
+            f"run.precision: 'bf16' in a multi-process run needs CUDA devices (got a {device_type!r} mesh); "
+            "use 'fp32' on CPU"
         )
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 

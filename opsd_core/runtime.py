@@ -34,8 +34,14 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device: 'cuda' requested but no CUDA device is available (got 'cuda')")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device: CUDA requested but no CUDA device is available (got {name!r}); use 'cpu' or 'auto'")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"run.device: this machine has {torch.cuda.device_count()} CUDA device(s) (got {name!r})"
+            )
     return torch.device(name)
 
 
@@ -49,6 +55,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """The forwards' precision: bf16 autocast for ``"bf16"`` (master weights stay as they are),
     nothing for ``"fp32"``."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def weight_dtype(precision: str, training: bool) -> torch.dtype:
+    """The dtype models are built in: fp32 whenever they train (``bf16`` then means bf16
+    forwards over fp32 masters), bf16 for a run that only infers at ``run.precision = "bf16"``."""
+    return torch.bfloat16 if precision == "bf16" and not training else torch.float32
 
 
 def release_cached_memory(device: torch.device) -> None:

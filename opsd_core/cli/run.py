@@ -177,10 +177,9 @@ def run_command(
 def _model(experiment_config, checkpoint: str | None, backend_only: bool = False):
     """(components or the backend alone, the model with ``checkpoint``'s weights, in eval mode)."""
     from opsd_core.components import build_backend, build_components
-    from opsd_core.runtime import resolve_device
 
     if backend_only:
-        components = build_backend(experiment_config)
+        components = build_backend(experiment_config, training=False)
     else:
         components = build_components(experiment_config, training=False)
     backend = components if backend_only else components.backend
@@ -193,7 +192,7 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
             verify_checkpoint(directory)
             directory = directory / "student"
         backend.load_weights(model, directory)
-    return components, model.to(resolve_device(experiment_config.run.device)).eval()
+    return components, model.to(backend.device).eval()
 
 
 @click.command("diagnose")
@@ -206,8 +205,7 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
     config = _load(config_path, overrides)
     components, model = _model(config, checkpoint)
     problems = list(components.task.eval_problems(config.diagnostics.kl_samples))
-    common = dict(batch_size=config.diagnostics.batch_size, max_tokens=config.sampling.max_completion_tokens,
-                  temperature=config.sampling.temperature, seed=config.diagnostics.seed)
+    common = dict(batch_size=config.diagnostics.batch_size, seed=config.diagnostics.seed, sampler=components.sampler_with())
     kl = kl_gap(components.backend, model, model, model, problems, **common)
     kl_noise = kl_gap(components.backend, model, model, model, problems, noise=True, **common)
     figures = {"samples": len(problems), "kl": kl.mean, "kl_se": kl.standard_error,
@@ -218,7 +216,7 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
 @click.command("eval")
 @_config_argument
 @_checkpoint_option
-@click.option("--contexts", "modes", default="student,teacher,noise", show_default=True,
+@click.option("--contexts", default="student,teacher,noise", show_default=True,
               help="Task evaluation: the contexts to answer in (student, teacher, noise).")
 @click.option(
     "--benchmarks",
@@ -253,7 +251,7 @@ def eval_command(
     config_path: str | None,
     overrides: tuple[str, ...],
     checkpoint: str | None,
-    modes: str,
+    contexts: str,
     benchmarks: str | None,
     data_root: str | None,
     predictions: str | None,
@@ -278,7 +276,7 @@ def eval_command(
     if benchmarks is None:
         if predictions or data_root:
             raise click.BadParameter("--predictions and --data-root go with --benchmarks", param_hint="--benchmarks")
-        _task_eval(config_path, overrides, checkpoint, modes)
+        _task_eval(config_path, overrides, checkpoint, contexts)
         return
     from opsd_core.evaluation import harness
     from opsd_core.evaluation.benchmarks import benchmark_names
@@ -341,19 +339,19 @@ def _refuse_training_run(target: Path) -> None:
         )
 
 
-def _task_eval(config_path: str | None, overrides: tuple[str, ...], checkpoint: str | None, modes: str) -> None:
+def _task_eval(config_path: str | None, overrides: tuple[str, ...], checkpoint: str | None, contexts: str) -> None:
     from opsd_core.evaluation import evaluate
-    from opsd_core.evaluation.evaluate import MODES
+    from opsd_core.evaluation.evaluate import CONTEXTS
 
-    chosen = tuple(mode.strip() for mode in modes.split(",") if mode.strip())
-    unknown = [mode for mode in chosen if mode not in MODES]
+    chosen = tuple(name.strip() for name in contexts.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in CONTEXTS]
     if unknown or not chosen:
-        raise click.BadParameter(f"choose from {', '.join(MODES)} (got {modes!r})", param_hint="--contexts")
+        raise click.BadParameter(f"choose from {', '.join(CONTEXTS)} (got {contexts!r})", param_hint="--contexts")
     config = _load(config_path, overrides)
     components, model = _model(config, checkpoint)
     problems = list(components.task.eval_problems(config.eval.limit))
     results = evaluate(components.backend, model, components.task, problems, chosen, config.eval.batch_size,
-                       config.eval.max_completion_tokens or config.sampling.max_completion_tokens, config.run.seed)
+                       seed=config.run.seed, sampler=components.evaluation_sampler())
     click.echo(json.dumps([result.summary() for result in results.values()], indent=2))
 
 
@@ -361,9 +359,10 @@ def _task_eval(config_path: str | None, overrides: tuple[str, ...], checkpoint: 
 @_config_argument
 @_checkpoint_option
 @click.option("--index", default=0, show_default=True, type=click.IntRange(min=0), help="Which evaluation problem.")
-@click.option("--mode", default="student", show_default=True, type=click.Choice(["student", "teacher", "noise"]))
+@click.option("--context", default="student", show_default=True, type=click.Choice(["student", "teacher", "noise"]),
+              help="Answer without the visual thought (student), with it (teacher), or with a noise image instead.")
 @click.option("--save-images", type=click.Path(file_okay=False), help="Write the problem image and VT as PNG here.")
-def infer_command(config_path, overrides, checkpoint, index: int, mode: str, save_images: str | None) -> None:
+def infer_command(config_path, overrides, checkpoint, index: int, context: str, save_images: str | None) -> None:
     """Answer one evaluation problem greedily and score the answer."""
     from opsd_core.evaluation import contexts_for, greedy_decode
     from opsd_core.images import save_png
@@ -374,13 +373,11 @@ def infer_command(config_path, overrides, checkpoint, index: int, mode: str, sav
     if index >= len(problems):
         raise click.BadParameter(f"the task has {len(problems)} evaluation problems (got {index})", param_hint="--index")
     problem = problems[index]
-    context = contexts_for(mode, components.backend, [problem])
-    tokens = greedy_decode(components.backend, model, context, 1,
-                           config.eval.max_completion_tokens or config.sampling.max_completion_tokens)[0]
+    tokens = greedy_decode(components.evaluation_sampler(), model, contexts_for(context, components.backend, [problem]), 1)[0]
     response = components.backend.decode(tokens)
     score = components.task.score(problem, response)
     click.echo(f"problem {problem.id}: {problem.question}")
-    click.echo(f"response ({mode} context): {response}")
+    click.echo(f"response ({context} context): {response}")
     click.echo(f"correct: {score.correct}")
     if save_images:
         directory = Path(save_images)

@@ -152,6 +152,16 @@ def _union_member(annotation: Any, tag: str) -> type[BaseModel] | None:
     return None
 
 
+#: Settings that moved between sections: (section, key) -> where it lives now. Devices,
+#: threads and precision are run-wide, never a backend's own.
+MOVED = {
+    ("backend", "device"): "run.device",
+    ("backend", "dtype"): "run.precision (models that train keep fp32 masters; 'bf16' computes in bf16)",
+    ("backend", "threads"): "run.threads",
+    ("train", "mixed_precision"): "run.precision ('bf16' is FSDP's bf16 mixed precision in multi-process runs)",
+}
+
+
 def format_validation_error(error: ValidationError, model: type[BaseModel], source: str) -> str:
     """One message: a line per problem with the field, the bad value and what is allowed."""
     lines = []
@@ -160,7 +170,9 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], sour
         owner, shown = _model_at(model, tuple(item["loc"]))
         field = ".".join(part for part in shown if part) or "(top level)"
         value = item.get("input")
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and (shown[0], shown[-1]) in MOVED and len(shown) == 2:
+            message = f"this setting moved to {MOVED[shown[0], shown[-1]]}"
+        elif kind == "extra_forbidden":
             allowed = sorted(owner.model_fields) if owner is not None else []
             message = f"unknown key {shown[-1]!r}"
             close = closest_match(shown[-1], allowed)

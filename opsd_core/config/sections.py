@@ -27,14 +27,20 @@ class RunSection(Section):
     )
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(0, description="Seed of the problem stream, sampling and noise.", ge=0, le=2**63 - 1)
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Device to run on; 'auto' picks CUDA when available."
+    device: str = Field(
+        "auto",
+        description="The one device setting: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'. Every "
+        "model is built there; multi-process runs put rank r on its node's local GPU r.",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
     )
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="Autocast precision of forwards; master weights stay fp32."
+        "fp32",
+        description="Precision of forwards. 'bf16': models that train keep fp32 master weights, optimizer "
+        "state and gradient reduction, and compute in bf16 (autocast in one process; FSDP's mixed precision, "
+        "CUDA only, in several); models that only infer (`opsd eval`) are built in bf16. 'fp32': fp32 throughout.",
     )
     threads: int | None = Field(
-        None, description="CPU threads for torch (None leaves torch's default).", ge=1, le=4096
+        None, description="The one CPU threads setting of torch (None leaves torch's default).", ge=1, le=4096
     )
 
     @field_validator("name")
@@ -147,11 +153,6 @@ class TrainSection(Section):
         description="Multi-process runs: ranks each model is sharded over within a replica group (None: "
         "all processes / replicate); replicate x shard must equal the number of processes.",
         ge=1,
-    )
-    mixed_precision: Literal["none", "bf16"] = Field(
-        "none",
-        description="Multi-process runs: 'bf16' makes FSDP gather weights and compute in bf16 while fp32 "
-        "master weights, optimizer state and gradient reduction stay fp32 (CUDA only); 'none' keeps fp32.",
     )
     activation_checkpointing: bool = Field(
         False,

@@ -21,7 +21,7 @@ import torch
 
 from opsd_core.divergences import kl_divergence
 from opsd_core.evaluation.evaluate import contexts_for
-from opsd_core.interfaces import Backend
+from opsd_core.interfaces import Backend, OnPolicySampler
 from opsd_core.sampling import BatchedSampler, sample_seed
 from opsd_core.types import Problem
 
@@ -69,16 +69,18 @@ def kl_gap(
     max_tokens: int = 1024,
     temperature: float = 1.0,
     seed: int = 0,
+    sampler: OnPolicySampler | None = None,
 ) -> KlEstimate:
     """KL(teacher_model in the teacher context || student_model in the student context) in nats
     per completion row, over completions sampled from ``sampling_model`` in the student context.
     Sample i draws with the seed ``sample_seed(seed, i)``, whatever the batch. With ``noise`` the
-    teacher context's VT is N(0, 1) noise (drawn from a generator seeded by ``seed``)."""
+    teacher context's VT is N(0, 1) noise (drawn from a generator seeded by ``seed``). ``sampler``
+    (a run's own ``[sampler]`` kind) replaces the built-in one of ``temperature`` and ``max_tokens``."""
     generator = torch.Generator().manual_seed(seed)
-    sampler = BatchedSampler(backend, temperature=temperature, max_completion_tokens=max_tokens)
+    sampler = sampler or BatchedSampler(backend, temperature=temperature, max_completion_tokens=max_tokens)
     per_sample: list[tuple[float, int]] = []
     models = (sampling_model, teacher_model, student_model)
-    modes = [model.training for model in models]
+    were_training = [model.training for model in models]
     for model in models:
         model.eval()
     try:
@@ -97,8 +99,8 @@ def kl_gap(
             rows = student_rows.mask.sum(dim=1).tolist()
             per_sample += [(float(total), int(count)) for total, count in zip(sums, rows)]
     finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
+        for model, training in zip(models, were_training):
+            model.train(training)
     mean, influences = _linearised(per_sample)
     return KlEstimate(mean, _standard_error(influences), per_sample)
 

@@ -1,6 +1,6 @@
 """Greedy evaluation over a task's problems.
 
-Owns: building the contexts of each evaluation mode (``student``: no VT; ``teacher``: with the
+Owns: building each evaluation context (``student``: no VT; ``teacher``: with the
 VT; ``noise``: with an N(0, 1) VT), batched greedy decoding through the Backend interface,
 scoring with the task, and the accuracy / tokens / latency figures.
 Does not know: training; any model family's internals.
@@ -15,19 +15,19 @@ from dataclasses import dataclass, field
 import torch
 
 from opsd_core.contexts.noise import with_noise_visual_thought
-from opsd_core.interfaces import Backend, Task
+from opsd_core.interfaces import Backend, OnPolicySampler, Task
 from opsd_core.sampling import BatchedSampler
 from opsd_core.types import Context, Problem
 
-MODES = ("student", "teacher", "noise")
+CONTEXTS = ("student", "teacher", "noise")
 
 
 @dataclass
 class EvalResult:
-    """Figures of one mode.
+    """Figures of one evaluation context.
 
     Attributes:
-        mode: ``student``, ``teacher`` or ``noise``.
+        context: ``student``, ``teacher`` or ``noise``.
         accuracy: fraction of problems scored correct.
         count: problems evaluated.
         tokens_per_sample: mean completion tokens generated.
@@ -37,7 +37,7 @@ class EvalResult:
             ``accuracy`` included.
     """
 
-    mode: str
+    context: str
     accuracy: float
     count: int
     tokens_per_sample: float
@@ -48,7 +48,7 @@ class EvalResult:
     def summary(self) -> dict[str, float | int | str]:
         return {
             **self.aggregates,
-            "mode": self.mode,
+            "context": self.context,
             "accuracy": self.accuracy,
             "count": self.count,
             "tokens_per_sample": self.tokens_per_sample,
@@ -57,25 +57,30 @@ class EvalResult:
 
 
 def contexts_for(
-    mode: str, backend: Backend, problems: Sequence[Problem], generator: torch.Generator | None = None
+    context: str, backend: Backend, problems: Sequence[Problem], generator: torch.Generator | None = None
 ) -> list[Context]:
-    """The contexts of ``mode`` for ``problems`` (VTs must be stored on the problems)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    """The contexts named ``context`` for ``problems`` (VTs must be stored on the problems)."""
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
     builder = backend.context_builder()
-    if mode == "student":
+    if context == "student":
         return [builder.student_context(problem) for problem in problems]
     contexts = [builder.build(problem).teacher for problem in problems]
-    if mode == "noise":
-        contexts = [with_noise_visual_thought(context, backend, generator) for context in contexts]
+    if context == "noise":
+        contexts = [with_noise_visual_thought(built, backend, generator) for built in contexts]
     return contexts
 
 
+def greedy_sampler(backend: Backend, max_tokens: int) -> OnPolicySampler:
+    """The built-in sampler, greedy, up to ``max_tokens`` tokens, no image skips (a run passes
+    its own ``[sampler]`` kind instead: ``Components.sampler_with``)."""
+    return BatchedSampler(backend, temperature=0.0, max_completion_tokens=max_tokens, max_image_skips=0)
+
+
 def greedy_decode(
-    backend: Backend, model: torch.nn.Module, contexts: Sequence[Context], batch_size: int, max_tokens: int
+    sampler: OnPolicySampler, model: torch.nn.Module, contexts: Sequence[Context], batch_size: int
 ) -> list[list[int]]:
-    """Greedy completions (token lists) of ``contexts``, ``batch_size`` at a time."""
-    sampler = BatchedSampler(backend, temperature=0.0, max_completion_tokens=max_tokens, max_image_skips=0)
+    """Completions (token lists) of ``contexts`` by a greedy ``sampler``, ``batch_size`` at a time."""
     completions: list[list[int]] = []
     was_training = model.training
     model.eval()
@@ -92,18 +97,20 @@ def evaluate(
     model: torch.nn.Module,
     task: Task,
     problems: Sequence[Problem],
-    modes: Sequence[str] = MODES,
+    contexts: Sequence[str] = CONTEXTS,
     batch_size: int = 64,
     max_tokens: int = 1024,
     seed: int = 0,
+    sampler: OnPolicySampler | None = None,
 ) -> dict[str, EvalResult]:
-    """Greedy accuracy of ``model`` in each mode over ``problems``."""
+    """Greedy accuracy of ``model`` in each named context over ``problems``, decoded by
+    ``sampler`` (greedy; default :func:`greedy_sampler` with ``max_tokens``)."""
+    sampler = sampler or greedy_sampler(backend, max_tokens)
     results = {}
-    for mode in modes:
+    for name in contexts:
         generator = torch.Generator().manual_seed(seed)
         started = time.perf_counter()
-        contexts = contexts_for(mode, backend, problems, generator)
-        completions = greedy_decode(backend, model, contexts, batch_size, max_tokens)
+        completions = greedy_decode(sampler, model, contexts_for(name, backend, problems, generator), batch_size)
         records, scores = [], []
         for problem, tokens in zip(problems, completions):
             response = backend.decode(tokens)
@@ -112,8 +119,8 @@ def evaluate(
             records.append({"id": problem.id, "response": response, "correct": score.correct})
         elapsed = time.perf_counter() - started
         count = max(len(problems), 1)
-        results[mode] = EvalResult(
-            mode=mode,
+        results[name] = EvalResult(
+            context=name,
             accuracy=sum(record["correct"] for record in records) / count,
             count=len(problems),
             tokens_per_sample=sum(len(tokens) for tokens in completions) / count,

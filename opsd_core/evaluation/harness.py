@@ -79,7 +79,7 @@ def answer_benchmarks(
     import torch
     from tqdm.auto import tqdm
 
-    from opsd_core.evaluation.evaluate import greedy_decode
+    from opsd_core.evaluation.evaluate import greedy_decode, greedy_sampler
     from opsd_core.types import Problem
 
     if mode not in MODES:
@@ -89,6 +89,7 @@ def answer_benchmarks(
     path = out_dir / PREDICTIONS
     done = {(r["benchmark"], r["index"], r.get("mode", "text")) for r in read_predictions(path)} if path.exists() else set()
     generator = torch.Generator().manual_seed(seed)
+    sampler = greedy_sampler(backend, max_tokens)
     model.eval()
     from opsd_core.interfaces import Backend
 
@@ -115,7 +116,7 @@ def answer_benchmarks(
                         thoughts = backend.generate_visual_thought(model, problems, generator)
                     drawn = [1] * len(batch)
                 contexts = [item_context(backend, item, thought) for item, thought in zip(batch, thoughts)]
-                completions = greedy_decode(backend, model, contexts, len(contexts), max_tokens)
+                completions = greedy_decode(sampler, model, contexts, len(contexts))
             seconds = (time.perf_counter() - started) / len(batch)
             with open(path, "a", encoding="utf-8") as handle:
                 for item, tokens, count in zip(batch, completions, drawn):

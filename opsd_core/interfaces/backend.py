@@ -100,6 +100,37 @@ class Backend(ABC):
 
     capabilities: ClassVar[Capabilities] = Capabilities()
 
+    _placement: tuple[torch.device, torch.dtype] | None = None
+
+    def place(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Backend:
+        """Build models on ``device`` with weights in ``dtype`` (default fp32) from now on;
+        returns ``self``.
+
+        The core calls it with ``run.device`` and the weight dtype of ``run.precision`` (fp32
+        for models that train: masters stay fp32) before it builds anything, so a backend has
+        no device or dtype settings of its own. Backends that check the device (a kernel that
+        needs CUDA) override it and call ``super().place``.
+        """
+        import torch
+
+        self._placement = (torch.device(device), dtype or torch.float32)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where :meth:`build_model` puts the model (CPU until :meth:`place` says otherwise)."""
+        return self._placed()[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights :meth:`build_model` returns (fp32 until :meth:`place`)."""
+        return self._placed()[1]
+
+    def _placed(self) -> tuple[torch.device, torch.dtype]:
+        if self._placement is None:
+            self.place("cpu")
+        return self._placement
+
     @property
     @abstractmethod
     def vocabulary(self) -> Vocabulary:

@@ -195,4 +195,4 @@ def test_the_benchmark_task_of_the_howto_runs_with_opsd_eval(tmp_path, monkeypat
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary[0]["mode"] == "student" and summary[0]["count"] == 3
+    assert summary[0]["context"] == "student" and summary[0]["count"] == 3

@@ -29,8 +29,8 @@ def results(tmp_path_factory):
     return results
 
 
-def _accuracy(record, mode="student"):
-    return record["eval"][mode]["accuracy"]
+def _accuracy(record, context="student"):
+    return record["eval"][context]["accuracy"]
 
 
 def test_teacher_context_is_accurate_and_student_lags(results):

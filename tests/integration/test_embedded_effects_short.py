@@ -38,8 +38,8 @@ def results(tmp_path_factory):
     return Experiment(config, run_dir, echo=lambda _: None, progress=False).run()
 
 
-def _accuracy(record, mode="student"):
-    return record["eval"][mode]["accuracy"]
+def _accuracy(record, context="student"):
+    return record["eval"][context]["accuracy"]
 
 
 def test_the_teacher_context_helps_at_the_start(results):

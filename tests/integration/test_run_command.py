@@ -156,9 +156,9 @@ def test_diagnose_eval_and_infer(finished_run, tmp_path):
     assert figures["kl"] > 0 and figures["samples"] == 8
     evaluated = runner.invoke(cli, ["eval", *common, "--contexts", "student,teacher"])
     rows = json.loads(evaluated.output)
-    assert [row["mode"] for row in rows] == ["student", "teacher"] and rows[0]["count"] == 8
+    assert [row["context"] for row in rows] == ["student", "teacher"] and rows[0]["count"] == 8
     images = tmp_path / "images"
-    answered = runner.invoke(cli, ["infer", *common, "--index", "2", "--mode", "teacher", "--save-images", str(images)])
+    answered = runner.invoke(cli, ["infer", *common, "--index", "2", "--context", "teacher", "--save-images", str(images)])
     assert answered.exit_code == 0, answered.output
     assert "response (teacher context)" in answered.output
     assert len(list(images.glob("*.png"))) == 2

@@ -147,3 +147,64 @@ def test_evaluation_reports_the_tasks_own_aggregate():
     summary = result.summary()
     assert summary["pair_accuracy"] == sum(a and b for a, b in zip(hits[::2], hits[1::2])) / 3
     assert summary["accuracy"] == sum(hits) / 6
+
+
+def test_the_backend_is_placed_on_the_run_device_with_fp32_masters_whenever_it_trains():
+    from opsd_core.components import build_backend
+
+    config = load_config(QUICKSTART, ["run.precision='bf16'", "run.device='cpu'"])
+    trained = build_components(config).backend
+    assert trained.device == torch.device("cpu") and trained.dtype == torch.float32
+    assert {p.dtype for p in trained.build_model().parameters()} == {torch.float32}
+    inferring = build_backend(config, training=False)
+    assert inferring.dtype == torch.bfloat16
+    assert {p.dtype for p in inferring.build_model().parameters()} == {torch.bfloat16}
+    assert build_backend(load_config(QUICKSTART, ["run.precision='fp32'"]), training=False).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("override", "moved_to"),
+    [
+        ("backend.device='cpu'", "run.device"),
+        ("backend.dtype='bfloat16'", "run.precision"),
+        ("backend.threads=2", "run.threads"),
+        ("train.mixed_precision='bf16'", "run.precision"),
+    ],
+)
+def test_settings_that_became_run_wide_name_their_new_place(override, moved_to):
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: this setting moved to {moved_to}"):
+        load_config(QUICKSTART, [override])
+
+
+def test_a_cuda_device_that_is_not_there_is_a_config_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="run.device: CUDA requested but no CUDA device is available.*'cuda:1'"):
+        _components("run.device='cuda:1'")
+    with pytest.raises(ConfigError, match="run.device"):
+        load_config(QUICKSTART, ["run.device='gpu'"])
+
+
+def test_evaluation_and_diagnostics_decode_with_the_runs_sampler_kind():
+    from opsd_core.evaluation import evaluate
+
+    components = _components("sampler.sync_every=3", "eval.max_completion_tokens=5")
+    greedy = components.evaluation_sampler()
+    assert isinstance(greedy, BatchedSampler) and greedy.sync_every == 3
+    assert (greedy.temperature, greedy.max_completion_tokens, greedy.max_image_skips) == (0.0, 5, 0)
+    same_policy = components.sampler_with()
+    assert (same_policy.temperature, same_policy.max_completion_tokens) == (1.0, components.config.sampling.max_completion_tokens)
+    assert components.config.sampling.temperature == 1.0  # the run's own policy is untouched
+
+    calls = []
+
+    class Recording(BatchedSampler):
+        def sample(self, model, contexts, generator=None, seeds=None):
+            calls.append(len(contexts))
+            return super().sample(model, contexts, generator, seeds)
+
+    recording = Recording(components.backend, 0.0, 5, 0)
+    model = components.backend.build_model().eval()
+    problems = list(components.task.eval_problems(4))
+    evaluate(components.backend, model, components.task, problems, ("student",), 2, sampler=recording)
+    assert calls == [2, 2]

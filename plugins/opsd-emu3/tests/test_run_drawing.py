@@ -19,7 +19,7 @@ from opsd_thinkmorph.demo_data import write_demo_dataset
 from opsd_core.testing.runs import run_config_file
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
-SIZES = ("device", "image_min_pixels", "image_max_pixels", "vt_grid", "vt_top_k")
+SIZES = ("image_min_pixels", "image_max_pixels", "vt_grid", "vt_top_k")
 FAST = ("eval.limit=2", "diagnostics.kl_samples=2", "experiment.noise_control=false", "schedule.total_steps=2")
 
 

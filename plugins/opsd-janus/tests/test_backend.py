@@ -149,7 +149,7 @@ def test_fsdp_in_one_process_gives_the_unsharded_logits_and_gradients(backend):
 
     with one_process_group() as mesh:
         reference, sharded = backend.build_model(), backend.build_model()
-        config = SimpleNamespace(train=SimpleNamespace(mixed_precision="none", activation_checkpointing=True))
+        config = SimpleNamespace(run=SimpleNamespace(precision="fp32"), train=SimpleNamespace(activation_checkpointing=True))
         backend.parallelize(sharded, mesh, config)
         contexts = [backend.context_builder().build(p).teacher for p in problems(2)]
         completions = BatchedSampler(backend, 1.0, 6).sample(reference, contexts, torch.Generator().manual_seed(0))

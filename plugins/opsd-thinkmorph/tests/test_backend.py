@@ -13,8 +13,9 @@ from opsd_thinkmorph.config import ThinkMorphParams
 SMALL_IMAGES = dict(vit_max_size=56, vit_min_size=28, vae_max_size=64, vae_min_size=32)
 
 
-def debug_backend(**overrides) -> ThinkMorphBackend:
-    return ThinkMorphBackend(ThinkMorphParams(flavour="debug", **{**SMALL_IMAGES, **overrides}))
+def debug_backend(device: str = "cpu", dtype: str = "float32", **overrides) -> ThinkMorphBackend:
+    backend = ThinkMorphBackend(ThinkMorphParams(flavour="debug", **{**SMALL_IMAGES, **overrides}))
+    return backend.place(device, getattr(torch, dtype))
 
 
 def problems(count: int = 3) -> list[Problem]:
@@ -139,7 +140,7 @@ def test_sharded_models_decode_one_row_with_the_kernels_while_gathered():
     with one_process_group() as mesh:
         backend = debug_backend()
         reference, sharded = backend.build_model().eval(), backend.build_model().eval()
-        config = SimpleNamespace(train=SimpleNamespace(mixed_precision="none", activation_checkpointing=False))
+        config = SimpleNamespace(run=SimpleNamespace(precision="fp32"), train=SimpleNamespace(activation_checkpointing=False))
         backend.parallelize(sharded, mesh, config)
         context = [backend.context_builder().build(problems(1)[0]).student]
         feeds = torch.randint(0, 256, (3, 1), generator=torch.Generator().manual_seed(5))

@@ -93,9 +93,9 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
 
 
 def test_bf16_mixed_precision_is_refused_on_cpu():
-    with pytest.raises(ConfigError, match="train.mixed_precision: 'bf16' needs CUDA devices.*use 'none' on CPU"):
+    with pytest.raises(ConfigError, match="run.precision: 'bf16' in a multi-process run needs CUDA devices.*use 'fp32' on CPU"):
         mixed_precision_policy("bf16", "cpu")
-    assert mixed_precision_policy("none", "cpu").param_dtype is None
+    assert mixed_precision_policy("fp32", "cpu").param_dtype is None
 
 
 def test_activation_checkpointing_keeps_names_outputs_and_gradients():

@@ -44,8 +44,8 @@ def step_metrics(run: Path, step: int) -> dict:
 def test_two_gpu_run_resumes_to_the_same_end(tmp_path):
     data = write_demo_dataset(tmp_path / "data", rows_per_dataset=8, side=64)
     settings = [
-        f"task.root={data}", f"run.output_dir={tmp_path / 'runs'}", "run.device=cuda", "backend.device=cuda",
-        "run.precision=bf16", "train.mixed_precision=bf16", "train.activation_checkpointing=true",
+        f"task.root={data}", f"run.output_dir={tmp_path / 'runs'}", "run.device=cuda",
+        "run.precision=bf16", "train.activation_checkpointing=true",
         "train.checkpoint_every=1", "train.keep_checkpoints=3", "sampling.visual_thoughts=auto",
         "experiment.noise_control=false", "run.threads=4",
     ]  # fmt: skip

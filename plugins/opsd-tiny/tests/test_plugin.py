@@ -45,8 +45,8 @@ def test_params_describe_every_field_and_reject_unknown_keys():
         (FrozenLakeParams, {"min_path": 8, "max_path": 4}),
         (FrozenLakeParams, {"hole_probability": 0.9}),
         (FrozenLakeParams, {"detour_probability": 1.5}),
-        (TinyBackendParams, {"threads": 0}),
-        (TinyBackendParams, {"device": "gpu"}),
+        (TinyBackendParams, {"free_text": "keep"}),
+        (TinyBackendParams, {"device": "cpu"}),  # run.device is the one device setting
     ],
 )
 def test_bad_params_are_rejected(model, values):

@@ -70,8 +70,6 @@ class Emu3Backend(Backend):
 
     def __init__(self, params: Emu3Params | None = None):
         self.params = p = params or Emu3Params(flavour=DEBUG)
-        self.device = torch.device(p.device)
-        self.dtype = getattr(torch, p.dtype)
         self.directory = Path(p.checkpoint) if p.flavour == CHECKPOINT else None
         if self.directory is not None:
             state_dict.check_directory(self.directory)
@@ -119,7 +117,7 @@ class Emu3Backend(Backend):
         return self._vocabulary
 
     def build_model(self) -> Emu3ForConditionalGeneration:
-        """The model on ``params.device`` in ``params.dtype``: the checkpoint's weights or seeded random ones."""
+        """The model on :attr:`device` in :attr:`dtype`: the checkpoint's weights or seeded random ones."""
         if self.directory is not None:
             model = Emu3ForConditionalGeneration.from_pretrained(
                 self.directory, config=self.config, dtype=self.dtype, local_files_only=True
@@ -131,7 +129,7 @@ class Emu3Backend(Backend):
         return model.to(device=self.device, dtype=self.dtype).eval()
 
     def drawing_model(self) -> Emu3ForConditionalGeneration:
-        """The frozen model of ``drawing_checkpoint`` on ``params.device`` in ``params.dtype``, loaded at the first call."""
+        """The frozen model of ``drawing_checkpoint`` on :attr:`device` in :attr:`dtype`, loaded at the first call."""
         if self._drawing_model is None:
             model = Emu3ForConditionalGeneration.from_pretrained(
                 self.drawing_directory, config=self.drawing_config, dtype=self.dtype, local_files_only=True

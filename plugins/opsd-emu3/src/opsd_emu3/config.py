@@ -2,9 +2,9 @@
 
 Owns: the fields, defaults and constraints of the backend's config section: where the weights
 are and which of Emu3's two released checkpoints they are, the optional second checkpoint
-that draws visual thoughts, devices and dtypes, how context
+that draws visual thoughts, how context
 images are sized, and the visual-thought sampling settings (grid, guidance, temperature).
-Does not know: torch or models; importing this module stays light (``opsd list``,
+Does not know: torch or models, or where they run (``run.device``, ``run.precision``); importing this module stays light (``opsd list``,
 ``opsd validate``). Limits that depend on the checkpoint (maximum positions, the VQ's spatial
 factor) are checked when the backend is constructed.
 """
@@ -47,13 +47,11 @@ class Emu3Params(PluginParams):
         None,
         description="Directory of a second Emu3 checkpoint in the Hugging Face layout (Emu3-Gen-hf) that draws "
         "the visual thoughts while `checkpoint` (Emu3-Chat-hf, checkpoint_kind 'chat') answers: loaded once, "
-        "frozen, on `device` in `dtype`, and used instead of the teacher for drawing. The visual thought is then "
+        "frozen, on run.device in the run's weight dtype, and used instead of the teacher for drawing. The visual thought is then "
         "Gen's drawing, not the answering model's own. Its vocabulary map must equal the answering model's. "
         "Also allowed with flavour 'debug' (a directory the debug flavour saved), for tests.",
         min_length=1,
     )
-    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'.", pattern=r"^(cpu|cuda(:\d+)?)$")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype of the built model.")
     seed: int = Field(0, description="Seed of the debug flavour's random weights.", ge=0)
     image_min_pixels: int = Field(
         64 * 64,

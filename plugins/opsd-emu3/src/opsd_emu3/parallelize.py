@@ -26,13 +26,13 @@ def parallelize_emu3(model: torch.nn.Module, mesh: Any, config: Any) -> torch.nn
     Args:
         model: the unsharded model on this rank's device.
         mesh: a 1-D DeviceMesh (FSDP) or a 2-D one with dimensions (replicate, shard) (HSDP).
-        config: the run config; reads ``train.mixed_precision`` ("none" or "bf16") and
+        config: the run config; reads ``run.precision`` ("fp32" or "bf16") and
             ``train.activation_checkpointing``.
 
     Every unit frees its gathered parameters after each forward: the teacher never runs
     backward, and the EMA update and checkpoints read sharded parameters between steps.
     """
-    policy = mixed_precision_policy(config.train.mixed_precision, mesh.device_type)
+    policy = mixed_precision_policy(config.run.precision, mesh.device_type)
     layers = list(model.model.text_model.layers)
     if config.train.activation_checkpointing:
         for layer in layers:

@@ -53,8 +53,6 @@ class JanusBackend(Backend):
 
     def __init__(self, params: JanusParams | None = None):
         self.params = p = params or JanusParams(flavour=DEBUG, image_size=32)
-        self.device = torch.device(p.device)
-        self.dtype = getattr(torch, p.dtype)
         self.directory = Path(p.checkpoint) if p.flavour == CHECKPOINT else None
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         if self.directory is not None:
@@ -148,7 +146,7 @@ class JanusBackend(Backend):
         return self._vocabulary
 
     def build_model(self) -> torch.nn.Module:
-        """``JanusForConditionalGeneration`` on ``params.device`` in ``params.dtype``: the
+        """``JanusForConditionalGeneration`` on :attr:`device` in :attr:`dtype`: the
         checkpoint's weights, or the debug flavour's seeded random ones."""
         from transformers import JanusForConditionalGeneration
 

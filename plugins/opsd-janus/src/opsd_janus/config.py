@@ -1,10 +1,10 @@
 """Params of the ``janus-pro`` backend.
 
 Owns: the fields, defaults and constraints of the backend's config section: where the weights
-are (or the tiny ``debug`` flavour), device and dtype, the image size, the longest context the
+are (or the tiny ``debug`` flavour), the image size, the longest context the
 run may render, and the visual-thought generation settings (CFG scale, temperature, top-k,
 image tokens).
-Does not know: torch or models; importing this module stays light (``opsd list``,
+Does not know: torch or models, or where they run (``run.device``, ``run.precision``); importing this module stays light (``opsd list``,
 ``opsd validate``). Constraints that need the checkpoint's own config (its image size, its
 position limit) are checked when the backend is constructed, before any step runs.
 """
@@ -38,10 +38,6 @@ class JanusParams(PluginParams):
         "files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) and "
         "preprocessor_config.json. Nothing is downloaded.",
         min_length=1,
-    )
-    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'.", pattern=r"^(cpu|cuda(:\d+)?)$")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Parameter dtype of the built models (training masters included)."
     )
     seed: int = Field(0, description="Seed of the debug flavour's random weights.", ge=0)
     image_size: int = Field(

@@ -29,13 +29,13 @@ def parallelize_janus(model: torch.nn.Module, mesh: Any, config: Any) -> torch.n
     Args:
         model: the unsharded model on this rank's device; its weights become the master weights.
         mesh: a 1-D DeviceMesh (FSDP) or a 2-D one with dimensions (replicate, shard) (HSDP).
-        config: the run config; reads ``train.mixed_precision`` ("none" or "bf16") and
+        config: the run config; reads ``run.precision`` ("fp32" or "bf16") and
             ``train.activation_checkpointing``.
 
     Every unit frees its gathered parameters after each forward: the teacher never runs
     backward, and the EMA update and checkpoints read the sharded parameters between steps.
     """
-    policy = mixed_precision_policy(config.train.mixed_precision, mesh.device_type)
+    policy = mixed_precision_policy(config.run.precision, mesh.device_type)
     janus = model.model
     layers = [*janus.language_model.layers, *janus.vision_model.encoder.layers]
     if config.train.activation_checkpointing:

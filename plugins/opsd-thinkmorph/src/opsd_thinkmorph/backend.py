@@ -74,8 +74,6 @@ class ThinkMorphBackend(Backend):
     def __init__(self, params: ThinkMorphParams | None = None):
         self.params = params or ThinkMorphParams(flavour=DEBUG)
         p = self.params
-        self.device = torch.device(p.device)
-        self.dtype = getattr(torch, p.dtype)
         self.directory = Path(p.checkpoint) if p.flavour == CHECKPOINT else None
         if self.directory is not None:
             config = architecture.BagelConfig.from_directory(self.directory, visual_gen=p.generation)
@@ -91,8 +89,6 @@ class ThinkMorphBackend(Backend):
         self.vit_transform = ImageTransform(p.vit_max_size, p.vit_min_size, config.vit.patch_size, p.vit_max_pixels)
         self.vae_transform = ImageTransform(p.vae_max_size, p.vae_min_size, config.latent_downsample)
         self._vae = None
-        if p.vit_attention == "flash-attn":
-            _check_flash_attn(self.device)
         if len(self.tokenizer) > config.llm.vocab_size:
             raise ValueError(
                 f"tokenizer has {len(self.tokenizer)} tokens but the model only {config.llm.vocab_size} rows"
@@ -111,12 +107,18 @@ class ThinkMorphBackend(Backend):
         )
 
     # ------------------------------------------------------------------ vocabulary and model
+    def place(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ThinkMorphBackend:
+        super().place(device, dtype)
+        if self.params.vit_attention == "flash-attn":
+            _check_flash_attn(self.device)
+        return self
+
     @property
     def vocabulary(self) -> Vocabulary:
         return self._vocabulary
 
     def build_model(self) -> Bagel:
-        """The model on ``params.device`` in ``params.dtype``, with the checkpoint's weights or seeded random ones."""
+        """The model on :attr:`device` in :attr:`dtype`, with the checkpoint's weights or seeded random ones."""
         with torch.device("meta"):
             model = self._bagel()
         if self.directory is not None:
@@ -395,7 +397,7 @@ def _check_flash_attn(device: torch.device) -> None:
             "it is not installed. Set backend.vit_attention = 'sdpa'"
         )
     if device.type != "cuda":
-        raise ConfigError(f"backend.vit_attention = 'flash-attn' runs on CUDA devices only, got backend.device = '{device}'")
+        raise ConfigError(f"backend.vit_attention = 'flash-attn' runs on CUDA devices only, got run.device = '{device}'")
 
 
 def _recompute_tables(model: Bagel) -> None:

@@ -1,9 +1,9 @@
 """Params of the ``thinkmorph`` backend.
 
 Owns: the fields, defaults and constraints of the backend's config section: where the weights
-are, which flavour to build, devices and dtypes, image sizes, and visual-thought generation
+are, which flavour to build, image sizes, and visual-thought generation
 settings.
-Does not know: torch or models; importing this module stays light (``opsd list``,
+Does not know: torch or models, or where they run (``run.device``, ``run.precision``); importing this module stays light (``opsd list``,
 ``opsd validate``).
 """
 
@@ -27,7 +27,7 @@ class ThinkMorphParams(PluginParams):
         CHECKPOINT,
         description="'checkpoint' loads `checkpoint`; 'debug' builds the same architecture at tiny sizes "
         "with seeded random weights and a byte tokenizer (CPU tests); '7b-random' builds the full-size "
-        "architecture with random weights (GPU benchmarks).",
+        "architecture with random weights (the GPU timing scripts).",
     )
     checkpoint: str | None = Field(
         None,
@@ -44,14 +44,6 @@ class ThinkMorphParams(PluginParams):
         True,
         description="Build the image-generation modules (needed to draw visual thoughts); false loads "
         "understanding-only checkpoints that lack them.",
-    )
-    device: str = Field(
-        "cpu", description="torch device, e.g. 'cpu' or 'cuda:0'.", pattern=r"^(cpu|cuda(:\d+)?)$"
-    )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description="Parameter dtype of models built for inference and as training masters (training "
-        "mixes precision through train.mixed_precision on GPUs).",
     )
     seed: int = Field(0, description="Seed of the random-weight flavours.", ge=0)
     fixed_shape_decoding: bool = Field(

@@ -32,14 +32,14 @@ def parallelize_bagel(model: Bagel, mesh: Any, config: Any) -> Bagel:
             weights (fp32 unless the backend's dtype says otherwise).
         mesh: a 1-D DeviceMesh (FSDP: shard over all its ranks) or a 2-D one with dimensions
             (replicate, shard) (HSDP: shard within a group, replicate across groups).
-        config: the run config; reads ``train.mixed_precision`` ("none" or "bf16") and
+        config: the run config; reads ``run.precision`` ("fp32" or "bf16") and
             ``train.activation_checkpointing``.
 
     Every unit, the root included, frees its gathered parameters after each forward: the
     teacher never runs backward (where FSDP would free them), and the trainer's EMA update
     and checkpoints read the sharded parameters between steps.
     """
-    policy = mixed_precision_policy(config.train.mixed_precision, mesh.device_type)
+    policy = mixed_precision_policy(config.run.precision, mesh.device_type)
     layers = [*model.language_model.model.layers, *model.vit_model.vision_model.encoder.layers]
     if config.train.activation_checkpointing:
         for layer in layers:

@@ -79,9 +79,6 @@ class TinyBackend(Backend):
 
     def __init__(self, params: TinyBackendParams | None = None):
         self.params = params or TinyBackendParams()
-        if self.params.threads is not None:
-            torch.set_num_threads(self.params.threads)
-        self.device = torch.device(self.params.device)
         if self.params.checkpoint == RANDOM_WEIGHTS:
             self.directory: Path | None = None
             self.vocab = Vocab.for_grid(DEFAULT_GRID)
@@ -111,11 +108,11 @@ class TinyBackend(Backend):
         return self._vocabulary
 
     def build_model(self) -> TinyUMM:
-        """A :class:`TinyUMM` on ``params.device``, with the checkpoint's weights (or random ones)."""
+        """A :class:`TinyUMM` on :attr:`device` in :attr:`dtype`, with the checkpoint's weights (or random ones)."""
         model = TinyUMM(self.config)
         if self.directory is not None:
             state_dict.load_state(model, self.directory)
-        return model.to(self.device)
+        return model.to(self.device, self.dtype)
 
     def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()

@@ -20,7 +20,7 @@ RANDOM_WEIGHTS = "random"
 
 
 class TinyBackendParams(PluginParams):
-    """The tiny UMM: where its weights come from and where it runs."""
+    """The tiny UMM: where its weights come from (it runs on ``run.device``)."""
 
     checkpoint: str | None = Field(
         None,
@@ -29,21 +29,10 @@ class TinyBackendParams(PluginParams):
         "random weights of the default architecture (pretraining, tests).",
         min_length=1,
     )
-    device: str = Field(
-        "cpu",
-        description="torch device the model is built on, e.g. 'cpu' or 'cuda:0'.",
-        pattern=r"^(cpu|cuda(:\d+)?|mps)$",
-    )
     free_text: Literal["error", "skip"] = Field(
         "error",
         description="Words outside the vocabulary: 'error' refuses them (the tiny model reads only its "
         "task's words); 'skip' drops them, e.g. to push benchmark prompts through the pipeline.",
-    )
-    threads: int | None = Field(
-        None,
-        description="torch CPU threads to use (torch.set_num_threads); None leaves torch's setting.",
-        ge=1,
-        le=512,
     )
 
 

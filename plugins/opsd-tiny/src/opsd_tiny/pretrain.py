@@ -175,13 +175,13 @@ def sample_completions(
     return CompletionBatch(tokens[:, :width], lengths, sampled, finished)
 
 
-def contexts_of(backend: TinyBackend, problems: Sequence[Problem], mode: str, seed: int) -> list[Context]:
+def contexts_of(backend: TinyBackend, problems: Sequence[Problem], context: str, seed: int) -> list[Context]:
     """``student``, ``teacher`` or ``noise`` (teacher with an N(0, 1) visual thought) contexts."""
     builder = backend.context_builder()
-    if mode == "student":
+    if context == "student":
         return [builder.student_context(problem) for problem in problems]
     contexts = [builder.build(problem).teacher for problem in problems]
-    if mode == "noise":
+    if context == "noise":
         generator = torch.Generator().manual_seed(seed)
         side = backend.config.image_side
         contexts = [with_noise_thought(c, torch.randn(3, side, side, generator=generator)) for c in contexts]
@@ -189,13 +189,13 @@ def contexts_of(backend: TinyBackend, problems: Sequence[Problem], mode: str, se
 
 
 def greedy_accuracy(
-    backend: TinyBackend, task: FrozenLakeTask, model: torch.nn.Module, problems: Sequence[Problem], mode: str
+    backend: TinyBackend, task: FrozenLakeTask, model: torch.nn.Module, problems: Sequence[Problem], context: str
 ) -> float:
-    """Fraction of ``problems`` whose greedy completion in ``mode``'s context scores correct."""
+    """Fraction of ``problems`` whose greedy completion in the ``context`` context scores correct."""
     correct = 0
     for start in range(0, len(problems), EVAL_BATCH):
         chunk = problems[start : start + EVAL_BATCH]
-        completions = sample_completions(backend, model, contexts_of(backend, chunk, mode, seed=start), 0.0)
+        completions = sample_completions(backend, model, contexts_of(backend, chunk, context, seed=start), 0.0)
         for problem, tokens in zip(chunk, completions.token_lists()):
             correct += task.score(problem, backend.decode(tokens)).correct
     return correct / len(problems)
@@ -266,8 +266,8 @@ def train_phase(
             if step % CURVE_EVERY == 0 or step == phase.steps:
                 model.eval()
                 point = {"phase": phase.name, "step": step, "loss": round(loss.item(), 4)}
-                for mode in ("student", "teacher"):
-                    point[mode] = greedy_accuracy(backend, task, model, probe, mode)
+                for context in ("student", "teacher"):
+                    point[context] = greedy_accuracy(backend, task, model, probe, context)
                 model.train()
                 curve.append(point)
                 bar.write(json.dumps(point))
@@ -281,7 +281,7 @@ def pretrain_seed(
     started = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    backend = TinyBackend(TinyBackendParams(checkpoint=RANDOM_WEIGHTS, device=device))
+    backend = TinyBackend(TinyBackendParams(checkpoint=RANDOM_WEIGHTS)).place(device)
     model = backend.build_model()
     curve: list[dict] = []
     phases = (
@@ -300,14 +300,14 @@ def pretrain_seed(
     train_wall = time.perf_counter() - started
     model.eval()
     problems = task.eval_problems(eval_size)
-    figures = {mode: greedy_accuracy(backend, task, model, problems, mode) for mode in ("student", "teacher", "noise")}
+    figures = {context: greedy_accuracy(backend, task, model, problems, context) for context in ("student", "teacher", "noise")}
     kl_problems = problems[:KL_PROBLEMS]
     figures["kl"] = round(kl_teacher_student(backend, model, kl_problems, noise=False), 4)
     figures["kl_noise"] = round(kl_teacher_student(backend, model, kl_problems, noise=True), 4)
     report = {
         "seed": seed,
         "eval_problems": len(problems),
-        "accuracy": {mode: figures[mode] for mode in ("student", "teacher", "noise")},
+        "accuracy": {context: figures[context] for context in ("student", "teacher", "noise")},
         "kl": figures["kl"],
         "kl_noise": figures["kl_noise"],
         "train_wall_s": round(train_wall, 1),
