@@ -39,7 +39,7 @@ def _checkpoint_option(function):
     return click.option(
         "--checkpoint",
         type=click.Path(exists=True, file_okay=False),
-        help="Weights to use: a checkpoint step directory (its student/) or a saved model directory. "
+        help="Weights to use: a checkpoint step directory (its student, whole or sharded) or a saved model directory. "
         "Default: the backend's configured start checkpoint.",
     )(function)
 
@@ -186,13 +186,20 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
     backend = components if backend_only else components.backend
     model = backend.build_model()
     if checkpoint is not None:
-        directory = Path(checkpoint)
-        if (directory / "student").is_dir():
-            from opsd_core.trainer.checkpoint import verify_checkpoint
+        from opsd_core.trainer.checkpoint import (
+            is_sharded,
+            read_sharded_weights,
+            verify_checkpoint,
+        )
 
-            verify_checkpoint(directory)
-            directory = directory / "student"
-        backend.load_weights(model, directory)
+        directory = Path(checkpoint)
+        if is_sharded(directory):  # written by a multi-process run: its shards are read whole here
+            model.load_state_dict(read_sharded_weights(directory, "student"))
+        else:
+            if (directory / "student").is_dir():
+                verify_checkpoint(directory)
+                directory = directory / "student"
+            backend.load_weights(model, directory)
     return components, model.to(resolve_device(experiment_config.run.device)).eval()
 
 

@@ -67,7 +67,9 @@ def test_single_process_helpers_do_what_the_trainer_did_before():
     optimizer.step()
     assert sharding.shard(None, model, Ranks(), RunConfig()) == (model, None)
     assert sharding.unsharded_copy(model, None, Ranks()) is model
-    assert optimizer_state.optimizer_state_dict(model, optimizer, Ranks()) == optimizer.state_dict()
+    saved = optimizer.state_dict()
+    optimizer_state.load_optimizer_state_dict(model, optimizer, saved, Ranks())
+    assert optimizer.state_dict() == saved
     with sharding.gathered(model) as inside:
         assert inside is model
     loaded = []
