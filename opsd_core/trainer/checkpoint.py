@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,6 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 
 from opsd_core.errors import CheckpointError
 from opsd_core.rundir import list_checkpoints, step_dir_name
@@ -37,6 +44,20 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
 SHARDED = "sharded"
 _FORMAT = 1
+# What the metadata of a sharded checkpoint may name: the library's descriptions of tensors and
+# of where their bytes lie, sizes, layouts and paths (dtypes are checked apart).
+_METADATA_GLOBALS = {
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in ("Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+                     "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
+    ),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+}  # fmt: skip
 
 
 def _sha256(path: Path) -> str:
@@ -208,16 +229,38 @@ def is_sharded(directory: Path) -> bool:
     return (directory / SHARDED).is_dir()
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a sharded checkpoint's ``.metadata`` allowing only :data:`_METADATA_GLOBALS`
+    and dtypes, so reading it runs no code the file names."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class SafeShardedReader(FileSystemReader):
+    """The reader of a checkpoint's ``sharded/`` directory: the library's own, except that its
+    metadata is unpickled with :class:`_MetadataUnpickler`. Callers load tensors only (the
+    library unpickles other values without restriction)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with (Path(self.path) / ".metadata").open("rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"the metadata is a {type(metadata).__name__}, not the library's Metadata")
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def sharded_entries(directory: Path) -> dict[str, tuple[int, ...] | None]:
     """What the ``sharded/`` part of checkpoint ``directory`` holds: each flattened key
     (``student.<parameter>``, ``teacher.<parameter>``, ``optimizer.state.<parameter>.<name>``,
     ...) with its full tensor shape, or None for a value that is not a tensor."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     try:
-        metadata = FileSystemReader(str(directory / SHARDED)).read_metadata()
-    except (OSError, ValueError, RuntimeError) as error:
+        metadata = SafeShardedReader(str(directory / SHARDED)).read_metadata()
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"checkpoint {str(directory)!r}: unreadable {SHARDED}/ ({error})") from None
     return {
         key: tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else None
@@ -239,14 +282,13 @@ def read_sharded_weights(directory: Path, role: str) -> dict[str, torch.Tensor]:
     ``directory``, keyed as the model's ``state_dict()`` names them; read in this one process
     (no process group), whatever the number of processes that wrote it. Verifies the checkpoint
     first."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as load_sharded
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     verify_checkpoint(directory)
     if not is_sharded(directory):
         raise CheckpointError(f"checkpoint {str(directory)!r} holds no {SHARDED}/ directory")
-    reader = FileSystemReader(str(directory / SHARDED))
+    sharded_entries(directory)  # a metadata file that is not the library's is a CheckpointError
+    reader = SafeShardedReader(str(directory / SHARDED))
     prefix = f"{role}."
     state = {
         key: torch.empty(entry.size, dtype=entry.properties.dtype)

@@ -422,17 +422,20 @@ class Trainer:
 
     def _trainer_state(self) -> dict[str, Any] | None:
         """Everything but the weights, on rank 0 (None elsewhere): the step, the data position,
-        the schedule, every rank's RNG streams and, in a single process, the optimizer state
-        (several processes save theirs with the weights, sharded). Every rank must call it."""
+        the schedule, every rank's RNG streams and the optimizer state (with several processes
+        its parameter groups only: the moments are saved with the weights, sharded). Every rank
+        must call it."""
         rng = self._rng_states()
         every_rank_rng = self.ranks.gather(rng)
+        if self.ranks.distributed:
+            optimizer = {"optimizer_param_groups": sharded_state.optimizer_param_groups(self.student, self.optimizer)}
+        else:
+            optimizer = {"optimizer": self.optimizer.state_dict()}
         if not self.ranks.is_main:
             return None
-        state = {"step": self.step, "position": self.position, "scheduler": self.scheduler.state_dict(), **rng}
+        state = {"step": self.step, "position": self.position, "scheduler": self.scheduler.state_dict(), **rng, **optimizer}
         if self.ranks.distributed:
             state["rank_rng"] = every_rank_rng
-        else:
-            state["optimizer"] = self.optimizer.state_dict()
         return state
 
     def release_optimizer(self) -> None:
@@ -477,7 +480,8 @@ class Trainer:
             return False
         state = checkpoint.load_trainer_state(directory, verify=main, mmap=self.ranks.distributed)
         if checkpoint.is_sharded(directory):
-            sharded_state.load_sharded(directory, self.student, self.teacher, self.optimizer)
+            groups = state["optimizer_param_groups"]
+            sharded_state.load_sharded(directory, self.student, self.teacher, self.optimizer, groups)
         else:
             load = self.backend.load_weights
             sharding.load_unsharded(

@@ -1,11 +1,13 @@
 """Sharded checkpoints (``sharded/``, torch.distributed.checkpoint) in one process: a world of
 one rank writes them as a multi-process run does; they are read back whole without a process
-group, verified by the manifest like any checkpoint, and refused for other models.
+group, verified by the manifest like any checkpoint, and refused for other models; they hold
+tensors only, and their pickled metadata may name nothing but the library's descriptions.
 
 The 2-process runs, and N -> M resumes, are in plugins/opsd-thinkmorph/tests/test_fsdp.py.
 """
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -32,11 +34,12 @@ def _trained(seed: int, width: int = 3):
 def saved(tmp_path):
     student, teacher, optimizer = _trained(0)
     with one_process_group():
+        groups = sharded_state.optimizer_param_groups(student, optimizer)
         path = checkpoint.save_checkpoint(
             tmp_path,
             7,
             lambda directory: sharded_state.save_sharded(directory, student, teacher, optimizer),
-            {"step": 7},
+            {"step": 7, "optimizer_param_groups": groups},
             ranks=Ranks(),
         )
     return path, student, teacher, optimizer
@@ -55,11 +58,13 @@ def test_a_sharded_checkpoint_round_trips(saved):
 
     fresh_student, fresh_teacher, _ = _trained(1)
     fresh_optimizer = torch.optim.AdamW(fresh_student.parameters(), lr=0.1)
-    sharded_state.load_sharded(path, fresh_student, fresh_teacher, fresh_optimizer)
+    groups = checkpoint.load_trainer_state(path)["optimizer_param_groups"]
+    sharded_state.load_sharded(path, fresh_student, fresh_teacher, fresh_optimizer, groups)
     for want, got in ((student, fresh_student), (teacher, fresh_teacher)):
         assert all(torch.equal(a, b) for a, b in zip(want.state_dict().values(), got.state_dict().values()))
     want, got = optimizer.state_dict(), fresh_optimizer.state_dict()
     assert sorted(got["state"]) == sorted(want["state"]) == [0, 1]  # the second layer has no state
+    assert got["param_groups"] == want["param_groups"]
     for index, moments in want["state"].items():
         assert all(torch.equal(value, got["state"][index][name]) for name, value in moments.items())
 
@@ -68,7 +73,7 @@ def test_a_sharded_checkpoint_of_other_models_is_refused_in_one_line(saved):
     path, *_ = saved
     student, teacher, optimizer = _trained(1, width=5)
     with pytest.raises(CheckpointError) as info:
-        sharded_state.load_sharded(path, student, teacher, optimizer)
+        sharded_state.load_sharded(path, student, teacher, optimizer, [])
     message = str(info.value)
     assert "\n" not in message
     assert "holds other models than this run builds" in message and "student.0.weight is [4, 3] there, [4, 5] here" in message
@@ -88,3 +93,12 @@ def test_reading_weights_of_a_whole_model_checkpoint_says_what_it_lacks(tmp_path
     path = checkpoint.save_checkpoint(tmp_path, 1, lambda directory: (directory / "student").mkdir(), {"step": 1})
     with pytest.raises(CheckpointError, match="holds no sharded/ directory"):
         checkpoint.read_sharded_weights(path, "student")
+
+
+def test_only_tensors_are_sharded_and_the_metadata_may_name_nothing_else(saved):
+    path, *_ = saved
+    assert all(shape is not None for shape in checkpoint.sharded_entries(path).values())
+    metadata = path / checkpoint.SHARDED / ".metadata"
+    metadata.write_bytes(pickle.dumps(print))
+    with pytest.raises(CheckpointError, match=r"unreadable sharded/ \(builtins.print is not allowed in checkpoint metadata\)"):
+        checkpoint.sharded_entries(path)
