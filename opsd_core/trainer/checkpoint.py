@@ -9,8 +9,9 @@ Writing goes through a temporary directory and a rename, so a crash never leaves
 half-written checkpoint under its final name; every file's size and SHA-256 is recorded
 (hashed by all the processes, each its share of the files) and verified before anything is
 loaded. Also reads the full weights of a sharded checkpoint in one process
-(:func:`read_sharded_weights`) and names what a sharded checkpoint holds
-(:func:`sharded_entries`).
+(:func:`read_sharded_weights`), names what a sharded checkpoint holds
+(:func:`sharded_entries`), and reads the library's pickled metadata allowing only its own
+classes (:class:`SafeShardedReader`).
 Does not know: what the trainer state means, how models are sharded or what their weights are
 called; the trainer and the backend fill the directory.
 """
@@ -258,14 +259,17 @@ def sharded_entries(directory: Path) -> dict[str, tuple[int, ...] | None]:
     """What the ``sharded/`` part of checkpoint ``directory`` holds: each flattened key
     (``student.<parameter>``, ``teacher.<parameter>``, ``optimizer.state.<parameter>.<name>``,
     ...) with its full tensor shape, or None for a value that is not a tensor."""
-    try:
-        metadata = SafeShardedReader(str(directory / SHARDED)).read_metadata()
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise CheckpointError(f"checkpoint {str(directory)!r}: unreadable {SHARDED}/ ({error})") from None
     return {
         key: tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else None
-        for key, entry in metadata.state_dict_metadata.items()
+        for key, entry in _sharded_metadata(directory).state_dict_metadata.items()
     }
+
+
+def _sharded_metadata(directory: Path) -> Metadata:
+    try:
+        return SafeShardedReader(str(directory / SHARDED)).read_metadata()
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"checkpoint {str(directory)!r}: unreadable {SHARDED}/ ({error})") from None
 
 
 @contextlib.contextmanager
@@ -287,16 +291,14 @@ def read_sharded_weights(directory: Path, role: str) -> dict[str, torch.Tensor]:
     verify_checkpoint(directory)
     if not is_sharded(directory):
         raise CheckpointError(f"checkpoint {str(directory)!r} holds no {SHARDED}/ directory")
-    sharded_entries(directory)  # a metadata file that is not the library's is a CheckpointError
-    reader = SafeShardedReader(str(directory / SHARDED))
     prefix = f"{role}."
     state = {
         key: torch.empty(entry.size, dtype=entry.properties.dtype)
-        for key, entry in reader.read_metadata().state_dict_metadata.items()
+        for key, entry in _sharded_metadata(directory).state_dict_metadata.items()
         if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
     }
     if not state:
         raise CheckpointError(f"checkpoint {str(directory)!r}: {SHARDED}/ holds no {role} weights")
     with sharded_read_in_one_process():
-        load_sharded(state, storage_reader=reader, no_dist=True)
+        load_sharded(state, storage_reader=SafeShardedReader(str(directory / SHARDED)), no_dist=True)
     return {key.removeprefix(prefix): tensor for key, tensor in state.items()}

@@ -102,8 +102,8 @@ def load_sharded(
 ) -> None:
     """Fill this rank's shards of the student, the teacher and the optimizer from the checkpoint
     ``checkpoint_dir``, whatever the number of processes that wrote it, with the optimizer's
-    ``param_groups`` saved beside it (:func:`optimizer_param_groups`); a checkpoint of other models is a
-    CheckpointError before anything is loaded. Every rank must call it.
+    ``param_groups`` saved beside it (:func:`optimizer_param_groups`). A checkpoint of other
+    models is a CheckpointError before anything is loaded. Every rank must call it.
 
     Parameters that had no optimizer state when it was saved (never given a gradient) have none
     after loading either, as in the run that saved it.
