@@ -102,3 +102,20 @@ def test_only_tensors_are_sharded_and_the_metadata_may_name_nothing_else(saved):
     metadata.write_bytes(pickle.dumps(print))
     with pytest.raises(CheckpointError, match=r"unreadable sharded/ \(builtins.print is not allowed in checkpoint metadata\)"):
         checkpoint.sharded_entries(path)
+
+
+def test_the_cli_loads_the_student_of_a_sharded_checkpoint(tmp_path):
+    from opsd_core.cli.run import _load, _model
+
+    config = _load(None, ())
+    _, student = _model(config, None, backend_only=True)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(0.5)
+    optimizer = torch.optim.AdamW(student.parameters())
+    with one_process_group():
+        path = checkpoint.save_checkpoint(
+            tmp_path, 1, lambda directory: sharded_state.save_sharded(directory, student, student, optimizer), {"step": 1}
+        )
+    _, loaded = _model(config, str(path), backend_only=True)
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in student.state_dict().items())
