@@ -8,9 +8,9 @@ and the final student and EMA teacher weights must match the single-process run,
 number of processes both ways: the 2-process run's sharded step-2 checkpoint resumed in one
 process, and the single-process run's step-2 checkpoint resumed in two, each equal to the
 uninterrupted single-process run within the same tolerance; the 2-process run resumed in 2
-processes equals the uninterrupted one bit for bit; a sharded checkpoint of other models is
-refused before anything is loaded. Two quick tests check the parallelize module's pieces in
-one process.
+processes equals the uninterrupted one bit for bit; a sharded checkpoint of other models, and
+a step that the processes cannot split, are refused before anything is loaded. Two quick tests
+check the parallelize module's pieces in one process.
 
 The 2-process runs execute this file as a torchrun script (``test_fsdp.py OUT``): workers
 cannot import a test module collected by pytest. The tolerances are explained in the harness.
@@ -49,6 +49,11 @@ def worker(out: Path) -> None:
         fsdp.train_straight(debug_backend, out / "fsdp", ranks, config)
         fsdp.train_resumed(debug_backend, out / "fsdp", out / "fsdp-resumed", ranks, config, from_step=2)
         fsdp.train_resumed(debug_backend, out / "single", out / "one-to-two", ranks, config, from_step=2)
+        try:  # 3 problems a step cannot be split over 2 processes: refused before the checkpoint is read
+            fsdp.make_trainer(debug_backend, out / "fsdp", ranks, fsdp.comparison_config(samples_per_step=3)).resume()
+        except ConfigError as error:
+            if ranks.is_main:
+                (out / "odd-split.txt").write_text(str(error))
         hsdp = fsdp.comparison_config(replicate=2)
         with process_group(hsdp, torch.device("cpu")) as hsdp_ranks:
             assert hsdp_ranks.mesh.ndim == 2
@@ -109,6 +114,14 @@ def test_a_sharded_checkpoint_of_other_models_is_refused(runs, tmp_path):
     message = str(info.value)
     assert "\n" not in message and "holds other models than this run builds" in message, message
     assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.multiprocess
+def test_a_resume_on_processes_that_cannot_split_the_step_is_refused_in_one_line(runs):
+    message = (runs / "odd-split.txt").read_text()
+    assert message == (
+        "train.samples_per_step: 3 cannot be split evenly over 2 processes (got 3); use a multiple of 2"
+    )
 
 
 @pytest.mark.multiprocess
