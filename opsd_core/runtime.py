@@ -92,7 +92,8 @@ class Ranks:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0: the only process that writes metrics, results, reports and checkpoints."""
+        """Rank 0: the only process that writes metrics, results and reports, and the one that
+        completes each checkpoint (every rank writes its shards into it)."""
         return self.rank == 0
 
     def share(self, count: int, name: str) -> int:

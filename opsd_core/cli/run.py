@@ -1,7 +1,9 @@
 """The commands that run models: ``opsd run``, ``diagnose``, ``eval`` and ``infer``.
 
 Owns: argument handling, the default config, printing results, and re-launching ``opsd run``
-through torchrun for multi-process training (``--nproc-per-node``).
+through torchrun for multi-process training: on one machine (``--nproc-per-node``) or on
+several, which meet at a c10d rendezvous (``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``:
+:class:`Rendezvous`).
 Does not know: torch at import time; each command imports the experiment code when run.
 """
 
@@ -10,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -39,16 +44,85 @@ def _checkpoint_option(function):
     return click.option(
         "--checkpoint",
         type=click.Path(exists=True, file_okay=False),
-        help="Weights to use: a checkpoint step directory (its student/) or a saved model directory. "
+        help="Weights to use: a checkpoint step directory (its student, whole or sharded) or a saved model directory. "
         "Default: the backend's configured start checkpoint.",
     )(function)
 
 
-def torchrun_command(nproc_per_node: int, arguments: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the launchers of a multi-node run meet (torchrun's c10d rendezvous).
+
+    Attributes:
+        nodes: how many machines take part, each running one launcher.
+        node_rank: this machine's place among them; node 0 hosts the rendezvous.
+        host: the address of node 0, as every node reaches it.
+        port: a free TCP port on node 0.
+        timeout_s: how long a node waits for node 0 to answer, and node 0 for every node to join.
+    """
+
+    nodes: int
+    node_rank: int
+    host: str
+    port: int
+    timeout_s: int
+
+    @classmethod
+    def parse(cls, nodes: int, node_rank: int | None, endpoint: str | None, timeout_s: int) -> Rendezvous:
+        """The rendezvous of ``opsd run``'s options; a missing or malformed one is a BadParameter."""
+        if node_rank is None or endpoint is None:
+            missing = " and ".join(name for name, value in (("--node-rank", node_rank), ("--rdzv-endpoint", endpoint)) if value is None)
+            raise click.BadParameter(
+                f"--nnodes {nodes} needs {missing}: each machine runs the same command with its own --node-rank "
+                "(0 to N-1) and node 0's HOST:PORT as --rdzv-endpoint",
+                param_hint="--nnodes",
+            )
+        if node_rank >= nodes:
+            raise click.BadParameter(f"nodes are numbered 0 to {nodes - 1} (got {node_rank})", param_hint="--node-rank")
+        host, _, port = endpoint.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")  # an IPv6 address in brackets
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise click.BadParameter(f"expected HOST:PORT, e.g. node0.cluster:29500 (got {endpoint!r})", param_hint="--rdzv-endpoint")
+        return cls(nodes, node_rank, host, int(port), timeout_s)
+
+    @property
+    def endpoint(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def torchrun_options(self, run_id: str) -> list[str]:
+        """torchrun's options for this node: node 0 hosts the rendezvous store, the others
+        connect to it; ``run_id`` keeps two runs sharing an endpoint apart."""
+        settings = f"is_host={str(self.node_rank == 0).lower()},join_timeout={self.timeout_s},read_timeout={self.timeout_s}"
+        return [
+            f"--nnodes={self.nodes}", f"--node-rank={self.node_rank}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={run_id}", f"--rdzv-conf={settings}",
+        ]  # fmt: skip
+
+    def wait_for_host(self) -> None:
+        """Return once node 0 answers at the endpoint; a ConfigError after ``timeout_s``
+        seconds without an answer (before anything is launched or written)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                    return
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        f"--rdzv-endpoint: nothing answered at {self.endpoint} within {self.timeout_s} s (got "
+                        f"{self.endpoint!r}); start node 0 on that host first, check the address and port, or raise "
+                        "--rdzv-timeout"
+                    ) from None
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def torchrun_command(nproc_per_node: int, arguments: list[str], rendezvous: Rendezvous | None = None, run_id: str = "opsd") -> list[str]:
     """The command that runs ``opsd <arguments>`` in ``nproc_per_node`` processes on this
-    machine through torchrun (a standalone rendezvous on a free port)."""
+    machine through torchrun: alone (a standalone rendezvous on a free port), or as one node of
+    ``rendezvous`` (``run_id`` names the run there)."""
+    launch = ["--standalone"] if rendezvous is None else rendezvous.torchrun_options(run_id)
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+        sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={nproc_per_node}",
         "--no-python", sys.executable, "-c", _WORKER, *arguments,
     ]  # fmt: skip
 
@@ -56,7 +130,7 @@ def torchrun_command(nproc_per_node: int, arguments: list[str]) -> list[str]:
 def _run_arguments(
     config_path: str | None, overrides: tuple[str, ...], resume_dir: str | None, no_progress: bool, allow_changes: bool
 ):
-    """``opsd run``'s arguments for the workers (everything but ``--nproc-per-node``)."""
+    """``opsd run``'s arguments for the workers (everything but the launch options)."""
     arguments = ["run"] + ([config_path] if config_path else [])
     for override in overrides:
         arguments += ["--set", override]
@@ -88,6 +162,24 @@ def _run_arguments(
     help="Train in N processes on this machine (one per GPU; gloo on CPU): re-launches itself through "
     "torchrun with the same arguments. Inside a torchrun worker it must match torchrun's own count.",
 )
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Train on N machines: run this same command on each, with its own --node-rank and node 0's "
+    "--rdzv-endpoint; each starts --nproc-per-node processes (default 1) and they meet through "
+    "torchrun's c10d rendezvous. The run directory must be on a file system every machine sees.",
+)
+@click.option("--node-rank", type=click.IntRange(min=0), metavar="R", help="With --nnodes: this machine's number, 0 to N-1; node 0 hosts the rendezvous.")
+@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="With --nnodes: node 0's address, as every machine reaches it, and a free port there.")
+@click.option(
+    "--rdzv-timeout",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --nnodes: how long a node waits for node 0 to answer at --rdzv-endpoint, and node 0 for every node to join.",
+)
 def run_command(
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -96,6 +188,10 @@ def run_command(
     allow_changes: bool,
     backend: str | None,
     nproc_per_node: int | None,
+    nnodes: int | None,
+    node_rank: int | None,
+    rdzv_endpoint: str | None,
+    rdzv_timeout: int,
 ) -> None:
     """Run the whole method: KL diagnostic -> OPSD -> eval -> noise control -> eval -> report.
 
@@ -103,6 +199,7 @@ def run_command(
     (with --backend NAME, examples/NAME.toml instead).
     With --nproc-per-node N > 1 (or when started by torchrun), training is sharded over the
     processes with the backend's FSDP2 setup; rank 0 alone prints and writes (docs/distributed.md).
+    With --nnodes N > 1, each of N machines runs this command and they train as one job.
     """
     from opsd_core.config import config_changes, load_config, to_toml
     from opsd_core.experiment import Experiment
@@ -135,6 +232,18 @@ def run_command(
     else:
         config = _load(config_path, overrides)
     launched = "WORLD_SIZE" in os.environ
+    rendezvous = None
+    if nnodes is not None and nnodes > 1:
+        rendezvous = Rendezvous.parse(nnodes, node_rank, rdzv_endpoint, rdzv_timeout)
+    elif node_rank is not None or rdzv_endpoint is not None:
+        raise click.BadParameter("--node-rank and --rdzv-endpoint go with --nnodes N > 1", param_hint="--nnodes")
+    if rendezvous is not None and launched:
+        raise click.BadParameter("torchrun already launched this process; drop --nnodes and its options", param_hint="--nnodes")
+    if rendezvous is not None:  # the config is valid: meet the other nodes and start this one's processes
+        if rendezvous.node_rank > 0:
+            rendezvous.wait_for_host()
+        arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes)
+        raise SystemExit(subprocess.call(torchrun_command(nproc_per_node or 1, arguments, rendezvous, config.run.name)))
     if nproc_per_node is not None and nproc_per_node > 1 and not launched:  # the config is valid: start them
         arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes)
         raise SystemExit(subprocess.call(torchrun_command(nproc_per_node, arguments)))
@@ -185,13 +294,20 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
     backend = components if backend_only else components.backend
     model = backend.build_model()
     if checkpoint is not None:
-        directory = Path(checkpoint)
-        if (directory / "student").is_dir():
-            from opsd_core.trainer.checkpoint import verify_checkpoint
+        from opsd_core.trainer.checkpoint import (
+            is_sharded,
+            read_sharded_weights,
+            verify_checkpoint,
+        )
 
-            verify_checkpoint(directory)
-            directory = directory / "student"
-        backend.load_weights(model, directory)
+        directory = Path(checkpoint)
+        if is_sharded(directory):  # written by a multi-process run: its shards are read whole here
+            model.load_state_dict(read_sharded_weights(directory, "student"))
+        else:
+            if (directory / "student").is_dir():
+                verify_checkpoint(directory)
+                directory = directory / "student"
+            backend.load_weights(model, directory)
     return components, model.to(backend.device).eval()
 
 

@@ -232,11 +232,32 @@ def step_metrics(directory: Path, steps: int = STEPS) -> list[dict[str, float]]:
     ]
 
 
-def final_weights(directory: Path, name: str, steps: int = STEPS, weights: str = "model.safetensors") -> dict[str, torch.Tensor]:
-    """The ``name`` (student or teacher) weights saved at the last step's checkpoint."""
-    from opsd_core.state_dicts import read_safetensors
+def final_weights(
+    directory: Path,
+    name: str,
+    steps: int = STEPS,
+    weights: str = "model.safetensors",
+    build_backend: Callable[[], Backend] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The ``name`` (student or teacher) weights saved at the last step's checkpoint.
 
-    return read_safetensors([Path(directory) / "checkpoints" / f"step-{steps:07d}" / name / weights])
+    A multi-process checkpoint's part of ``sharded/`` is keyed by the model's own parameter
+    names. A single-process checkpoint's ``name/`` is read through ``build_backend``'s
+    ``load_weights`` into its model, giving the same names (the backend may save others, or
+    drop tied copies), or, without it, as its ``weights`` file holds it.
+    """
+    from opsd_core.state_dicts import read_safetensors
+    from opsd_core.trainer.checkpoint import is_sharded, read_sharded_weights
+
+    step_dir = Path(directory) / "checkpoints" / f"step-{steps:07d}"
+    if is_sharded(step_dir):
+        return read_sharded_weights(step_dir, name)
+    if build_backend is None:
+        return read_safetensors([step_dir / name / weights])
+    backend = build_backend()
+    model = backend.build_model()
+    backend.load_weights(model, step_dir / name)
+    return {key: value.detach().cpu() for key, value in model.state_dict().items()}
 
 
 def assert_same_run(
@@ -248,25 +269,37 @@ def assert_same_run(
     weight_rtol: float = WEIGHT_RTOL,
     weight_atol: float = WEIGHT_ATOL,
     weights: str = "model.safetensors",
+    build_backend: Callable[[], Backend] | None = None,
 ) -> None:
-    """Per-step metrics and final student and teacher weights of two runs agree within tolerance."""
+    """Per-step metrics and final student and teacher weights of two runs agree within tolerance.
+    Pass ``build_backend`` when one run has a single-process and the other a multi-process
+    checkpoint (see :func:`final_weights`)."""
     import pytest
 
     for step, (want, got) in enumerate(zip(step_metrics(expected, steps), step_metrics(actual, steps)), start=1):
         assert got.keys() == want.keys(), step
         assert got == pytest.approx(want, rel=metric_rtol, abs=metric_atol), f"step {step}"
     for name in ("student", "teacher"):
-        want, got = final_weights(expected, name, steps, weights), final_weights(actual, name, steps, weights)
+        want = final_weights(expected, name, steps, weights, build_backend)
+        got = final_weights(actual, name, steps, weights, build_backend)
         assert want.keys() == got.keys(), name
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=weight_rtol, atol=weight_atol, msg=f"{name} {key}")
 
 
-def assert_identical_runs(expected: Path, actual: Path, steps: int = STEPS, weights: str = "model.safetensors") -> None:
-    """Per-step metrics and final weights of two runs are equal bit for bit."""
+def assert_identical_runs(
+    expected: Path,
+    actual: Path,
+    steps: int = STEPS,
+    weights: str = "model.safetensors",
+    build_backend: Callable[[], Backend] | None = None,
+) -> None:
+    """Per-step metrics and final weights of two runs are equal bit for bit (``build_backend``
+    as for :func:`assert_same_run`)."""
     assert step_metrics(actual, steps) == step_metrics(expected, steps)
     for name in ("student", "teacher"):
-        want, got = final_weights(expected, name, steps, weights), final_weights(actual, name, steps, weights)
+        want = final_weights(expected, name, steps, weights, build_backend)
+        got = final_weights(actual, name, steps, weights, build_backend)
         assert want.keys() == got.keys(), name
         for key in want:
             assert torch.equal(got[key], want[key]), f"{name} {key}"

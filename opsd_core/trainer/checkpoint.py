@@ -1,31 +1,64 @@
 """Atomic, verifiable training checkpoints.
 
-Owns: the checkpoint directory layout (``step-NNNNNNN/`` with ``student/`` and ``teacher/``
-written by the backend, ``trainer_state.pt`` and ``manifest.json``; the same layout whatever
-the number of training processes, since rank 0 writes full weights), writing it through a
-temporary directory and a rename so a crash never leaves a half-written checkpoint under its
-final name, and verifying every file's size and SHA-256 before anything is loaded.
-Does not know: what the trainer state means; the backend writes and reads the weights.
+Owns: the checkpoint directory layout, ``step-NNNNNNN/`` holding ``trainer_state.pt``,
+``manifest.json`` and the weights in one of two forms: ``student/`` and ``teacher/`` as the
+backend saves a whole model (single-process runs), or ``sharded/``, a
+``torch.distributed.checkpoint`` directory where every process of a multi-process run writes
+its own shards of the student, the teacher and the optimizer state (:func:`is_sharded`).
+Writing goes through a temporary directory and a rename, so a crash never leaves a
+half-written checkpoint under its final name; every file's size and SHA-256 is recorded
+(hashed by all the processes, each its share of the files) and verified before anything is
+loaded. Also reads the full weights of a sharded checkpoint in one process
+(:func:`read_sharded_weights`), names what a sharded checkpoint holds
+(:func:`sharded_entries`), and reads the library's pickled metadata allowing only its own
+classes (:class:`SafeShardedReader`).
+Does not know: what the trainer state means, how models are sharded or what their weights are
+called; the trainer and the backend fill the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 
 from opsd_core.errors import CheckpointError
 from opsd_core.rundir import list_checkpoints, step_dir_name
+from opsd_core.runtime import Ranks
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
+SHARDED = "sharded"
 _FORMAT = 1
+# What the metadata of a sharded checkpoint may name: the library's descriptions of tensors and
+# of where their bytes lie, sizes, layouts and paths (dtypes are checked apart).
+_METADATA_GLOBALS = {
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in ("Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+                     "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
+    ),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+}  # fmt: skip
 
 
 def _sha256(path: Path) -> str:
@@ -36,55 +69,70 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
+def _recorded(path: Path) -> dict[str, Any]:
+    """The manifest entry of ``path``, once its bytes are on disk (fsync)."""
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def save_checkpoint(
     checkpoints_dir: Path,
     step: int,
     write_weights: Callable[[Path], None],
-    trainer_state: dict[str, Any],
+    trainer_state: dict[str, Any] | None,
     keep: int | None = None,
+    ranks: Ranks | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and return its directory.
 
     Args:
         checkpoints_dir: parent of the ``step-NNNNNNN`` directories.
         step: number of optimizer steps taken.
-        write_weights: writes the model files (e.g. ``student/``, ``teacher/``) into the
-            directory it is given.
+        write_weights: writes the model files (``student/`` and ``teacher/``, or ``sharded/``)
+            into the directory it is given; every rank calls it.
         trainer_state: tensors and plain Python values only (loaded back with
-            ``weights_only=True``).
+            ``weights_only=True``); rank 0's is written, other ranks may pass None.
         keep: if set, delete all but the newest ``keep`` complete checkpoints afterwards.
+        ranks: the training processes (default: a single process). Every rank must call this;
+            they write into rank 0's temporary directory, which must be on a file system all of
+            them see, and each hashes a share of its files.
     """
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    ranks = ranks or Ranks()
     final = checkpoints_dir / step_dir_name(step)
-    temporary = checkpoints_dir / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
+    temporary = None
+    if ranks.is_main:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        temporary = checkpoints_dir / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir()
+    temporary = ranks.broadcast(temporary)
     try:
         write_weights(temporary)
-        torch.save(trainer_state, temporary / TRAINER_STATE)
-        files = {
-            str(path.relative_to(temporary)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-            for path in sorted(temporary.rglob("*"))
-            if path.is_file()
-        }
-        manifest = {"format": _FORMAT, "step": step, "files": files}
-        (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_tree(temporary)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+        if ranks.is_main:
+            torch.save(trainer_state, temporary / TRAINER_STATE)
+        ranks.barrier()
+        names = ranks.broadcast(
+            sorted(str(path.relative_to(temporary)) for path in temporary.rglob("*") if path.is_file())
+            if ranks.is_main
+            else None
+        )
+        shares = ranks.gather({name: _recorded(temporary / name) for name in names[ranks.rank :: ranks.world_size]})
+        if ranks.is_main:
+            files = {name: entry for share in shares for name, entry in share.items()}
+            manifest = {"format": _FORMAT, "step": step, "processes": ranks.world_size, "files": dict(sorted(files.items()))}
+            (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _recorded(temporary / MANIFEST)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+        ranks.barrier()
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        if ranks.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
         raise
-    if keep is not None:
+    if keep is not None and ranks.is_main:
         for old in list_checkpoints(checkpoints_dir)[:-keep]:
             shutil.rmtree(old)
     return final
@@ -174,3 +222,83 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
         return None
     verify_checkpoint(checkpoints[-1])
     return checkpoints[-1]
+
+
+def is_sharded(directory: Path) -> bool:
+    """Whether the checkpoint ``directory`` holds its weights in ``sharded/`` (written by a
+    multi-process run) rather than as whole models in ``student/`` and ``teacher/``."""
+    return (directory / SHARDED).is_dir()
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a sharded checkpoint's ``.metadata`` allowing only :data:`_METADATA_GLOBALS`
+    and dtypes, so reading it runs no code the file names."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class SafeShardedReader(FileSystemReader):
+    """The reader of a checkpoint's ``sharded/`` directory: the library's own, except that its
+    metadata is unpickled with :class:`_MetadataUnpickler`. Callers load tensors only (the
+    library unpickles other values without restriction)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with (Path(self.path) / ".metadata").open("rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"the metadata is a {type(metadata).__name__}, not the library's Metadata")
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def sharded_entries(directory: Path) -> dict[str, tuple[int, ...] | None]:
+    """What the ``sharded/`` part of checkpoint ``directory`` holds: each flattened key
+    (``student.<parameter>``, ``teacher.<parameter>``, ``optimizer.state.<parameter>.<name>``,
+    ...) with its full tensor shape, or None for a value that is not a tensor."""
+    return {
+        key: tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else None
+        for key, entry in _sharded_metadata(directory).state_dict_metadata.items()
+    }
+
+
+def _sharded_metadata(directory: Path) -> Metadata:
+    try:
+        return SafeShardedReader(str(directory / SHARDED)).read_metadata()
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"checkpoint {str(directory)!r}: unreadable {SHARDED}/ ({error})") from None
+
+
+@contextlib.contextmanager
+def sharded_read_in_one_process() -> Iterator[None]:
+    """Read a sharded checkpoint without a process group, without the library's warning that
+    this is what happens (reading it whole in one process is intended here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
+def read_sharded_weights(directory: Path, role: str) -> dict[str, torch.Tensor]:
+    """The full weights of ``role`` (``student`` or ``teacher``) in the sharded checkpoint
+    ``directory``, keyed as the model's ``state_dict()`` names them; read in this one process
+    (no process group), whatever the number of processes that wrote it. Verifies the checkpoint
+    first."""
+    from torch.distributed.checkpoint import load as load_sharded
+
+    verify_checkpoint(directory)
+    if not is_sharded(directory):
+        raise CheckpointError(f"checkpoint {str(directory)!r} holds no {SHARDED}/ directory")
+    prefix = f"{role}."
+    state = {
+        key: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in _sharded_metadata(directory).state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+    if not state:
+        raise CheckpointError(f"checkpoint {str(directory)!r}: {SHARDED}/ holds no {role} weights")
+    with sharded_read_in_one_process():
+        load_sharded(state, storage_reader=SafeShardedReader(str(directory / SHARDED)), no_dist=True)
+    return {key.removeprefix(prefix): tensor for key, tensor in state.items()}

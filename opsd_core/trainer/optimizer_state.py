@@ -1,8 +1,9 @@
-"""Optimizer state in one layout whatever the number of processes.
+"""A single-process checkpoint's optimizer state, loaded into one process or into shards.
 
 Owns: the optimizer's state as a single process's ``optimizer.state_dict()`` has it (full
-tensors keyed by parameter index), gathered from sharded (FSDP2) parameters onto rank 0 for a
-checkpoint and scattered back to the shards on resume.
+tensors keyed by parameter index), loaded as it is in one process or, in a multi-process run
+resuming such a checkpoint, read by rank 0 and scattered to the sharded (FSDP2) parameters.
+Multi-process checkpoints hold their optimizer state sharded (``sharded_state.py``).
 Does not know: the checkpoint directory layout, the model family or the loss.
 """
 
@@ -22,33 +23,14 @@ def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     return [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
 
 
-def optimizer_state_dict(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ranks: Ranks
-) -> dict[str, Any] | None:
-    """The optimizer's state as a single process's ``optimizer.state_dict()`` has it (full
-    tensors, keyed by parameter index): rank 0 gets it when sharded, other ranks None."""
-    if not ranks.distributed:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    state = get_optimizer_state_dict(model, optimizer, options=full_state_options(cpu_offload=True))
-    if not ranks.is_main:
-        return None
-    index = {name: position for position, name in enumerate(_parameter_names(model, optimizer))}
-    return {
-        "state": {index[name]: value for name, value in state["state"].items()},
-        "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]],
-    }
-
-
 def load_optimizer_state_dict(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any] | None,
     ranks: Ranks,
 ) -> None:
-    """Load a state written by :func:`optimizer_state_dict`; when sharded, rank 0's copy is
-    the one used and every rank takes its shards. Every rank must call it."""
+    """Load a single process's ``optimizer.state_dict()``; when sharded, rank 0's copy is the
+    one used and every rank takes its shards. Every rank must call it."""
     if not ranks.distributed:
         optimizer.load_state_dict(state)
         return

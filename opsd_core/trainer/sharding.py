@@ -3,8 +3,9 @@
 Owns: sharding a model with the backend's ``parallelize`` and keeping a weightless skeleton
 of it, the start model built on rank 0 and scattered as shards, clones made shard by shard,
 gathering every weight for sampling (:func:`gathered`), the global gradient norm, and moving
-full (unsharded) weights between rank 0 and sharded modules, so checkpoints have one layout
-whatever the number of processes. In a single process every helper passes the model through.
+full (unsharded) weights between rank 0 and sharded modules (the start model, a
+single-process checkpoint resumed on several processes). In a single process every helper
+passes the model through.
 Does not know: how a model is sharded (the backend's ``parallelize`` decides), losses, the
 checkpoint directory layout or config files.
 """
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 def shard(backend: Backend, model: torch.nn.Module, ranks: Ranks, config: RunConfig):
     """``(model, skeleton)``: the model sharded by ``backend.parallelize`` and a weightless
-    copy of it taken before, for checkpoints (see :func:`unsharded_copy`). A single process
+    copy of it taken before (see :func:`load_unsharded`). A single process
     gets ``(model, None)`` untouched."""
     if not ranks.distributed:
         return model, None

@@ -29,7 +29,7 @@ from opsd_core.divergences import kl_divergence
 from opsd_core.errors import ConfigError, NonFiniteError
 from opsd_core.rundir import MetricsLog
 from opsd_core.sampling import sample_seed
-from opsd_core.trainer import checkpoint, optimizer_state, sharding
+from opsd_core.trainer import checkpoint, optimizer_state, sharded_state, sharding
 from opsd_core.trainer.loss import micro_batch_loss, token_cross_entropy
 from opsd_core.trainer.schedule import build_scheduler
 from opsd_core.types import (
@@ -421,19 +421,19 @@ class Trainer:
             torch.cuda.set_rng_state_all(states["cuda_rng"])
 
     def _trainer_state(self) -> dict[str, Any] | None:
-        """Everything but the weights, on rank 0 (None elsewhere); every rank must call it."""
+        """Everything but the weights, on rank 0 (None elsewhere): the step, the data position,
+        the schedule, every rank's RNG streams and the optimizer state (with several processes
+        its parameter groups only: the moments are saved with the weights, sharded). Every rank
+        must call it."""
         rng = self._rng_states()
         every_rank_rng = self.ranks.gather(rng)
-        optimizer = optimizer_state.optimizer_state_dict(self.student, self.optimizer, self.ranks)
+        if self.ranks.distributed:
+            optimizer = {"optimizer_param_groups": sharded_state.optimizer_param_groups(self.student, self.optimizer)}
+        else:
+            optimizer = {"optimizer": self.optimizer.state_dict()}
         if not self.ranks.is_main:
             return None
-        state = {
-            "step": self.step,
-            "position": self.position,
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(),
-            **rng,
-        }
+        state = {"step": self.step, "position": self.position, "scheduler": self.scheduler.state_dict(), **rng, **optimizer}
         if self.ranks.distributed:
             state["rank_rng"] = every_rank_rng
         return state
@@ -445,31 +445,31 @@ class Trainer:
         self.optimizer.state.clear()
         runtime.release_cached_memory(self.device)
 
-    def save(self) -> Path | None:
+    def save(self) -> Path:
         """Write a checkpoint of the current step (atomic) and return its directory.
 
-        Every rank takes part; rank 0 writes full weights (the layout of a single-process run)
-        and the other ranks return None once it is written.
+        A single process writes whole models as the backend saves them (``student/``,
+        ``teacher/``); several processes write ``sharded/``, each rank its own shards of the
+        models and the optimizer, and nothing is gathered. Every rank must call it.
         """
         state = self._trainer_state()
-        student = sharding.unsharded_copy(self.student, self._student_skeleton, self.ranks)
-        teacher = sharding.unsharded_copy(self.teacher, self._teacher_skeleton, self.ranks)
-        path = None
-        if self.ranks.is_main:
 
-            def write_weights(directory: Path) -> None:
-                self.backend.save_pretrained(student, directory / "student")
-                self.backend.save_pretrained(teacher, directory / "teacher")
+        def write_weights(directory: Path) -> None:
+            if self.ranks.distributed:
+                sharded_state.save_sharded(directory, self.student, self.teacher, self.optimizer)
+            else:
+                self.backend.save_pretrained(self.student, directory / "student")
+                self.backend.save_pretrained(self.teacher, directory / "teacher")
 
-            path = checkpoint.save_checkpoint(
-                self.checkpoints_dir, self.step, write_weights, state, keep=self.config.train.keep_checkpoints
-            )
-        self.ranks.barrier()
-        return path
+        return checkpoint.save_checkpoint(
+            self.checkpoints_dir, self.step, write_weights, state, keep=self.config.train.keep_checkpoints, ranks=self.ranks
+        )
 
     def resume(self) -> bool:
         """Load this phase's newest checkpoint, if any; True when one was loaded. Rank 0 picks
-        and verifies it; the other ranks take their shards from rank 0."""
+        and verifies it. Any number of processes resumes any checkpoint: a sharded one is read
+        shard by shard by every rank; whole models are loaded by rank 0, which gives every rank
+        its shards."""
         main = self.ranks.is_main
         if main:
             checkpoint.remove_interrupted_saves(self.checkpoints_dir)
@@ -479,14 +479,18 @@ class Trainer:
                 self.metrics.truncate(self.mode.name, 0)
             return False
         state = checkpoint.load_trainer_state(directory, verify=main, mmap=self.ranks.distributed)
-        load = self.backend.load_weights
-        sharding.load_unsharded(
-            self.student, self._student_skeleton, self.ranks, lambda full: load(full, directory / "student")
-        )
-        sharding.load_unsharded(
-            self.teacher, self._teacher_skeleton, self.ranks, lambda full: load(full, directory / "teacher")
-        )
-        optimizer_state.load_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.ranks)
+        if checkpoint.is_sharded(directory):
+            groups = state["optimizer_param_groups"]
+            sharded_state.load_sharded(directory, self.student, self.teacher, self.optimizer, groups)
+        else:
+            load = self.backend.load_weights
+            sharding.load_unsharded(
+                self.student, self._student_skeleton, self.ranks, lambda full: load(full, directory / "student")
+            )
+            sharding.load_unsharded(
+                self.teacher, self._teacher_skeleton, self.ranks, lambda full: load(full, directory / "teacher")
+            )
+            optimizer_state.load_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.ranks)
         self.scheduler.load_state_dict(state["scheduler"])
         self._restore_rng_states(state)
         self.step, self.position = int(state["step"]), int(state["position"])

@@ -1,9 +1,11 @@
 """Multi-process helpers that need no process group: mesh sizes, rank slices, the single-process
-world, weightless skeletons, and how ``opsd run --nproc-per-node`` re-launches itself.
+world, weightless skeletons, and how ``opsd run --nproc-per-node`` (and ``--nnodes``) re-launches
+itself, with its bad options and a rendezvous endpoint that does not answer.
 
 The 2-process runs themselves are in plugins/opsd-thinkmorph/tests/test_fsdp.py.
 """
 
+import socket
 import sys
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from opsd_core.cli import cli
-from opsd_core.cli.run import _run_arguments, torchrun_command
+from opsd_core.cli.run import Rendezvous, _run_arguments, torchrun_command
 from opsd_core.config import RunConfig
 from opsd_core.errors import ConfigError
 from opsd_core import runtime
@@ -67,7 +69,9 @@ def test_single_process_helpers_do_what_the_trainer_did_before():
     optimizer.step()
     assert sharding.shard(None, model, Ranks(), RunConfig()) == (model, None)
     assert sharding.unsharded_copy(model, None, Ranks()) is model
-    assert optimizer_state.optimizer_state_dict(model, optimizer, Ranks()) == optimizer.state_dict()
+    saved = optimizer.state_dict()
+    optimizer_state.load_optimizer_state_dict(model, optimizer, saved, Ranks())
+    assert optimizer.state_dict() == saved
     with sharding.gathered(model) as inside:
         assert inside is model
     loaded = []
@@ -118,3 +122,44 @@ def test_nproc_per_node_is_checked(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     result = CliRunner().invoke(cli, ["run", "--nproc-per-node", "4"])
     assert result.exit_code == 2 and "torchrun started 2 processes on this node (got 4)" in result.output
+
+
+def test_multi_node_torchrun_command():
+    rendezvous = Rendezvous.parse(2, 1, "node0.cluster:29500", 60)
+    command = torchrun_command(4, ["run"], rendezvous, "my-run")
+    assert command[3:10] == [
+        "--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=node0.cluster:29500", "--rdzv-id=my-run",
+        "--rdzv-conf=is_host=false,join_timeout=60,read_timeout=60", "--nproc-per-node=4",
+    ]  # fmt: skip
+    assert "is_host=true" in torchrun_command(1, ["run"], Rendezvous.parse(2, 0, "[::1]:29500", 60))[8]
+    assert Rendezvous.parse(2, 0, "[::1]:29500", 60).endpoint == "[::1]:29500"
+
+
+@pytest.mark.parametrize(
+    "arguments, fragment",
+    [
+        (["--nnodes", "2", "--rdzv-endpoint", "h:1"], "--nnodes 2 needs --node-rank"),
+        (["--nnodes", "2", "--node-rank", "0"], "--nnodes 2 needs --rdzv-endpoint"),
+        (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "nodes are numbered 0 to 1 (got 2)"),
+        (["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "h"], "expected HOST:PORT"),
+        (["--node-rank", "1"], "go with --nnodes N > 1"),
+    ],
+)
+def test_bad_multi_node_options_say_what_to_pass(arguments, fragment, tmp_path):
+    result = CliRunner().invoke(cli, ["run", "--set", f"run.output_dir='{tmp_path}'", *arguments])
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rendezvous_endpoint_that_does_not_answer_is_one_line_and_writes_nothing(tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    arguments = ["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-timeout", "1"]
+    result = CliRunner().invoke(cli, ["run", "--set", f"run.output_dir='{tmp_path}'", *arguments])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: --rdzv-endpoint: nothing answered at 127.0.0.1:{port} within 1 s (got '127.0.0.1:{port}'); start "
+        "node 0 on that host first, check the address and port, or raise --rdzv-timeout"
+    ]
+    assert list(tmp_path.iterdir()) == []

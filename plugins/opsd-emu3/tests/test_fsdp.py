@@ -40,7 +40,7 @@ METRIC_ATOL = 2e-7
 
 
 def test_two_processes_equal_one(runs):
-    fsdp.assert_same_run(runs / "single", runs / "fsdp", metric_atol=METRIC_ATOL)
+    fsdp.assert_same_run(runs / "single", runs / "fsdp", metric_atol=METRIC_ATOL, build_backend=debug_backend)
 
 
 def test_resumed_two_process_run_equals_the_uninterrupted_one(runs):

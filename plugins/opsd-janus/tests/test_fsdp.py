@@ -33,7 +33,7 @@ def runs(tmp_path_factory) -> Path:
 
 
 def test_two_processes_equal_one(runs):
-    fsdp.assert_same_run(runs / "single", runs / "fsdp")
+    fsdp.assert_same_run(runs / "single", runs / "fsdp", build_backend=debug_backend)
 
 
 def test_resumed_two_process_run_equals_the_uninterrupted_one(runs):

@@ -4,10 +4,13 @@ The comparison harness of :mod:`opsd_core.testing.fsdp`: same config, sampling a
 1 (completions do not depend on how a step's problems are split over ranks), 3 OPSD steps of 2
 problems each: per-step metrics (loss, gradient norm, KL, ...)
 and the final student and EMA teacher weights must match the single-process run, for FSDP
-(with activation checkpointing) and for HSDP (replicate 2 x shard 1); the 2-process run
-resumed from its step-2 checkpoint must equal the uninterrupted one bit for bit; and a
-2-process checkpoint must resume in a single process. Two quick tests check the parallelize
-module's pieces in one process.
+(with activation checkpointing) and for HSDP (replicate 2 x shard 1). Checkpoints change the
+number of processes both ways: the 2-process run's sharded step-2 checkpoint resumed in one
+process, and the single-process run's step-2 checkpoint resumed in two, each equal to the
+uninterrupted single-process run within the same tolerance; the 2-process run resumed in 2
+processes equals the uninterrupted one bit for bit; a sharded checkpoint of other models, and
+a step that the processes cannot split, are refused before anything is loaded. Two quick tests
+check the parallelize module's pieces in one process.
 
 The 2-process runs execute this file as a torchrun script (``test_fsdp.py OUT``): workers
 cannot import a test module collected by pytest. The tolerances are explained in the harness.
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opsd_core.api import ConfigError
+from opsd_core.api import CheckpointError, ConfigError
 from opsd_core.testing import fsdp
 from opsd_core.testing.trainer import Ranks, process_group
 from opsd_thinkmorph.backend import ThinkMorphBackend
@@ -45,6 +48,12 @@ def worker(out: Path) -> None:
     with process_group(config, torch.device("cpu")) as ranks:
         fsdp.train_straight(debug_backend, out / "fsdp", ranks, config)
         fsdp.train_resumed(debug_backend, out / "fsdp", out / "fsdp-resumed", ranks, config, from_step=2)
+        fsdp.train_resumed(debug_backend, out / "single", out / "one-to-two", ranks, config, from_step=2)
+        try:  # 3 problems a step cannot be split over 2 processes: refused before the checkpoint is read
+            fsdp.make_trainer(debug_backend, out / "fsdp", ranks, fsdp.comparison_config(samples_per_step=3)).resume()
+        except ConfigError as error:
+            if ranks.is_main:
+                (out / "odd-split.txt").write_text(str(error))
         hsdp = fsdp.comparison_config(replicate=2)
         with process_group(hsdp, torch.device("cpu")) as hsdp_ranks:
             assert hsdp_ranks.mesh.ndim == 2
@@ -72,12 +81,47 @@ def runs(tmp_path_factory) -> Path:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("variant", ["fsdp", "hsdp"])
 def test_two_processes_equal_one(runs, variant):
-    fsdp.assert_same_run(runs / "single", runs / variant)
+    fsdp.assert_same_run(runs / "single", runs / variant, build_backend=debug_backend)
 
 
 @pytest.mark.multiprocess
 def test_resumed_two_process_run_equals_the_uninterrupted_one(runs):
     fsdp.assert_identical_runs(runs / "fsdp", runs / "fsdp-resumed")
+
+
+@pytest.mark.multiprocess
+def test_a_one_process_checkpoint_resumed_in_two_equals_the_uninterrupted_run(runs):
+    fsdp.assert_same_run(runs / "single", runs / "one-to-two", build_backend=debug_backend)
+
+
+@pytest.mark.multiprocess
+def test_a_two_process_checkpoint_resumed_in_one_equals_the_uninterrupted_run(runs, tmp_path):
+    fsdp.train_resumed(debug_backend, runs / "fsdp", tmp_path / "two-to-one", Ranks(), fsdp.comparison_config())
+    fsdp.assert_same_run(runs / "single", tmp_path / "two-to-one", build_backend=debug_backend)
+
+
+@pytest.mark.multiprocess
+def test_a_sharded_checkpoint_of_other_models_is_refused(runs, tmp_path):
+    shutil.copytree(runs / "fsdp" / "checkpoints", tmp_path / "checkpoints")
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+
+    def wider_backend() -> ThinkMorphBackend:
+        return ThinkMorphBackend(ThinkMorphParams(flavour="debug", generation=True))
+
+    trainer = fsdp.make_trainer(wider_backend, tmp_path, Ranks(), fsdp.comparison_config())
+    with pytest.raises(CheckpointError) as info:
+        trainer.resume()
+    message = str(info.value)
+    assert "\n" not in message and "holds other models than this run builds" in message, message
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.multiprocess
+def test_a_resume_on_processes_that_cannot_split_the_step_is_refused_in_one_line(runs):
+    message = (runs / "odd-split.txt").read_text()
+    assert message == (
+        "train.samples_per_step: 3 cannot be split evenly over 2 processes (got 3); use a multiple of 2"
+    )
 
 
 @pytest.mark.multiprocess

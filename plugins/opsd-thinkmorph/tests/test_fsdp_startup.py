@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from opsd_core.api import Problem, RunConfig, Score, Task
+from opsd_core.testing.fsdp import final_weights
 from opsd_core.testing.trainer import (
     BatchedSampler,
     Components,
@@ -146,8 +146,8 @@ def worker(out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- the tests
 def _final(directory: Path, name: str) -> dict[str, torch.Tensor]:
-    last = sorted((directory / "checkpoints").glob("step-*"))[-1]
-    return load_file(str(last / name / "model.safetensors"))
+    """The last checkpoint's ``name`` weights (sharded: written by the 2 processes)."""
+    return final_weights(directory, name, STEPS)
 
 
 def _metrics(directory: Path) -> list[dict]:

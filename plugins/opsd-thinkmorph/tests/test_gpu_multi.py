@@ -3,7 +3,7 @@
 The debug flavour through the real command: NCCL, FSDP2 with bf16 mixed precision and fp32
 master weights, activation checkpointing, the sharded start-up. A run of 3 steps checkpoints
 every step; a copy of it with its step-3 checkpoint and results removed is resumed with
-``opsd run --resume`` and must end with the same step-3 metrics and weights.
+``opsd run --resume`` and must end with the same step-3 metrics and (sharded) weights.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from opsd_core.testing.fsdp import final_weights
 from opsd_thinkmorph.demo_data import write_demo_dataset
 
 pytestmark = [
@@ -59,7 +59,7 @@ def test_two_gpu_run_resumes_to_the_same_end(tmp_path):
 
     assert step_metrics(resumed, 3) == step_metrics(straight, 3)
     for name in ("student", "teacher"):
-        expected = load_file(str(straight / "opsd" / "checkpoints" / "step-0000003" / name / "model.safetensors"))
-        actual = load_file(str(resumed / "opsd" / "checkpoints" / "step-0000003" / name / "model.safetensors"))
+        expected = final_weights(straight / "opsd", name, steps=3)
+        actual = final_weights(resumed / "opsd", name, steps=3)
         differing = [key for key in expected if not torch.equal(actual[key], expected[key])]
         assert not differing, f"{name}: {len(differing)} tensors differ, e.g. {differing[:3]}"
