@@ -19,7 +19,6 @@ import torch
 from opsd_core.api import (
     Backend,
     Capabilities,
-    CapabilityError,
     CompletionBatch,
     CompletionHidden,
     CompletionLogits,
@@ -32,7 +31,7 @@ from opsd_core.api import (
     TextSegment,
     Vocabulary,
 )
-from opsd_core.api.backend import gather_rows
+from opsd_core.api.backend import gather_rows, whole_parameter
 from opsd_thinkmorph import architecture, prompts, state_dict
 from opsd_thinkmorph.config import CHECKPOINT, DEBUG, ThinkMorphParams
 from opsd_thinkmorph.images import ImageTransform
@@ -64,6 +63,7 @@ class ThinkMorphBackend(Backend):
 
     capabilities = Capabilities(
         hidden_states=True,
+        sharded_hidden_states=True,
         meta_skeleton=True,
         visual_thoughts=True,
         interleaved_answers=True,
@@ -208,13 +208,9 @@ class ThinkMorphBackend(Backend):
         self, model: Bagel, contexts: Sequence[Context], completions: CompletionBatch
     ) -> CompletionHidden:
         """float (B, N + 1, D) final-norm hidden states at the rows of :meth:`completion_logits`
-        (what ``lm_logits`` multiplies), the row mask and the (V, D) ``lm_head`` weight."""
-        weight = model.language_model.lm_head.weight
-        if is_shard(weight):
-            raise CapabilityError(
-                "divergence.fused = true needs the whole lm_head weight, but this model is sharded by FSDP; "
-                "set divergence.fused = false for multi-process runs"
-            )
+        (what ``lm_logits`` multiplies), the row mask and the (V, D) ``lm_head`` weight, whole
+        even where FSDP shards it (its gradient then reaches the shard as FSDP would reduce it)."""
+        weight = whole_parameter(model.language_model.lm_head.weight)
         hidden = self._completion_hidden_rows(model, contexts, completions)
         return CompletionHidden(hidden, completions.row_mask().to(hidden.device), weight)
 
