@@ -5,6 +5,8 @@ written by the backend, ``trainer_state.pt`` and ``manifest.json``; the same lay
 the number of training processes, since rank 0 writes full weights), writing it through a
 temporary directory and a rename so a crash never leaves a half-written checkpoint under its
 final name, and verifying every file's size and SHA-256 before anything is loaded.
+Also the one reader of a checkpoint's weights outside training (:func:`read_model_state`),
+which export builds on: whatever the checkpoint's format, it returns a model's whole state dict.
 Does not know: what the trainer state means; the backend writes and reads the weights.
 """
 
@@ -25,6 +27,8 @@ from opsd_core.rundir import list_checkpoints, step_dir_name
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
+MODELS = ("student", "teacher")
+DCP_METADATA = ".metadata"
 _FORMAT = 1
 
 
@@ -174,3 +178,36 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
         return None
     verify_checkpoint(checkpoints[-1])
     return checkpoints[-1]
+
+
+def read_model_state(directory: Path, model: str) -> dict[str, torch.Tensor]:
+    """The whole state dict of checkpoint ``directory``'s ``model`` (``student`` or ``teacher``),
+    on the CPU, under the model's own parameter names; the caller verifies the checkpoint first.
+
+    Two formats are read: the directory a backend's ``save_pretrained`` wrote (``<model>/``
+    holding ``model.safetensors``, or its shards and index: every backend writes its model's
+    state dict there, tied duplicates dropped), and a ``torch.distributed.checkpoint`` directory
+    (``<model>/.metadata`` and its ``.distcp`` files, written by several processes), whose
+    sharded tensors are read whole.
+    """
+    from opsd_core.state_dicts import read_weights
+
+    if model not in MODELS:
+        raise CheckpointError(f"a checkpoint holds the models {', '.join(MODELS)}; got {model!r}")
+    weights = Path(directory) / model
+    if (weights / DCP_METADATA).is_file():
+        return _read_distributed(weights)
+    return read_weights(weights, ("model",))
+
+
+def _read_distributed(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``torch.distributed.checkpoint`` directory, whole, in this one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    state: dict[str, Any] = {}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{directory}: the distributed checkpoint holds no tensors at its top level")
+    return tensors

@@ -69,6 +69,7 @@ class ThinkMorphBackend(Backend):
         interleaved_answers=True,
         image_skips=True,
         sharding=True,
+        export=True,
     )
 
     def __init__(self, params: ThinkMorphParams | None = None):
@@ -369,8 +370,16 @@ class ThinkMorphBackend(Backend):
     # ------------------------------------------------------------------ weights on disk
     def save_pretrained(self, model: Bagel, directory: Path) -> None:
         """Weights, configs, tokenizer and the VAE: a directory that loads alone."""
-        directory = Path(directory)
-        state_dict.save_checkpoint(model, self.config, directory, source=self.directory)
+        self._write(model, Path(directory), "model", None, None)
+
+    def export_model(self, model: Bagel, directory: Path, dtype: torch.dtype, max_shard_bytes: int | None) -> None:
+        """The released layout that BAGEL's inference code loads: ``ema.safetensors`` in ``dtype``
+        (or its shards and index), ``llm_config.json``, ``vit_config.json``, the tokenizer files
+        and ``ae.safetensors``."""
+        self._write(model, Path(directory), "ema", dtype, max_shard_bytes)
+
+    def _write(self, model: Bagel, directory: Path, stem: str, dtype: torch.dtype | None, max_shard_bytes: int | None) -> None:
+        state_dict.save_checkpoint(model, self.config, directory, self.directory, stem, dtype, max_shard_bytes)
         self.tokenizer.save(directory)
         if not (directory / "ae.safetensors").exists() and self.config.visual_gen and self.directory is None:
             from opsd_thinkmorph import vae as vae_module
