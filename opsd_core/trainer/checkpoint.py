@@ -202,11 +202,14 @@ def read_model_state(directory: Path, model: str) -> dict[str, torch.Tensor]:
 
 def _read_distributed(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a ``torch.distributed.checkpoint`` directory, whole, in this one process."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    # As torch's own dcp_to_torch_save reads one: the planner fills the empty dict with every
+    # tensor the metadata lists (the public ``load`` only fills keys it is given).
     state: dict[str, Any] = {}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    _load_state_dict(state, storage_reader=FileSystemReader(str(directory)), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{directory}: the distributed checkpoint holds no tensors at its top level")
