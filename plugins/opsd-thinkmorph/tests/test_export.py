@@ -154,3 +154,32 @@ def test_a_checkpoint_outside_its_run_needs_the_config(run, tmp_path):
     assert result.exit_code != 0 and "pass the run's config with --config" in result.output
     result = export(str(moved), "--out", str(tmp_path / "out"), "--config", str(run / "config.toml"))
     assert result.exit_code == 0, result.output
+
+
+def test_a_checkpoint_in_the_distributed_format_exports_the_same(run, tmp_path):
+    """The student saved by ``torch.distributed.checkpoint`` (``.metadata`` and ``.distcp``
+    files, as several processes write it) instead of ``model.safetensors``."""
+    import hashlib
+
+    import torch.distributed.checkpoint as dcp
+
+    converted = tmp_path / "run"
+    shutil.copytree(run, converted)
+    checkpoint = converted / "opsd" / "checkpoints" / STEP
+    student = checkpoint / "student"
+    state = state_dicts.read_weights(student)
+    (student / "model.safetensors").unlink()
+    dcp.save(state, checkpoint_id=str(student), no_dist=True)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"] = {
+        str(path.relative_to(checkpoint)): {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        for path in sorted(checkpoint.rglob("*"))
+        if path.is_file() and path.name != "manifest.json"
+    }
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "exported"
+    result = export(str(checkpoint), "--out", str(out), "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    expected = trained(run)
+    for key, value in loaded_back(out).items():
+        assert torch.equal(value, expected[key]), key
