@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from opsd_core.config import RunConfig
-from opsd_core.interfaces import Backend, Task
+from opsd_core.interfaces import Backend, Divergence, Task
 from opsd_core.rundir import METRICS, MetricsLog
 from opsd_core.types import Problem, Score
 
@@ -111,9 +111,15 @@ def comparison_config(steps: int = STEPS, max_completion_tokens: int = 6, **trai
 
 
 def make_trainer(
-    build_backend: Callable[[], Backend], directory: Path, ranks: Any, config: RunConfig, task: Task | None = None
+    build_backend: Callable[[], Backend],
+    directory: Path,
+    ranks: Any,
+    config: RunConfig,
+    task: Task | None = None,
+    divergence: Divergence | None = None,
 ):
-    """A Trainer of the backend's freshly built model, writing to ``directory``."""
+    """A Trainer of the backend's freshly built model, writing to ``directory``; the loss is
+    ``divergence`` (default: ``jsd`` with the paper's settings, on logits)."""
     from opsd_core.components import Components
     from opsd_core.divergences.jsd import JsdDivergence
     from opsd_core.sampling import BatchedSampler
@@ -125,15 +131,22 @@ def make_trainer(
     directory.mkdir(parents=True, exist_ok=True)
     sampler = BatchedSampler(backend, config.sampling.temperature, config.sampling.max_completion_tokens)
     components = Components(
-        config, backend, task or SeededProblems(), JsdDivergence(), EmaTeacher(), sampler, backend.context_builder()
+        config, backend, task or SeededProblems(), divergence or JsdDivergence(), EmaTeacher(), sampler, backend.context_builder()
     )
     trainer = Trainer(components, student, directory, MetricsLog(directory / METRICS), ranks=ranks)
     return trainer
 
 
-def train_straight(build_backend: Callable[[], Backend], directory: Path, ranks: Any, config: RunConfig, task: Task | None = None) -> None:
+def train_straight(
+    build_backend: Callable[[], Backend],
+    directory: Path,
+    ranks: Any,
+    config: RunConfig,
+    task: Task | None = None,
+    divergence: Divergence | None = None,
+) -> None:
     """All ``schedule.total_steps`` steps in one go."""
-    make_trainer(build_backend, directory, ranks, config, task).fit(progress=False)
+    make_trainer(build_backend, directory, ranks, config, task, divergence).fit(progress=False)
 
 
 def train_resumed(
@@ -221,6 +234,15 @@ def single_and_sharded_runs(script: str | Path, build_backend: Callable[[], Back
 
 
 # ---------------------------------------------------------------------------------------- one fused-loss step
+def fused_jsd(top_k: int = 16) -> Divergence:
+    """``jsd`` with the paper's beta and clip over the teacher's top ``top_k``, computed from
+    final hidden states and the lm_head weight (``fused = true``)."""
+    from opsd_core.divergences.jsd import JsdDivergence
+    from opsd_core.divergences.params import JsdParams
+
+    return JsdDivergence(JsdParams(top_k=top_k, fused=True))
+
+
 def fused_loss_step(
     backend: Backend,
     student: torch.nn.Module,
@@ -240,13 +262,11 @@ def fused_loss_step(
         samples_per_rank: the samples of the step on this rank (the loss's divisor).
         precision: ``run.precision`` of the forwards ("fp32" or "bf16").
     """
-    from opsd_core.divergences.jsd import JsdDivergence
-    from opsd_core.divergences.params import JsdParams
     from opsd_core.runtime import autocast
     from opsd_core.trainer.loss import micro_batch_loss
 
     device = next(student.parameters()).device
-    divergence = JsdDivergence(JsdParams(top_k=top_k, fused=True))
+    divergence = fused_jsd(top_k)
     students, teachers = contexts
     with torch.no_grad(), autocast(device, precision):
         teacher_rows = backend.completion_hidden(teacher, teachers, completions)

@@ -9,6 +9,8 @@ student (the ``lm_head``'s included, gathered whole) must equal the single-proce
 float64 rounding on CPU (gloo), and on 2 CUDA GPUs (NCCL, ``pytest -m gpu``) with bf16 mixed
 precision and fp32 master weights within the bf16 tolerance of ``tests/gpu/test_fused_jsd_gpu.py``
 (the single process runs the same fp32 weights under bf16 autocast, as a one-GPU run does).
+Then whole training runs with the fused loss (3 OPSD steps of the comparison harness, FSDP with
+activation checkpointing) must give the single-process run's metrics and weights on CPU.
 
 The 2-process run executes this file as a torchrun script (``test_fused_fsdp.py OUT DEVICE``):
 workers cannot import a test module collected by pytest.
@@ -26,7 +28,7 @@ import torch
 
 from opsd_core.api import CompletionBatch, Problem
 from opsd_core.testing import fsdp
-from opsd_core.testing.trainer import process_group
+from opsd_core.testing.trainer import Ranks, process_group
 from opsd_thinkmorph.backend import ThinkMorphBackend
 from opsd_thinkmorph.config import ThinkMorphParams
 
@@ -102,6 +104,9 @@ def worker(out: Path, device: torch.device) -> None:
         gradients = fsdp.whole_gradients(student)
         if ranks.is_main:
             torch.save({"loss": (loss / ranks.world_size).cpu(), "gradients": gradients}, out / "sharded.pt")
+        if device.type == "cpu":
+            training = fsdp.comparison_config(activation_checkpointing=True)
+            fsdp.train_straight(debug_backend, out / "fused-fsdp", ranks, training, divergence=fsdp.fused_jsd())
 
 
 def single_and_sharded(out: Path, device: torch.device) -> tuple[dict, dict]:
@@ -113,6 +118,8 @@ def single_and_sharded(out: Path, device: torch.device) -> tuple[dict, dict]:
         student, teacher = models(backend, device)
         loss = fused_step(backend, student, teacher, range(SAMPLES), SAMPLES, device)
         single = {"loss": loss.cpu(), "gradients": fsdp.whole_gradients(student)}
+        if device.type == "cpu":
+            fsdp.train_straight(debug_backend, out / "fused-single", Ranks(), fsdp.comparison_config(), divergence=fsdp.fused_jsd())
     finally:
         torch.set_num_threads(threads)
     fsdp.run_torchrun(__file__, out, device.type)
@@ -122,12 +129,24 @@ def single_and_sharded(out: Path, device: torch.device) -> tuple[dict, dict]:
     return single, sharded
 
 
+@pytest.fixture(scope="module")
+def on_cpu(tmp_path_factory) -> tuple[Path, dict, dict]:
+    out = tmp_path_factory.mktemp("fused")
+    return (out, *single_and_sharded(out, torch.device("cpu")))
+
+
 @pytest.mark.multiprocess
-def test_fused_loss_and_gradients_on_a_sharded_lm_head_equal_the_unsharded_ones(tmp_path):
-    single, sharded = single_and_sharded(tmp_path, torch.device("cpu"))
+def test_fused_loss_and_gradients_on_a_sharded_lm_head_equal_the_unsharded_ones(on_cpu):
+    _, single, sharded = on_cpu
     torch.testing.assert_close(sharded["loss"], single["loss"], rtol=1e-12, atol=0)
     for name, gradient in single["gradients"].items():
         torch.testing.assert_close(sharded["gradients"][name], gradient, rtol=1e-9, atol=1e-13, msg=name)
+
+
+@pytest.mark.multiprocess
+def test_training_with_the_fused_loss_in_two_processes_equals_one(on_cpu):
+    out, _, _ = on_cpu
+    fsdp.assert_same_run(out / "fused-single", out / "fused-fsdp")
 
 
 @pytest.mark.gpu
