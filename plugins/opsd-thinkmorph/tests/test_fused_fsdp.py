@@ -10,7 +10,8 @@ float64 rounding on CPU (gloo), and on 2 CUDA GPUs (NCCL, ``pytest -m gpu``) wit
 precision and fp32 master weights within the bf16 tolerance of ``tests/gpu/test_fused_jsd_gpu.py``
 (the single process runs the same fp32 weights under bf16 autocast, as a one-GPU run does).
 Then whole training runs with the fused loss (3 OPSD steps of the comparison harness, FSDP with
-activation checkpointing) must give the single-process run's metrics and weights on CPU.
+activation checkpointing, and HSDP: replicate 2 x shard 1) must give the single-process run's
+metrics and weights on CPU.
 
 The 2-process run executes this file as a torchrun script (``test_fused_fsdp.py OUT DEVICE``):
 workers cannot import a test module collected by pytest.
@@ -107,6 +108,10 @@ def worker(out: Path, device: torch.device) -> None:
         if device.type == "cpu":
             training = fsdp.comparison_config(activation_checkpointing=True)
             fsdp.train_straight(debug_backend, out / "fused-fsdp", ranks, training, divergence=fsdp.fused_jsd())
+            hsdp = fsdp.comparison_config(replicate=2)
+            with process_group(hsdp, device) as hsdp_ranks:
+                assert hsdp_ranks.mesh.ndim == 2
+                fsdp.train_straight(debug_backend, out / "fused-hsdp", hsdp_ranks, hsdp, divergence=fsdp.fused_jsd())
 
 
 def single_and_sharded(out: Path, device: torch.device) -> tuple[dict, dict]:
@@ -144,9 +149,10 @@ def test_fused_loss_and_gradients_on_a_sharded_lm_head_equal_the_unsharded_ones(
 
 
 @pytest.mark.multiprocess
-def test_training_with_the_fused_loss_in_two_processes_equals_one(on_cpu):
+@pytest.mark.parametrize("variant", ["fused-fsdp", "fused-hsdp"])
+def test_training_with_the_fused_loss_in_two_processes_equals_one(on_cpu, variant):
     out, _, _ = on_cpu
-    fsdp.assert_same_run(out / "fused-single", out / "fused-fsdp")
+    fsdp.assert_same_run(out / "fused-single", out / variant)
 
 
 @pytest.mark.gpu
