@@ -35,6 +35,7 @@ def export_checkpoint(
     dtype: str = "bf16",
     max_shard_bytes: int | None = None,
     config_path: Path | None = None,
+    overrides: tuple[str, ...] = (),
 ) -> list[Path]:
     """Write checkpoint ``checkpoint``'s ``model`` into the new directory ``out`` in the layout
     of its family's released checkpoints; returns the files written.
@@ -48,6 +49,8 @@ def export_checkpoint(
             the family's default).
         config_path: the run config; default the ``config.toml`` of the run directory that
             holds ``checkpoint`` (``RUN/<phase>/checkpoints/step-NNNNNNN``).
+        overrides: ``section.field=value`` changes to that config (as ``--set``), e.g. a
+            setting of the backend this machine cannot serve.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if model not in MODELS:
@@ -58,7 +61,7 @@ def export_checkpoint(
         raise ConfigError(f"--max-shard-size: must be at least 1 byte (got {max_shard_bytes})")
     _check_output(out)
     verify_checkpoint(checkpoint)
-    config = load_config(_run_config(checkpoint, config_path))
+    config = load_config(_run_config(checkpoint, config_path), overrides)
     backend = build_backend(config)
     if not backend.capabilities.export:
         raise CapabilityError(

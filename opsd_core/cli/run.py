@@ -419,7 +419,12 @@ def parse_size(text: str) -> int:
               "Default: the family's (ThinkMorph: one ema.safetensors, as released).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="The run config, when CHECKPOINT is not inside its run directory (default: the run's config.toml).")
-def export_command(checkpoint: str, out_dir: str, which: str, dtype: str, max_shard_size: str | None, config_path: str | None) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Override a field of the run config (e.g. backend settings this machine cannot serve). Repeatable.")
+def export_command(
+    checkpoint: str, out_dir: str, which: str, dtype: str, max_shard_size: str | None, config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Write a checkpoint's model in its family's released layout (ThinkMorph: ema.safetensors,
     the two configs, tokenizer and ae.safetensors; Janus-Pro and Emu3: transformers'
     save_pretrained). CHECKPOINT is a step directory, RUN/<phase>/checkpoints/step-NNNNNNN; its
@@ -427,7 +432,7 @@ def export_command(checkpoint: str, out_dir: str, which: str, dtype: str, max_sh
     from opsd_core.export import export_checkpoint
 
     max_shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
-    written = export_checkpoint(Path(checkpoint), Path(out_dir), which, dtype, max_shard_bytes, config_path)
+    written = export_checkpoint(Path(checkpoint), Path(out_dir), which, dtype, max_shard_bytes, config_path, overrides)
     size = sum(path.stat().st_size for path in written)
     click.echo(f"exported the {which} of {checkpoint} to {out_dir} ({dtype}, {len(written)} files, {size / 1e9:.2f} GB)")
 

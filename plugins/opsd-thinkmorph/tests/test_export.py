@@ -152,7 +152,7 @@ def test_a_checkpoint_outside_its_run_needs_the_config(run, tmp_path):
     shutil.copytree(run / "opsd" / "checkpoints" / STEP, moved)
     result = export(str(moved), "--out", str(tmp_path / "out"))
     assert result.exit_code != 0 and "pass the run's config with --config" in result.output
-    result = export(str(moved), "--out", str(tmp_path / "out"), "--config", str(run / "config.toml"))
+    result = export(str(moved), "--out", str(tmp_path / "out"), "--config", str(run / "config.toml"), "--set", "backend.vit_attention='sdpa'")
     assert result.exit_code == 0, result.output
 
 
