@@ -24,6 +24,7 @@ import torch
 
 from opsd_core.errors import CheckpointError
 from opsd_core.rundir import list_checkpoints, step_dir_name
+from opsd_core.state_dicts import read_weights
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -190,8 +191,6 @@ def read_model_state(directory: Path, model: str) -> dict[str, torch.Tensor]:
     (``<model>/.metadata`` and its ``.distcp`` files, written by several processes), whose
     sharded tensors are read whole.
     """
-    from opsd_core.state_dicts import read_weights
-
     if model not in MODELS:
         raise CheckpointError(f"a checkpoint holds the models {', '.join(MODELS)}; got {model!r}")
     weights = Path(directory) / model
