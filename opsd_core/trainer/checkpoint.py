@@ -189,7 +189,8 @@ def read_model_state(directory: Path, model: str) -> dict[str, torch.Tensor]:
     holding ``model.safetensors``, or its shards and index: every backend writes its model's
     state dict there, tied duplicates dropped), and a ``torch.distributed.checkpoint`` directory
     (``<model>/.metadata`` and its ``.distcp`` files, written by several processes), whose
-    sharded tensors are read whole.
+    sharded tensors are read whole. Its ``.metadata`` is a pickle, which is why the checkpoint
+    must pass :func:`verify_checkpoint` (our own manifest vouches for every file) first.
     """
     if model not in MODELS:
         raise CheckpointError(f"a checkpoint holds the models {', '.join(MODELS)}; got {model!r}")
