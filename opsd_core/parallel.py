@@ -1,8 +1,10 @@
-"""FSDP2 building blocks for backends' ``parallelize``: the precision policy and activation
-checkpointing, the same for every model family.
+"""FSDP2 building blocks for backends' ``parallelize``: the precision policy, activation
+checkpointing and whole parameters outside a forward, the same for every model family.
 
 Owns: what ``run.precision`` means to FSDP (``bf16``: bf16 compute and all-gathers, fp32
-master weights and gradient reduction, CUDA only) and how a layer recomputes its activations.
+master weights and gradient reduction, CUDA only), how a layer recomputes its activations, and
+how a loss reads a sharded parameter whole (e.g. the fused loss's ``lm_head`` weight) with its
+gradient reduced as FSDP reduces the others.
 Does not know: which modules a backend makes FSDP units (that is each backend's
 ``parallelize.py``), meshes or the training loop.
 """
@@ -51,3 +53,29 @@ def checkpoint_forward(layer: torch.nn.Module) -> None:
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     layer.forward = recomputed
+
+
+def whole_parameter(parameter: torch.Tensor) -> torch.Tensor:
+    """The whole of ``parameter`` where FSDP2 holds only this rank's shard of it (a DTensor);
+    any other tensor as it is.
+
+    For a loss that multiplies by a parameter outside the model's forward methods (the fused
+    loss and the (V, D) ``lm_head`` weight), where FSDP has resharded it. The shards are
+    gathered in the parameter's own dtype (the fp32 master weights under bf16 mixed precision,
+    as a single-process run hands them to the loss). With grad enabled the result is
+    differentiable: the gradient each rank computes from its own samples is summed over every
+    rank of the mesh and divided by their number, and this rank's rows reach the shard's
+    ``.grad``. That is the average FSDP takes of the gradients it reduces itself, so the step
+    equals the single-process one.
+    """
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(parameter, DTensor):
+        return parameter
+    mesh = parameter.device_mesh
+    if not (parameter.requires_grad and torch.is_grad_enabled()):
+        return parameter.full_tensor()
+    whole = parameter.full_tensor(grad_placements=[Partial("sum")] * mesh.ndim)
+    ranks = mesh.size()
+    whole.register_hook(lambda grad: grad / ranks)
+    return whole

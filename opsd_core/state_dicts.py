@@ -4,7 +4,7 @@ Owns: which files hold a directory's weights (``<stem>.safetensors``, or the sha
 ``<stem>.safetensors.index.json`` lists), reading them without pickle, comparing a state dict
 with a model's (missing, unexpected and wrongly shaped keys, reported together in one
 error), copying a checked state dict into a model, parameters tied to an earlier one, and
-writing a model's tensors as one safetensors file.
+writing a model's tensors as one safetensors file or as shards with an index.
 Does not know: any model family's key names, configs or tokenizers. Each backend's
 ``state_dict.py`` renames keys, drops what its model recomputes and writes its own config and
 tokenizer files around these functions.
@@ -213,6 +213,53 @@ def save_safetensors(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"format": "pt"})
+
+
+def save_sharded_safetensors(
+    tensors: Mapping[str, torch.Tensor] | torch.nn.Module,
+    directory: Path,
+    stem: str = "model",
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+) -> list[Path]:
+    """Write ``tensors`` (a module's: tied duplicates dropped) as ``<stem>.safetensors``, or, when
+    they hold more than ``max_shard_bytes``, as shards ``<stem>-00001-of-0000N.safetensors`` listed
+    in ``<stem>.safetensors.index.json`` (``metadata.total_size`` and ``weight_map``, the layout
+    :func:`weight_files` reads); returns the files written.
+
+    Tensors go to shards in their order, a new shard starting where the next tensor would pass
+    ``max_shard_bytes`` (a tensor larger than that alone fills one); sizes are counted in
+    ``dtype`` when given. One shard at a time is cast and written.
+    """
+    if isinstance(tensors, torch.nn.Module):
+        tied = tied_names(tensors)
+        tensors = {name: tensor for name, tensor in tensors.state_dict().items() if name not in tied}
+    directory = Path(directory)
+
+    def size(tensor: torch.Tensor) -> int:
+        return tensor.numel() * (dtype or tensor.dtype).itemsize
+
+    total = sum(size(tensor) for tensor in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_safetensors(tensors, directory / f"{stem}.safetensors", dtype)
+        return [directory / f"{stem}.safetensors"]
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, tensor in tensors.items():
+        if shards[-1] and filled + size(tensor) > max_shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += size(tensor)
+    written, weight_map = [], {}
+    for number, names in enumerate(shards, start=1):
+        path = directory / f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors({name: tensors[name] for name in names}, path, dtype)
+        weight_map.update(dict.fromkeys(names, path.name))
+        written.append(path)
+    index = directory / f"{stem}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return [*written, index]
 
 
 def missing_files(directory: Path, required: Iterable[str | Sequence[str]]) -> list[str]:

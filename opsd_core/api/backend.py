@@ -18,7 +18,11 @@ from opsd_core.batching import (
     pad_left,
     pad_right,
 )
-from opsd_core.parallel import checkpoint_forward, mixed_precision_policy
+from opsd_core.parallel import (
+    checkpoint_forward,
+    mixed_precision_policy,
+    whole_parameter,
+)
 from opsd_core.runtime import launched_world_size
 from opsd_core.sampling import BatchedSampler, choose_tokens, top_k_draw
 
@@ -33,6 +37,7 @@ __all__ = [
     # FSDP2 building blocks for a backend's ``parallelize``.
     "mixed_precision_policy",
     "checkpoint_forward",
+    "whole_parameter",
     "launched_world_size",
     # Sampling: the framework's batched on-policy sampler and its token choice.
     "BatchedSampler",

@@ -3,7 +3,7 @@
 Owns: the list of names a backend's ``state_dict.py`` may use: finding a directory's weight
 files (one file or an index and its shards), reading them without pickle, comparing a state
 dict with a model's (every missing, unexpected and wrongly shaped key in one error), loading a
-checked state dict into a model, tied parameters, writing one safetensors file, and the
+checked state dict into a model, tied parameters, writing one safetensors file or shards with an index, and the
 files a checkpoint directory lacks. They keep their meaning and signatures within a minor
 version, like :mod:`opsd_core.api`. Use it as a namespace, ``from opsd_core.api import
 state_dicts``, so its names do not clash with a backend's own ``load_into`` or
@@ -22,6 +22,7 @@ from opsd_core.state_dicts import (
     read_safetensors,
     read_weights,
     save_safetensors,
+    save_sharded_safetensors,
     tied_names,
     weight_files,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "load_into",
     "tied_names",
     "save_safetensors",
+    "save_sharded_safetensors",
     "missing_files",
     "WeightsNotFoundError",
     "WeightsMismatchError",

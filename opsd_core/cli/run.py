@@ -1,4 +1,4 @@
-"""The commands that run models: ``opsd run``, ``diagnose``, ``eval`` and ``infer``.
+"""The commands that run or write models: ``opsd run``, ``diagnose``, ``eval``, ``infer`` and ``export``.
 
 Owns: argument handling, the default config, printing results, and re-launching ``opsd run``
 through torchrun for multi-process training: on one machine (``--nproc-per-node``) or on
@@ -504,6 +504,52 @@ def infer_command(config_path, overrides, checkpoint, index: int, context: str, 
         click.echo(f"images written to {directory}")
 
 
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``5GB``, ``500MB``, ``2GiB`` or ``1000000`` (plain bytes)."""
+    number = text.strip().upper().rstrip("BITMGK")
+    unit = text.strip().upper()[len(number) :] or "B"
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value <= 0:
+        raise click.BadParameter(f"{text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    return int(value * _SIZE_UNITS[unit])
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="The directory to write (new, or empty).")
+@click.option("--model", "which", type=click.Choice(["student", "teacher"]), default="student", show_default=True,
+              help="Which model of the checkpoint: the trained student or the EMA teacher.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="Dtype of the written weights (the released checkpoints are bf16).")
+@click.option("--max-shard-size", "max_shard_size", metavar="SIZE",
+              help="Split weights larger than SIZE (e.g. 5GB, 500MB) into shards with a safetensors index. "
+              "Default: the family's (ThinkMorph: one ema.safetensors, as released).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="The run config, when CHECKPOINT is not inside its run directory (default: the run's config.toml).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Override a field of the run config (e.g. backend settings this machine cannot serve). Repeatable.")
+def export_command(
+    checkpoint: str, out_dir: str, which: str, dtype: str, max_shard_size: str | None, config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Write a checkpoint's model in its family's released layout (ThinkMorph: ema.safetensors,
+    the two configs, tokenizer and ae.safetensors; Janus-Pro and Emu3: transformers'
+    save_pretrained). CHECKPOINT is a step directory, RUN/<phase>/checkpoints/step-NNNNNNN; its
+    manifest is verified first, and nothing is written unless the export completes."""
+    from opsd_core.export import export_checkpoint
+
+    max_shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    written = export_checkpoint(Path(checkpoint), Path(out_dir), which, dtype, max_shard_bytes, config_path, overrides)
+    size = sum(path.stat().st_size for path in written)
+    click.echo(f"exported the {which} of {checkpoint} to {out_dir} ({dtype}, {len(written)} files, {size / 1e9:.2f} GB)")
+
+
 def add_run_commands(cli: click.Group) -> None:
-    for command in (run_command, diagnose_command, eval_command, infer_command):
+    for command in (run_command, diagnose_command, eval_command, infer_command, export_command):
         cli.add_command(command)

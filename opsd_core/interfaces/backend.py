@@ -65,6 +65,8 @@ class Capabilities:
         image_skips: :meth:`Backend.image_skip_tokens` and :meth:`Backend.image_skip_injection`
             (the paper's rule for rounds that ask for an image).
         sharding: :meth:`Backend.parallelize` (FSDP2 training over several processes).
+        export: :meth:`Backend.export_model` (``opsd export``: a trained model in the layout the
+            family's own inference code loads).
     """
 
     hidden_states: bool = False
@@ -74,6 +76,7 @@ class Capabilities:
     interleaved_answers: bool = False
     image_skips: bool = False
     sharding: bool = False
+    export: bool = False
 
     def declared(self) -> list[str]:
         """The names of the flags that are set."""
@@ -89,6 +92,7 @@ CAPABILITY_METHODS: dict[str, tuple[str, ...]] = {
     "interleaved_answers": ("answer_with_visual_thoughts",),
     "image_skips": ("image_skip_tokens", "image_skip_injection"),
     "sharding": ("parallelize",),
+    "export": ("export_model",),
 }
 
 
@@ -280,3 +284,17 @@ class Backend(ABC):
     @abstractmethod
     def load_weights(self, model: torch.nn.Module, directory: Path) -> None:
         """Load weights written by :meth:`save_pretrained` (or the official layout) into ``model``."""
+
+    def export_model(
+        self, model: torch.nn.Module, directory: Path, dtype: torch.dtype, max_shard_bytes: int | None
+    ) -> None:
+        """Write ``model`` in the layout of the family's released checkpoints, which its own
+        inference code loads (``opsd export``).
+
+        ``directory`` exists and is empty (the caller renames it into place afterwards); every
+        floating-point tensor is written in ``dtype``; weights larger than ``max_shard_bytes`` are
+        split into shards listed in a safetensors index (None: the family's default, e.g. one
+        file as released). ``model`` is the caller's to discard: it may be cast in place. Backends that
+        implement it declare ``Capabilities(export=True)``.
+        """
+        raise CapabilityError(f"{type(self).__name__} cannot export a model in its family's released layout")

@@ -6,8 +6,9 @@ config of such comparisons, a trainer sampling at temperature 1 (each problem's 
 by its place in the problem stream, so completions do not depend on how a step's problems are
 split over ranks), straight training and training resumed from a
 straight run's checkpoint,
-launching a worker script under torchrun, and the comparisons of per-step metrics and final
-student and teacher weights.
+launching a worker script under torchrun, the comparisons of per-step metrics and final
+student and teacher weights, and one fused-loss step with the whole gradients it leaves (for
+comparing a sharded ``lm_head`` with an unsharded one).
 Does not know: any backend; the caller passes a function that builds one.
 
 Use from a plugin's test module, which doubles as the torchrun script (workers cannot import a
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 
 from opsd_core.config import RunConfig
-from opsd_core.interfaces import Backend, Task
+from opsd_core.interfaces import Backend, Divergence, Task
 from opsd_core.rundir import METRICS, MetricsLog
 from opsd_core.types import Problem, Score
 
@@ -110,9 +111,15 @@ def comparison_config(steps: int = STEPS, max_completion_tokens: int = 6, **trai
 
 
 def make_trainer(
-    build_backend: Callable[[], Backend], directory: Path, ranks: Any, config: RunConfig, task: Task | None = None
+    build_backend: Callable[[], Backend],
+    directory: Path,
+    ranks: Any,
+    config: RunConfig,
+    task: Task | None = None,
+    divergence: Divergence | None = None,
 ):
-    """A Trainer of the backend's freshly built model, writing to ``directory``."""
+    """A Trainer of the backend's freshly built model, writing to ``directory``; the loss is
+    ``divergence`` (default: ``jsd`` with the paper's settings, on logits)."""
     from opsd_core.components import Components
     from opsd_core.divergences.jsd import JsdDivergence
     from opsd_core.sampling import BatchedSampler
@@ -124,15 +131,22 @@ def make_trainer(
     directory.mkdir(parents=True, exist_ok=True)
     sampler = BatchedSampler(backend, config.sampling.temperature, config.sampling.max_completion_tokens)
     components = Components(
-        config, backend, task or SeededProblems(), JsdDivergence(), EmaTeacher(), sampler, backend.context_builder()
+        config, backend, task or SeededProblems(), divergence or JsdDivergence(), EmaTeacher(), sampler, backend.context_builder()
     )
     trainer = Trainer(components, student, directory, MetricsLog(directory / METRICS), ranks=ranks)
     return trainer
 
 
-def train_straight(build_backend: Callable[[], Backend], directory: Path, ranks: Any, config: RunConfig, task: Task | None = None) -> None:
+def train_straight(
+    build_backend: Callable[[], Backend],
+    directory: Path,
+    ranks: Any,
+    config: RunConfig,
+    task: Task | None = None,
+    divergence: Divergence | None = None,
+) -> None:
     """All ``schedule.total_steps`` steps in one go."""
-    make_trainer(build_backend, directory, ranks, config, task).fit(progress=False)
+    make_trainer(build_backend, directory, ranks, config, task, divergence).fit(progress=False)
 
 
 def train_resumed(
@@ -217,6 +231,64 @@ def single_and_sharded_runs(script: str | Path, build_backend: Callable[[], Back
         torch.set_num_threads(threads)
     run_torchrun(script, out, nproc=nproc)
     return Path(out)
+
+
+# ---------------------------------------------------------------------------------------- one fused-loss step
+def fused_jsd(top_k: int = 16) -> Divergence:
+    """``jsd`` with the paper's beta and clip over the teacher's top ``top_k``, computed from
+    final hidden states and the lm_head weight (``fused = true``)."""
+    from opsd_core.divergences.jsd import JsdDivergence
+    from opsd_core.divergences.params import JsdParams
+
+    return JsdDivergence(JsdParams(top_k=top_k, fused=True))
+
+
+def fused_loss_step(
+    backend: Backend,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    contexts: tuple[Sequence[Any], Sequence[Any]],
+    completions: Any,
+    samples_per_rank: int,
+    precision: str = "fp32",
+    top_k: int = 16,
+) -> torch.Tensor:
+    """This rank's share of one micro-batch's fused top-K JSD (the paper's beta and clip), as
+    the trainer computes it, backpropagated into ``student``; returns the detached loss.
+
+    Args:
+        contexts: (student contexts, teacher contexts) of this rank's samples.
+        completions: their ``CompletionBatch``.
+        samples_per_rank: the samples of the step on this rank (the loss's divisor).
+        precision: ``run.precision`` of the forwards ("fp32" or "bf16").
+    """
+    from opsd_core.runtime import autocast
+    from opsd_core.trainer.loss import micro_batch_loss
+
+    device = next(student.parameters()).device
+    divergence = fused_jsd(top_k)
+    students, teachers = contexts
+    with torch.no_grad(), autocast(device, precision):
+        teacher_rows = backend.completion_hidden(teacher, teachers, completions)
+    with autocast(device, precision):
+        student_rows = backend.completion_hidden(student, students, completions)
+        per_row = divergence.per_token_hidden(
+            student_rows.hidden, teacher_rows.hidden, student_rows.weight, student_rows.mask, teacher_weight=teacher_rows.weight
+        )
+    loss = micro_batch_loss(per_row, student_rows.mask, samples_per_rank)
+    loss.backward()
+    return loss.detach()
+
+
+def whole_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient by name, whole (gathered where FSDP shards it), on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().cpu().clone()
+        for name, p in model.named_parameters()
+        if p.grad is not None
+    }
 
 
 # ---------------------------------------------------------------------------------------- reading runs

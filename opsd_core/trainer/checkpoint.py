@@ -8,8 +8,9 @@ its own shards of the student, the teacher and the optimizer state (:func:`is_sh
 Writing goes through a temporary directory and a rename, so a crash never leaves a
 half-written checkpoint under its final name; every file's size and SHA-256 is recorded
 (hashed by all the processes, each its share of the files) and verified before anything is
-loaded. Also reads the full weights of a sharded checkpoint in one process
-(:func:`read_sharded_weights`), names what a sharded checkpoint holds
+loaded. Also the one reader of a checkpoint's weights outside training (:func:`read_model_state`,
+which export builds on: whatever the checkpoint's form, a model's whole state dict), reads the
+full weights of a sharded checkpoint in one process (:func:`read_sharded_weights`), names what a sharded checkpoint holds
 (:func:`sharded_entries`), and reads the library's pickled metadata allowing only its own
 classes (:class:`SafeShardedReader`).
 Does not know: what the trainer state means, how models are sharded or what their weights are
@@ -40,10 +41,12 @@ from torch.distributed.checkpoint.metadata import (
 from opsd_core.errors import CheckpointError
 from opsd_core.rundir import list_checkpoints, step_dir_name
 from opsd_core.runtime import Ranks
+from opsd_core.state_dicts import read_weights
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
 SHARDED = "sharded"
+MODELS = ("student", "teacher")
 _FORMAT = 1
 # What the metadata of a sharded checkpoint may name: the library's descriptions of tensors and
 # of where their bytes lie, sizes, layouts and paths (dtypes are checked apart).
@@ -302,3 +305,17 @@ def read_sharded_weights(directory: Path, role: str) -> dict[str, torch.Tensor]:
     with sharded_read_in_one_process():
         load_sharded(state, storage_reader=SafeShardedReader(str(directory / SHARDED)), no_dist=True)
     return {key.removeprefix(prefix): tensor for key, tensor in state.items()}
+
+
+def read_model_state(directory: Path, model: str) -> dict[str, torch.Tensor]:
+    """The whole state dict of checkpoint ``directory``'s ``model`` (``student`` or ``teacher``),
+    on the CPU, under the model's own parameter names, in either form: the directory a
+    backend's ``save_pretrained`` wrote (``<model>/``, tied duplicates dropped) or the shards of
+    a multi-process run (``sharded/``, read whole). The caller verifies the checkpoint first
+    (:func:`read_sharded_weights` verifies it again)."""
+    if model not in MODELS:
+        raise CheckpointError(f"a checkpoint holds the models {', '.join(MODELS)}; got {model!r}")
+    directory = Path(directory)
+    if is_sharded(directory):
+        return read_sharded_weights(directory, model)
+    return read_weights(directory / model, ("model",))

@@ -123,3 +123,20 @@ def test_an_extra_file_in_a_checkpoint_is_refused(tmp_path):
     (path / "student" / "extra.bin").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="does not list.*student/extra.bin"):
         verify_checkpoint(path)
+
+
+def test_the_model_reader_takes_saved_weights_and_distributed_checkpoints(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from opsd_core.state_dicts import save_safetensors
+    from opsd_core.trainer.checkpoint import read_model_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    save_safetensors(model, tmp_path / "student" / "model.safetensors")
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "teacher"), no_dist=True)
+    for name in ("student", "teacher"):
+        state = read_model_state(tmp_path, name)
+        assert state.keys() == model.state_dict().keys()
+        assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="holds the models student, teacher; got 'ema'"):
+        read_model_state(tmp_path, "ema")

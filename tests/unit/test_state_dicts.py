@@ -140,3 +140,21 @@ def test_missing_files_reports_alternatives_together(tmp_path):
         "tokenizer_config.json",
         "model.safetensors (or model.safetensors.index.json)",
     ]
+
+
+def test_sharded_save_splits_above_the_size_and_reads_back_whole(tmp_path):
+    tensors = {"a": torch.randn(10), "big": torch.randn(40), "b": torch.randn(5), "c": torch.randn(5)}
+    written = state_dicts.save_sharded_safetensors(tensors, tmp_path, "ema", torch.bfloat16, max_shard_bytes=30)
+    index = json.loads((tmp_path / "ema.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 60 * 2
+    assert index["weight_map"] == {
+        "a": "ema-00001-of-00003.safetensors",
+        "big": "ema-00002-of-00003.safetensors",  # larger than a shard: alone in one
+        "b": "ema-00003-of-00003.safetensors",
+        "c": "ema-00003-of-00003.safetensors",
+    }
+    assert [path.name for path in written][-1] == "ema.safetensors.index.json"
+    state = state_dicts.read_weights(tmp_path, ("ema",))
+    assert all(torch.equal(state[name], tensor.to(torch.bfloat16)) for name, tensor in tensors.items())
+    single = tmp_path / "single"
+    assert state_dicts.save_sharded_safetensors(tensors, single, "ema", max_shard_bytes=240) == [single / "ema.safetensors"]

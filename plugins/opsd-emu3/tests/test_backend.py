@@ -204,3 +204,22 @@ def test_drawing_checkpoints_that_cannot_serve_are_refused(tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="another vocabulary"):
         debug_backend(drawing_checkpoint=str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("max_shard_bytes", [None, 200_000])
+def test_the_export_loads_with_transformers_in_bf16(tmp_path, max_shard_bytes):
+    from transformers import Emu3ForConditionalGeneration
+
+    backend = debug_backend()
+    model = backend.build_model()
+    expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    backend.export_model(model, tmp_path, torch.bfloat16, max_shard_bytes)
+    names = {path.name for path in tmp_path.iterdir()}
+    assert {"config.json", "tokenizer.json", "preprocessor_config.json"} <= names
+    assert ("model.safetensors.index.json" in names) == (max_shard_bytes is not None)
+    loaded = Emu3ForConditionalGeneration.from_pretrained(str(tmp_path)).state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        if tensor.is_floating_point():
+            assert loaded[name].dtype == torch.bfloat16, name
+            assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name

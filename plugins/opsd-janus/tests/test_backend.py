@@ -175,3 +175,21 @@ def test_a_forward_cap_beyond_the_positions_is_refused_when_the_run_starts(backe
     with pytest.raises(ConfigError, match="sampling.max_forward_tokens = 5000"):
         backend.check_run(config)
     backend.check_run(load_config(EXAMPLES / "janus-pro-debug.toml"))
+
+
+@pytest.mark.parametrize("max_shard_bytes", [None, 200_000])
+def test_the_export_loads_with_transformers_in_bf16(backend, tmp_path, max_shard_bytes):
+    from transformers import JanusForConditionalGeneration
+
+    model = backend.build_model()
+    expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    backend.export_model(model, tmp_path, torch.bfloat16, max_shard_bytes)
+    names = {path.name for path in tmp_path.iterdir()}
+    assert {"config.json", "tokenizer.json", "preprocessor_config.json"} <= names
+    assert ("model.safetensors.index.json" in names) == (max_shard_bytes is not None)
+    loaded = JanusForConditionalGeneration.from_pretrained(str(tmp_path)).state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        if tensor.is_floating_point():
+            assert loaded[name].dtype == torch.bfloat16, name
+            assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name

@@ -66,7 +66,7 @@ class Emu3DecodeState(DecodeState):
 class Emu3Backend(Backend):
     """Emu3-Chat-hf / Emu3-Gen-hf from a local directory, or the tiny ``debug`` flavour."""
 
-    capabilities = Capabilities(visual_thoughts=True, sharding=True)
+    capabilities = Capabilities(visual_thoughts=True, sharding=True, export=True)
 
     def __init__(self, params: Emu3Params | None = None):
         self.params = p = params or Emu3Params(flavour=DEBUG)
@@ -321,9 +321,18 @@ class Emu3Backend(Backend):
 
     def save_pretrained(self, model, directory: Path) -> None:
         """config.json, model.safetensors, tokenizer files and preprocessor_config.json: loads alone."""
+        state_dict.save_checkpoint(model, self.tokenizer, self._image_settings(), Path(directory))
+
+    def export_model(self, model, directory: Path, dtype: torch.dtype, max_shard_bytes: int | None) -> None:
+        """transformers' layout, which ``Emu3ForConditionalGeneration.from_pretrained`` loads: the
+        files of :meth:`save_pretrained` with the weights cast to ``dtype`` (``model`` is cast in
+        place) and split into shards with an index above ``max_shard_bytes``."""
+        model.to(dtype)
+        state_dict.save_checkpoint(model, self.tokenizer, self._image_settings(), Path(directory), max_shard_bytes)
+
+    def _image_settings(self) -> dict:
         t = self.transform
-        settings = {"image_mean": list(t.mean), "image_std": list(t.std), "min_pixels": t.min_pixels, "max_pixels": t.max_pixels, "spatial_factor": t.factor}
-        state_dict.save_checkpoint(model, self.tokenizer, settings, Path(directory))
+        return {"image_mean": list(t.mean), "image_std": list(t.std), "min_pixels": t.min_pixels, "max_pixels": t.max_pixels, "spatial_factor": t.factor}
 
     def load_weights(self, model, directory: Path) -> None:
         state_dict.load_into(model, Path(directory))

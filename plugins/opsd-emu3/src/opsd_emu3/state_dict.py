@@ -63,14 +63,18 @@ def load_into(model: torch.nn.Module, directory: Path) -> None:
     state_dicts.load_into(model, read_state_dict(directory), f"{directory} (this Emu3 config)")
 
 
-def save_checkpoint(model: torch.nn.Module, tokenizer, image_settings: dict, directory: Path) -> None:
-    """Write config.json, model.safetensors, the tokenizer files and preprocessor_config.json to ``directory``."""
+def save_checkpoint(
+    model: torch.nn.Module, tokenizer, image_settings: dict, directory: Path, max_shard_bytes: int | None = None
+) -> None:
+    """Write config.json, model.safetensors (shards with model.safetensors.index.json above
+    ``max_shard_bytes``; None: transformers' default), the tokenizer files and
+    preprocessor_config.json to ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     bar_was_on = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # transformers draws a bar per shard written
     try:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **({} if max_shard_bytes is None else {"max_shard_size": max_shard_bytes}))
     finally:
         if bar_was_on:
             logging.enable_progress_bar()

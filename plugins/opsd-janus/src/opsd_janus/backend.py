@@ -49,7 +49,7 @@ from opsd_janus.decoding import JanusDecodeState, Rendered, step
 class JanusBackend(Backend):
     """Janus-Pro from a local Hugging Face directory, or the tiny ``debug`` flavour."""
 
-    capabilities = Capabilities(visual_thoughts=True, sharding=True)
+    capabilities = Capabilities(visual_thoughts=True, sharding=True, export=True)
 
     def __init__(self, params: JanusParams | None = None):
         self.params = p = params or JanusParams(flavour=DEBUG, image_size=32)
@@ -355,6 +355,16 @@ class JanusBackend(Backend):
 
     def load_weights(self, model, directory: Path) -> None:
         state_dict.load_into(model, Path(directory))
+
+    def export_model(self, model, directory: Path, dtype: torch.dtype, max_shard_bytes: int | None) -> None:
+        """transformers' layout, which ``JanusForConditionalGeneration.from_pretrained`` loads:
+        ``save_pretrained``'s config and weights in ``dtype`` (``model`` is cast in place; shards
+        with an index above ``max_shard_bytes``), the tokenizer and processor files."""
+        directory = Path(directory)
+        model.to(dtype)
+        state_dict.export_checkpoint(model, directory, max_shard_bytes)
+        self.tokenizer.save_pretrained(str(directory))
+        self.image_processor().save_pretrained(str(directory))
 
     def image_processor(self):
         """``JanusImageProcessorPil`` with this backend's size, mean and std (saved with checkpoints,

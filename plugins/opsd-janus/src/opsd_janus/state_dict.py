@@ -4,7 +4,7 @@ Owns: which files make a checkpoint directory (``config.json``, ``model.safetens
 shards listed in ``model.safetensors.index.json``, the tokenizer files,
 ``preprocessor_config.json``), reading them into a model with a clear error for anything
 missing or mismatched, and writing a model so that the same code (or transformers'
-``from_pretrained``) loads it alone. Parameter names are transformers' own
+``from_pretrained``) loads it alone, in our writer or in transformers' own (for export). Parameter names are transformers' own
 (``model.language_model.layers.0...``, ``lm_head.weight``): no renaming.
 Does not know: contexts, sampling or training.
 """
@@ -50,3 +50,9 @@ def save_checkpoint(model: torch.nn.Module, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(str(directory))
     state_dicts.save_safetensors(model, directory / WEIGHTS)
+
+
+def export_checkpoint(model: torch.nn.Module, directory: Path, max_shard_bytes: int | None) -> None:
+    """Write ``model``'s config and weights with transformers' ``save_pretrained`` (shards with
+    model.safetensors.index.json above ``max_shard_bytes``; None: transformers' default)."""
+    model.save_pretrained(str(directory), **({} if max_shard_bytes is None else {"max_shard_size": max_shard_bytes}))

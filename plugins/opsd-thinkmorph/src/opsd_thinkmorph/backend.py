@@ -19,7 +19,6 @@ import torch
 from opsd_core.api import (
     Backend,
     Capabilities,
-    CapabilityError,
     CompletionBatch,
     CompletionHidden,
     CompletionLogits,
@@ -32,7 +31,7 @@ from opsd_core.api import (
     TextSegment,
     Vocabulary,
 )
-from opsd_core.api.backend import gather_rows
+from opsd_core.api.backend import gather_rows, whole_parameter
 from opsd_thinkmorph import architecture, prompts, state_dict
 from opsd_thinkmorph.config import CHECKPOINT, DEBUG, ThinkMorphParams
 from opsd_thinkmorph.images import ImageTransform
@@ -64,11 +63,13 @@ class ThinkMorphBackend(Backend):
 
     capabilities = Capabilities(
         hidden_states=True,
+        sharded_hidden_states=True,
         meta_skeleton=True,
         visual_thoughts=True,
         interleaved_answers=True,
         image_skips=True,
         sharding=True,
+        export=True,
     )
 
     def __init__(self, params: ThinkMorphParams | None = None):
@@ -210,13 +211,9 @@ class ThinkMorphBackend(Backend):
         self, model: Bagel, contexts: Sequence[Context], completions: CompletionBatch
     ) -> CompletionHidden:
         """float (B, N + 1, D) final-norm hidden states at the rows of :meth:`completion_logits`
-        (what ``lm_logits`` multiplies), the row mask and the (V, D) ``lm_head`` weight."""
-        weight = model.language_model.lm_head.weight
-        if is_shard(weight):
-            raise CapabilityError(
-                "divergence.fused = true needs the whole lm_head weight, but this model is sharded by FSDP; "
-                "set divergence.fused = false for multi-process runs"
-            )
+        (what ``lm_logits`` multiplies), the row mask and the (V, D) ``lm_head`` weight, whole
+        even where FSDP shards it (its gradient then reaches the shard as FSDP would reduce it)."""
+        weight = whole_parameter(model.language_model.lm_head.weight)
         hidden = self._completion_hidden_rows(model, contexts, completions)
         return CompletionHidden(hidden, completions.row_mask().to(hidden.device), weight)
 
@@ -375,8 +372,16 @@ class ThinkMorphBackend(Backend):
     # ------------------------------------------------------------------ weights on disk
     def save_pretrained(self, model: Bagel, directory: Path) -> None:
         """Weights, configs, tokenizer and the VAE: a directory that loads alone."""
-        directory = Path(directory)
-        state_dict.save_checkpoint(model, self.config, directory, source=self.directory)
+        self._write(model, Path(directory), "model", None, None)
+
+    def export_model(self, model: Bagel, directory: Path, dtype: torch.dtype, max_shard_bytes: int | None) -> None:
+        """The released layout that BAGEL's inference code loads: ``ema.safetensors`` in ``dtype``
+        (or its shards and index), ``llm_config.json``, ``vit_config.json``, the tokenizer files
+        and ``ae.safetensors``."""
+        self._write(model, Path(directory), "ema", dtype, max_shard_bytes)
+
+    def _write(self, model: Bagel, directory: Path, stem: str, dtype: torch.dtype | None, max_shard_bytes: int | None) -> None:
+        state_dict.save_checkpoint(model, self.config, directory, self.directory, stem, dtype, max_shard_bytes)
         self.tokenizer.save(directory)
         if not (directory / "ae.safetensors").exists() and self.config.visual_gen and self.directory is None:
             from opsd_thinkmorph import vae as vae_module

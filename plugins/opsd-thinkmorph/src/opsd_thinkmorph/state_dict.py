@@ -2,7 +2,9 @@
 
 Owns: which weight files a directory holds (single file, shards with an index, ``model`` or
 ``ema``), the keys that are dropped on load (the recomputed sin-cos tables), the checks that
-turn a wrong directory into a clear error, and writing a checkpoint that loads alone.
+turn a wrong directory into a clear error, and writing a checkpoint that loads alone: our own
+(``model.safetensors``) or the released layout (``ema.safetensors``, bf16, shards with an
+index), which differ only in the weights' stem, dtype and sharding.
 Does not know: how the model runs, the VAE's internals, training state.
 """
 
@@ -72,15 +74,20 @@ def save_checkpoint(
     directory: Path,
     source: Path | None = None,
     stem: str = "model",
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
 ) -> None:
     """Write a directory our loader (and the official one) reads alone.
 
-    Weights as ``<stem>.safetensors`` (the model's dtype), the two config files, the tokenizer
-    files and ``ae.safetensors`` copied (hard-linked where possible) from ``source``.
+    Weights as ``<stem>.safetensors`` in ``dtype`` (None: the model's), or as shards with
+    ``<stem>.safetensors.index.json`` when larger than ``max_shard_bytes``; the two config files;
+    the tokenizer files and ``ae.safetensors`` copied (hard-linked where possible) from
+    ``source``. The released layout is ``stem="ema"`` in bf16; its tensor names and shapes are
+    the model's state dict (the sin-cos tables, recomputed by every loader, are left out).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state_dicts.save_safetensors(model.state_dict(), directory / f"{stem}.safetensors")
+    state_dicts.save_sharded_safetensors(model.state_dict(), directory, stem, dtype, max_shard_bytes)
     config.write(directory)
     if source is not None:
         for name in (*TOKENIZER_FILES, "ae.safetensors"):
