@@ -54,7 +54,12 @@ def torchrun_command(nproc_per_node: int, arguments: list[str]) -> list[str]:
 
 
 def _run_arguments(
-    config_path: str | None, overrides: tuple[str, ...], resume_dir: str | None, no_progress: bool, allow_changes: bool
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    resume_dir: str | None,
+    no_progress: bool,
+    allow_changes: bool,
+    skip_memory_check: bool = False,
 ):
     """``opsd run``'s arguments for the workers (everything but ``--nproc-per-node``)."""
     arguments = ["run"] + ([config_path] if config_path else [])
@@ -62,7 +67,8 @@ def _run_arguments(
         arguments += ["--set", override]
     if resume_dir is not None:
         arguments += ["--resume", resume_dir]
-    return arguments + (["--no-progress"] if no_progress else []) + (["--allow-changes"] if allow_changes else [])
+    flags = {"--no-progress": no_progress, "--allow-changes": allow_changes, "--skip-memory-check": skip_memory_check}
+    return arguments + [flag for flag, given in flags.items() if given]
 
 
 @click.command("run")
@@ -88,6 +94,11 @@ def _run_arguments(
     help="Train in N processes on this machine (one per GPU; gloo on CPU): re-launches itself through "
     "torchrun with the same arguments. Inside a torchrun worker it must match torchrun's own count.",
 )
+@click.option(
+    "--skip-memory-check",
+    is_flag=True,
+    help="Run even if the memory planner estimates that the run does not fit the GPU (see `opsd plan`).",
+)
 def run_command(
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -96,6 +107,7 @@ def run_command(
     allow_changes: bool,
     backend: str | None,
     nproc_per_node: int | None,
+    skip_memory_check: bool,
 ) -> None:
     """Run the whole method: KL diagnostic -> OPSD -> eval -> noise control -> eval -> report.
 
@@ -136,7 +148,7 @@ def run_command(
         config = _load(config_path, overrides)
     launched = "WORLD_SIZE" in os.environ
     if nproc_per_node is not None and nproc_per_node > 1 and not launched:  # the config is valid: start them
-        arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes)
+        arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes, skip_memory_check)
         raise SystemExit(subprocess.call(torchrun_command(nproc_per_node, arguments)))
     if nproc_per_node is not None and launched:
         started = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
@@ -163,7 +175,11 @@ def run_command(
             echo = click.echo if ranks.is_main else lambda *_: None
             echo(f"Run directory: {run_dir.path}")
             try:
-                results = Experiment(config, run_dir, echo=click.echo, progress=not no_progress, ranks=ranks).run()
+                experiment = Experiment(
+                    config, run_dir, echo=click.echo, progress=not no_progress, ranks=ranks,
+                    memory_check=not skip_memory_check,
+                )  # fmt: skip
+                results = experiment.run()
             except BaseException:
                 # A new run that failed before writing anything leaves no directory behind.
                 if ranks.is_main and resume_dir is None and run_dir.discard_if_unstarted():

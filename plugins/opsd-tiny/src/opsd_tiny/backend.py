@@ -30,6 +30,7 @@ from opsd_core.api import (
     Context,
     DecodeState,
     ImageSegment,
+    MemoryShape,
     PrivilegedContextBuilder,
     TextSegment,
     Vocabulary,
@@ -116,6 +117,20 @@ class TinyBackend(Backend):
         if self.directory is not None:
             state_dict.load_state(model, self.directory)
         return model.to(self.device)
+
+    def memory_shape(self) -> MemoryShape:
+        """The tiny decoder's sizes (plain multi-head attention, a 4 D MLP)."""
+        c = self.config
+        return MemoryShape(
+            hidden_size=c.d_model,
+            num_layers=c.n_layers,
+            num_heads=c.n_heads,
+            num_kv_heads=c.n_heads,
+            head_dim=c.d_model // c.n_heads,
+            intermediate_size=c.mlp_ratio * c.d_model,
+            vocab_size=c.vocab_size,
+            max_positions=c.max_positions,
+        )
 
     def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()
