@@ -5,7 +5,10 @@ the planner for its per-GPU and per-host peak (``opsd plan``'s figures for one p
 builds the run as ``opsd run`` does in one process (the start model on the device, a student
 copy, the teacher, AdamW) and runs ``--steps`` optimizer steps of the OPSD phase, and prints the
 planner's peak beside ``torch.cuda.max_memory_allocated`` (from before the start model is built
-to the last step) and the process's peak resident host memory. On a CPU the GPU column is
+to the last step) and the process's peak resident host memory. The planner bounds every
+sequence by its cap (``sampling.max_forward_tokens``); the table also gives its peak at the
+longest student forward the steps reached, which separates the formulas' error from the caps'
+slack. On a CPU the GPU column is
 empty: the run still exercises every path, which is what a smoke test needs.
 
 Usage::
@@ -62,13 +65,34 @@ def case_config(case: str, workdir: Path):
     return config
 
 
+class StudentLengths:
+    """Wraps a backend's completion-row methods to record the longest student forward (context
+    and completion positions, the calls made with gradients)."""
+
+    def __init__(self, backend):
+        self.longest = 0
+        for name in ("completion_logits", "completion_hidden"):
+            setattr(backend, name, self._recording(backend, getattr(backend, name)))
+
+    def _recording(self, backend, method):
+        def recorded(model, contexts, completions):
+            if torch.is_grad_enabled():
+                width = int(completions.tokens.shape[1])
+                self.longest = max(self.longest, *(backend.context_length(c) + width for c in contexts))
+            return method(model, contexts, completions)
+
+        return recorded
+
+
 def measure(case: str, steps: int, workdir: Path) -> dict:
     """The planner's peaks and the measured ones of ``steps`` optimizer steps of ``case``."""
     config = case_config(case, workdir)
     apply_threads(config.run.threads)
     device = resolve_device(config.run.device)
     components = build_components(config)
-    planned, census = run_plan(config, components.backend, components.divergence.uses_hidden_states, 1, None, None)
+    fused = components.divergence.uses_hidden_states
+    planned, census = run_plan(config, components.backend, fused, 1, None, None)
+    lengths = StudentLengths(components.backend)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -81,14 +105,23 @@ def measure(case: str, steps: int, workdir: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     measured = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    # The configured caps bound every sequence; the same plan at the lengths the steps reached
+    # isolates the formulas from that slack.
+    at_length = config.model_copy(
+        update={"sampling": config.sampling.model_copy(update={"max_forward_tokens": max(lengths.longest, 2)})}
+    )
+    observed, _ = run_plan(at_length, components.backend, fused, 1, None, None)
     record = {
         "case": case,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "parameters": census.total,
         "planned_gpu_bytes": planned.estimate.gpu_peak,
         "planned_stage": planned.estimate.peak_stage,
+        "student_positions": lengths.longest,
+        "planned_at_length_gpu_bytes": observed.estimate.gpu_peak,
         "measured_gpu_bytes": measured,
         "ratio": planned.estimate.gpu_peak / measured if measured else None,
+        "ratio_at_length": observed.estimate.gpu_peak / measured if measured else None,
         "planned_host_bytes": planned.estimate.host_peak,
         "host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "seconds": time.perf_counter() - started,
@@ -105,16 +138,21 @@ def table(records: list[dict]) -> str:
     def gib(value: int | None) -> str:
         return "-" if value is None else f"{value / GIB:.2f}"
 
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     lines = [
-        "| case | device | parameters | planned GPU peak GiB (stage) | measured GPU peak GiB | planned / measured "
+        "| case | device | parameters | planned GPU peak GiB at the caps (stage) | student positions reached "
+        "| planned GPU peak GiB at them | measured GPU peak GiB | planned / measured (caps, reached) "
         "| planned host GiB | host max RSS GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(
             f"| `{r['case']}` | {r['device']} | {r['parameters']:,} | {gib(r['planned_gpu_bytes'])} ({r['planned_stage']}) "
-            f"| {gib(r['measured_gpu_bytes'])} | {ratio} | {gib(r['planned_host_bytes'])} | {gib(r['host_max_rss_bytes'])} |"
+            f"| {r['student_positions']} | {gib(r['planned_at_length_gpu_bytes'])} | {gib(r['measured_gpu_bytes'])} "
+            f"| {ratio(r['ratio'])}, {ratio(r['ratio_at_length'])} | {gib(r['planned_host_bytes'])} "
+            f"| {gib(r['host_max_rss_bytes'])} |"
         )
     return "\n".join(lines)
 

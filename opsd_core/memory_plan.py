@@ -83,6 +83,8 @@ class MemoryInputs:
         master_bytes: bytes per element of the master weights (and of gradients and AdamW state,
             which take the parameters' dtype).
         frozen_bytes: bytes per element of frozen weights.
+        teacher_bytes: bytes per element of the teacher's own weights (4: the EMA teacher keeps
+            fp32; a frozen teacher is a copy in the masters' dtype).
         compute_bytes: bytes per element of the forward's activations (2 under bf16 autocast).
         gathered_bytes: bytes per element of weights gathered whole for sampling and drawing in
             sharded runs (FSDP's parameter dtype).
@@ -107,6 +109,7 @@ class MemoryInputs:
     trainable_parameters: int
     master_bytes: int = FP32_BYTES
     frozen_bytes: int = FP32_BYTES
+    teacher_bytes: int = FP32_BYTES
     compute_bytes: int = FP32_BYTES
     gathered_bytes: int = FP32_BYTES
     sampling_bytes: int = FP32_BYTES
@@ -156,6 +159,7 @@ def inputs_from_config(
         trainable_parameters=census.trainable,
         master_bytes=census.bytes_per_element,
         frozen_bytes=census.bytes_per_element,
+        teacher_bytes=census.bytes_per_element if config.teacher.name == "frozen" else FP32_BYTES,
         compute_bytes=BF16_BYTES if bf16 or fsdp_bf16 else census.bytes_per_element,
         gathered_bytes=BF16_BYTES if fsdp_bf16 else census.bytes_per_element,
         sampling_bytes=BF16_BYTES if fsdp_bf16 else census.bytes_per_element,
@@ -256,16 +260,16 @@ def estimate(inputs: MemoryInputs) -> MemoryEstimate:
     trainable, frozen = i.trainable_parameters, i.frozen_parameters
     model_bytes = trainable * i.master_bytes + frozen * i.frozen_bytes
     optimizer = ADAM_STATES * trainable * i.master_bytes // shard
-    # The EMA teacher keeps fp32 copies: of every parameter, or of the trainable ones when the
-    # frozen weights are shared with the student.
-    teacher = (trainable if i.share_frozen else i.total_parameters) * FP32_BYTES // shard
+    # The teacher's own copies: of every parameter, or of the trainable ones when the frozen
+    # weights are shared with the student.
+    teacher = (trainable if i.share_frozen else i.total_parameters) * i.teacher_bytes // shard
     start = (trainable * i.master_bytes if i.share_frozen else model_bytes) // shard
     sharded = i.world_size > 1
     gpu = {
         "weights": model_bytes // shard,
         "gradients": trainable * i.master_bytes // shard,
         "optimizer state": 0 if i.offload_optimizer else optimizer,
-        "EMA teacher": teacher,
+        "teacher": teacher,
         # A single process keeps the start model on its device; sharded runs park it in host memory.
         "start model": 0 if sharded else start,
     }

@@ -77,21 +77,23 @@ def test_weights_gradients_optimizer_ema_and_start_model_are_exact():
     assert gpu["weights"] == 4000
     assert gpu["gradients"] == 600 * 4
     assert gpu["optimizer state"] == 2 * 600 * 4
-    assert gpu["EMA teacher"] == 1000 * 4  # a full fp32 copy unless frozen weights are shared
+    assert gpu["teacher"] == 1000 * 4  # a full fp32 copy unless frozen weights are shared
     assert gpu["start model"] == 4000
     shared = estimate(replace(inputs, share_frozen=True)).gpu
-    assert shared["EMA teacher"] == 600 * 4 and shared["start model"] == 600 * 4
+    assert shared["teacher"] == 600 * 4 and shared["start model"] == 600 * 4
+    frozen_teacher = estimate(replace(inputs, master_bytes=2, frozen_bytes=2, teacher_bytes=2)).gpu
+    assert frozen_teacher["teacher"] == 1000 * 2
 
 
 def test_bf16_masters_halve_weights_gradients_and_optimizer_state_but_not_the_ema():
     gpu = estimate(MemoryInputs(total_parameters=1000, trainable_parameters=1000, master_bytes=2, frozen_bytes=2)).gpu
-    assert (gpu["weights"], gpu["gradients"], gpu["optimizer state"], gpu["EMA teacher"]) == (2000, 2000, 4000, 4000)
+    assert (gpu["weights"], gpu["gradients"], gpu["optimizer state"], gpu["teacher"]) == (2000, 2000, 4000, 4000)
 
 
 def test_sharding_divides_the_sharded_terms_and_parks_the_start_model_on_the_host():
     one = estimate(MemoryInputs(total_parameters=8000, trainable_parameters=8000))
     four = estimate(MemoryInputs(total_parameters=8000, trainable_parameters=8000, world_size=4, shard_size=4, gpus_per_host=4))
-    for term in ("weights", "gradients", "optimizer state", "EMA teacher"):
+    for term in ("weights", "gradients", "optimizer state", "teacher"):
         assert four.gpu[term] * 4 == one.gpu[term], term
     assert four.gpu["start model"] == 0
     assert four.host["start model (parked)"] == one.gpu["start model"]  # four shards on one host
@@ -114,7 +116,7 @@ def test_lora_counts_rank_times_in_plus_out_on_the_targeted_linear_layers():
     gpu = estimate(inputs).gpu
     adapters = 2 * 8 * 32
     assert inputs.trainable_parameters == adapters and inputs.total_parameters == census.total + adapters
-    assert gpu["optimizer state"] == 2 * adapters * 4 and gpu["EMA teacher"] == adapters * 4
+    assert gpu["optimizer state"] == 2 * adapters * 4 and gpu["teacher"] == adapters * 4
     assert gpu["start model"] == adapters * 4  # the frozen base is shared
 
 
@@ -171,6 +173,7 @@ def test_inputs_from_a_config():
     one = inputs_from_config(config, census, replace(TINY, max_positions=300), 1, fused_loss=False)
     assert (one.rows, one.sampled_rows, one.sequence_tokens, one.completion_tokens) == (8, 16, 300, 101)
     assert one.compute_bytes == 2 and one.sampling_bytes == 4 and one.shard_size == 1
+    assert one.teacher_bytes == 4  # the EMA teacher keeps fp32
     assert not one.activation_checkpointing  # a single process trains without it
     four = inputs_from_config(config, census, TINY, 4, fused_loss=False)
     assert (four.rows, four.shard_size, four.sequence_tokens) == (2, 4, 512)

@@ -3,9 +3,8 @@ planner says cannot fit the GPU (the GPU's free memory is stood in for on a CPU)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -22,7 +21,7 @@ def test_plan_prints_every_term_and_the_verdict():
     assert result.exit_code == 0, result.output
     for term in (
         "parameters: 855,040 (855,040 trainable, 0 frozen), 4 bytes each",
-        "weights", "gradients", "optimizer state", "EMA teacher", "start model", "activations without / with checkpointing",
+        "weights", "gradients", "optimizer state", "teacher", "start model", "activations without / with checkpointing",
         "sampler KV cache", "per host (1 GPU)", "of 80.00 GiB", "fits: yes",
     ):  # fmt: skip
         assert term in result.output, term
@@ -45,7 +44,7 @@ def test_plan_counts_the_full_thinkmorph_on_its_skeleton_and_shards_it_over_seve
     assert "parameters: 14,575,018,464 (14,575,018,464 trainable, 0 frozen), 4 bytes each" in one
     assert re.search(r"language_model \(generation expert\)\s+6,525,628,928", one)
     assert "per GPU (8 processes, sharded over 8)" in eight
-    for term in ("weights", "gradients", "optimizer state", "EMA teacher"):
+    for term in ("weights", "gradients", "optimizer state", "teacher"):
         assert abs(_gib(one, term) / 8 - _gib(eight, term)) < 0.01, term
     assert _gib(eight, "start model") == 0 and _gib(eight, "start model (parked)") == _gib(one, "start model")
     assert "No combination of the memory savers fits (tried: none available)" in one
