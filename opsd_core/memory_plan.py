@@ -94,6 +94,7 @@ class MemoryInputs:
         gpus_per_host: processes on one host.
         offload_optimizer: AdamW state lives in host memory between steps.
         share_frozen: start model, student and EMA teacher share one copy of frozen weights.
+        ema_update: the teacher follows the student after every step (the EMA teacher).
         lora_rank: LoRA adapter rank (0: no LoRA).
         activation_checkpointing: layers recompute their activations in backward.
         fused_loss: the divergence works on hidden states (no (B, N + 1, V) logits).
@@ -118,6 +119,7 @@ class MemoryInputs:
     gpus_per_host: int = 1
     offload_optimizer: bool = False
     share_frozen: bool = False
+    ema_update: bool = True
     lora_rank: int = 0
     activation_checkpointing: bool = False
     fused_loss: bool = False
@@ -160,6 +162,7 @@ def inputs_from_config(
         master_bytes=census.bytes_per_element,
         frozen_bytes=census.bytes_per_element,
         teacher_bytes=census.bytes_per_element if config.teacher.name == "frozen" else FP32_BYTES,
+        ema_update=config.teacher.name == "ema",
         compute_bytes=BF16_BYTES if bf16 or fsdp_bf16 else census.bytes_per_element,
         gathered_bytes=BF16_BYTES if fsdp_bf16 else census.bytes_per_element,
         sampling_bytes=BF16_BYTES if fsdp_bf16 else census.bytes_per_element,
@@ -317,6 +320,11 @@ def estimate(inputs: MemoryInputs) -> MemoryEstimate:
             }
     elif sharded:
         stages["sampling"] = {"gathered student": gathered_whole}
+    # AdamW's multi-tensor step holds sqrt(exp_avg_sq) for every trainable parameter at once.
+    stages["optimizer step"] = {"AdamW temporaries": 0 if i.offload_optimizer else trainable * i.master_bytes // shard}
+    if i.ema_update and i.master_bytes < FP32_BYTES:
+        # The update casts every trainable student weight to fp32 at once.
+        stages["teacher update"] = {"student weights in fp32": trainable * FP32_BYTES // shard}
     return MemoryEstimate(gpu, stages, without_ckpt, with_ckpt, host, host_transient)
 
 

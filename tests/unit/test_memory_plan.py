@@ -147,6 +147,17 @@ def test_the_checkpointing_in_effect_is_the_one_counted_in_the_peak():
     assert on.gpu_peak < off.gpu_peak
 
 
+def test_the_optimizer_step_and_the_teacher_update_of_narrow_masters():
+    inputs = MemoryInputs(total_parameters=1000, trainable_parameters=600)
+    stages = estimate(inputs).gpu_transient
+    assert stages["optimizer step"] == {"AdamW temporaries": 600 * 4}
+    assert "teacher update" not in stages  # fp32 masters are not cast
+    narrow = estimate(replace(inputs, master_bytes=2, frozen_bytes=2)).gpu_transient
+    assert narrow["teacher update"] == {"student weights in fp32": 600 * 4}
+    assert "teacher update" not in estimate(replace(inputs, master_bytes=2, ema_update=False)).gpu_transient
+    assert estimate(replace(inputs, offload_optimizer=True)).gpu_transient["optimizer step"]["AdamW temporaries"] == 0
+
+
 def test_kv_caches_of_sampling_and_drawing():
     shape = replace(TINY, visual_thought_tokens=50, visual_thought_passes=3)
     inputs = MemoryInputs(
