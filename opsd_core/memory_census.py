@@ -19,14 +19,7 @@ from opsd_core.components import Components
 from opsd_core.config import RunConfig
 from opsd_core.errors import ConfigError
 from opsd_core.interfaces import Backend
-from opsd_core.memory_plan import (
-    GIB,
-    ParameterCensus,
-    Plan,
-    inputs_from_config,
-    plan,
-    switches_for,
-)
+from opsd_core.memory_plan import GIB, ParameterCensus, Plan, plan_run
 from opsd_core.runtime import Ranks
 
 SKIP_OPTION = "--skip-memory-check"
@@ -75,8 +68,11 @@ def run_plan(
     given memory per GPU and per host (None: not checked), and the census behind it.
     ``fused_loss``: the divergence works on hidden states."""
     census = model_census(backend)
-    inputs = inputs_from_config(config, census, backend.memory_shape(), world_size, fused_loss)
-    return plan(inputs, switches_for(config, world_size), gpu_memory, host_memory), census
+    shape = backend.memory_shape()
+    result = plan_run(
+        config, census, shape, world_size, fused_loss, gpu_memory, host_memory, backend.capabilities.sharding
+    )
+    return result, census
 
 
 def gpu_memory(device: torch.device) -> int | None:
@@ -133,8 +129,12 @@ def unfit_message(result: Plan) -> str:
         host = f" and {e.host_peak / GIB:.1f} GiB of host memory ({result.host_memory / GIB:.1f} GiB available)"
     if result.fitting_switches:
         options = "set " + " and ".join(switch.setting for switch in result.fitting_switches)
+    elif result.more_gpus is not None:
+        gpus, settings = result.more_gpus
+        options = f"train on {gpus} GPUs (--nproc-per-node {gpus})"
+        options += " with " + " and ".join(switch.setting for switch in settings) if settings else ""
     else:
-        options = "train on more GPUs (--nproc-per-node N)"
+        options = "a GPU with more memory, more GPUs or a smaller model"
     return (
         f"this run needs {needs}{host}, and the GPU has {has}: it would run out of memory. Options: {options}; "
         f"see `opsd plan` with the same config for the breakdown, or pass {SKIP_OPTION} to run anyway "

@@ -32,6 +32,8 @@ ADAM_STATES = 2  # AdamW's exp_avg and exp_avg_sq, each one element per trainabl
 LOGIT_COPIES = 4
 # FSDP keeps the unit being computed and the prefetched next one gathered.
 GATHERED_UNITS = 2
+# The GPU counts of one host the plan tries when a run fits none of the switches.
+ONE_HOST_GPU_COUNTS = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,9 @@ class Plan:
         fitting_switches: the first combination of switches (tried in order, fewest first)
             with which the run fits; None when none does or it fits as it is.
         switches: the switches that were tried.
+        more_gpus: when nothing fits as planned, the fewest GPUs of one host (and the switches
+            they need) with which it would; None when none does or none was tried.
+        gpus_tried: the GPU counts tried for ``more_gpus``.
     """
 
     inputs: MemoryInputs
@@ -362,6 +367,8 @@ class Plan:
     host_memory: int | None
     fitting_switches: tuple[Switch, ...] | None
     switches: tuple[Switch, ...] = field(default=())
+    more_gpus: tuple[int, tuple[Switch, ...]] | None = None
+    gpus_tried: tuple[int, ...] = ()
 
     def fits(self) -> bool:
         return _fits(self.estimate, self.gpu_memory, self.host_memory)
@@ -413,6 +420,36 @@ def plan(
             if found:
                 break
     return Plan(inputs, current, gpu_memory, host_memory, found, switches)
+
+
+def plan_run(
+    config: RunConfig,
+    census: ParameterCensus,
+    shape: MemoryShape | None,
+    world_size: int,
+    fused_loss: bool,
+    gpu_memory: int | None,
+    host_memory: int | None,
+    can_shard: bool,
+) -> Plan:
+    """The plan of ``config`` in ``world_size`` processes; when neither it nor any switch fits
+    and the backend ``can_shard``, also the fewest GPUs of one host (2, 4 or 8) that would."""
+    result = plan(
+        inputs_from_config(config, census, shape, world_size, fused_loss),
+        switches_for(config, world_size),
+        gpu_memory,
+        host_memory,
+    )
+    if result.fits() or result.fitting_switches or not can_shard:
+        return result
+    tried = tuple(count for count in ONE_HOST_GPU_COUNTS if count > world_size)
+    for gpus in tried:
+        wider = plan(
+            inputs_from_config(config, census, shape, gpus, fused_loss), switches_for(config, gpus), gpu_memory, host_memory
+        )
+        if wider.fits() or wider.fitting_switches:
+            return replace(result, more_gpus=(gpus, wider.fitting_switches or ()), gpus_tried=tried)
+    return replace(result, gpus_tried=tried)
 
 
 def _gib(value: int) -> str:
@@ -476,8 +513,13 @@ def verdict(plan_: Plan) -> str:
     text = "fits: no (" + "; ".join(short) + ")"
     if plan_.fitting_switches:
         settings = " and ".join(switch.setting for switch in plan_.fitting_switches)
-        text += f". It fits with {settings}"
-    else:
-        tried = ", ".join(switch.setting for switch in plan_.switches) or "none available"
-        text += f". No combination of the memory savers fits (tried: {tried}); use more GPUs (--gpus / --nproc-per-node)"
-    return text
+        return text + f". It fits with {settings}"
+    tried = ", ".join(switch.setting for switch in plan_.switches) or "none available"
+    text += f". No combination of the memory savers fits (tried: {tried})"
+    if plan_.more_gpus is not None:
+        gpus, settings = plan_.more_gpus
+        needed = " with " + " and ".join(switch.setting for switch in settings) if settings else ""
+        return text + f"; it fits on {gpus} GPUs (--gpus / --nproc-per-node {gpus}){needed}"
+    if plan_.gpus_tried:
+        return text + f", nor on up to {max(plan_.gpus_tried)} GPUs of one host"
+    return text + "; it needs a GPU with more memory or a smaller model"

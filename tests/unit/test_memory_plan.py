@@ -20,6 +20,7 @@ from opsd_core.memory_plan import (
     estimate,
     inputs_from_config,
     plan,
+    plan_run,
     switches_for,
     with_lora,
 )
@@ -208,3 +209,17 @@ def test_switches_offered_are_those_off_that_take_effect():
     assert switches_for(config, 1) == ()
     settings = [switch.setting for switch in switches_for(config, 8)]
     assert settings == ["train.activation_checkpointing = true", "train.mixed_precision = 'bf16'"]
+
+
+def test_a_run_that_fits_no_switch_is_planned_on_the_fewest_gpus_of_one_host_that_fit():
+    census = ParameterCensus(groups={"all": GIB}, trainable=GIB, bytes_per_element=4)
+    config = load_config(None, ("train.samples_per_step=8", "train.mixed_precision='bf16'"))
+    one = estimate(inputs_from_config(config, census, None, 1, fused_loss=True)).gpu_peak
+    # Sharded over 4, the held terms are a quarter; the whole model is gathered in bf16 to sample.
+    four = estimate(inputs_from_config(config, census, None, 4, fused_loss=True)).gpu_peak
+    result = plan_run(config, census, None, 1, True, four, None, can_shard=True)
+    assert not result.fits() and result.fitting_switches is None
+    assert result.more_gpus == (4, ()) and four < one
+    assert plan_run(config, census, None, 1, True, four, None, can_shard=False).more_gpus is None
+    nowhere = plan_run(config, census, None, 1, True, 1, None, can_shard=True)
+    assert nowhere.more_gpus is None and nowhere.gpus_tried == (2, 4, 8)
