@@ -96,10 +96,11 @@ def host_memory() -> int:
 
 def refuse_unfit(components: Components, ranks: Ranks, device: torch.device) -> None:
     """Raise ``ConfigError`` with the plan's options when the run cannot fit this GPU's free
-    memory (or the host's available memory); nothing is checked on a CPU. Rank 0 decides for
-    every rank. Called before any weights are loaded."""
+    memory (or the host's available memory). Rank 0 decides for every rank. Called before any
+    weights are loaded, so nothing is checked on a CPU, nor for a backend without a meta
+    skeleton (counting its parameters would build the model: ``opsd plan`` does that on request)."""
     available = gpu_memory(device)
-    if available is None:
+    if available is None or not components.backend.capabilities.meta_skeleton:
         return
     message = None
     if ranks.is_main:
@@ -120,9 +121,7 @@ def refuse_unfit(components: Components, ranks: Ranks, device: torch.device) -> 
 def unfit_message(result: Plan) -> str:
     """One message: what the run needs against what there is, and the options."""
     e = result.estimate
-    needs = f"about {e.gpu_peak / GIB:.1f} GiB per GPU (while {e.peak_stage})" if e.peak_stage else (
-        f"about {e.gpu_peak / GIB:.1f} GiB per GPU"
-    )
+    needs = f"about {e.gpu_peak / GIB:.1f} GiB per GPU" + (f" (while {e.peak_stage})" if e.peak_stage else "")
     has = f"{result.gpu_memory / GIB:.1f} GiB free" if result.gpu_memory is not None else "unknown"
     host = ""
     if result.host_memory is not None and e.host_peak > result.host_memory:

@@ -59,7 +59,7 @@ class Capabilities:
         sharded_hidden_states: ``completion_hidden`` also works while the model is sharded over
             several processes (its ``lm_head`` weight split by FSDP).
         meta_skeleton: :meth:`Backend.model_skeleton`, so that only rank 0 builds the weights in
-            multi-process runs.
+            multi-process runs, and the memory planner counts parameters without weights.
         visual_thoughts: :meth:`Backend.generate_visual_thought` (the model draws its own VTs).
         interleaved_answers: :meth:`Backend.answer_with_visual_thoughts` (the family's own
             interleaved inference, for evaluation with visual thoughts).

@@ -76,7 +76,7 @@ class TinyDecodeState(DecodeState):
 class TinyBackend(Backend):
     """The embedded default's model family: :class:`TinyUMM` with its word vocabulary."""
 
-    capabilities = Capabilities(hidden_states=True)
+    capabilities = Capabilities(hidden_states=True, meta_skeleton=True)
 
     def __init__(self, params: TinyBackendParams | None = None):
         self.params = params or TinyBackendParams()
@@ -117,6 +117,11 @@ class TinyBackend(Backend):
         if self.directory is not None:
             state_dict.load_state(model, self.directory)
         return model.to(self.device)
+
+    def model_skeleton(self) -> TinyUMM:
+        """:meth:`build_model`'s model on the meta device (for ``opsd plan`` and the memory check)."""
+        with torch.device("meta"):
+            return TinyUMM(self.config)
 
     def memory_shape(self) -> MemoryShape:
         """The tiny decoder's sizes (plain multi-head attention, a 4 D MLP)."""
