@@ -225,8 +225,8 @@ class MemoryEstimate:
     Attributes:
         gpu: per-GPU terms that are held for the whole phase (weights, gradients, ...).
         gpu_transient: per-GPU terms of the step's stages, of which the largest adds to the
-            held ones at the peak (sampling, drawing visual thoughts, the student's forward
-            and backward).
+            held ones at the peak (the student's forward and backward, sampling, drawing visual
+            thoughts, the optimizer step, the teacher update).
         activations_without_checkpointing / activations_with_checkpointing: the student's
             saved activations both ways (the one in effect is in ``gpu_transient``).
         host: per-host terms held while training (offloaded optimizer state, the parked start
