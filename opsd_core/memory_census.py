@@ -121,7 +121,7 @@ def refuse_unfit(components: Components, ranks: Ranks, device: torch.device) -> 
 def unfit_message(result: Plan) -> str:
     """One message: what the run needs against what there is, and the options."""
     e = result.estimate
-    needs = f"about {e.gpu_peak / GIB:.1f} GiB per GPU" + (f" (while {e.peak_stage})" if e.peak_stage else "")
+    needs = f"about {e.gpu_peak / GIB:.1f} GiB per GPU" + (f" (during {e.peak_stage})" if e.peak_stage else "")
     has = f"{result.gpu_memory / GIB:.1f} GiB free" if result.gpu_memory is not None else "unknown"
     host = ""
     if result.host_memory is not None and e.host_peak > result.host_memory:

@@ -305,7 +305,7 @@ def estimate(inputs: MemoryInputs) -> MemoryEstimate:
             weight_copies = trainable * i.compute_bytes  # autocast keeps its casts of trainable weights until backward
         else:
             weight_copies = 0
-        stages["student forward and backward"] = {
+        stages["the student's forward and backward"] = {
             "activations": with_ckpt if i.activation_checkpointing else without_ckpt,
             "loss logits": logits,
             "weight copies": weight_copies,
@@ -323,10 +323,10 @@ def estimate(inputs: MemoryInputs) -> MemoryEstimate:
     elif sharded:
         stages["sampling"] = {"gathered student": gathered_whole}
     # AdamW's multi-tensor step holds sqrt(exp_avg_sq) for every trainable parameter at once.
-    stages["optimizer step"] = {"AdamW temporaries": 0 if i.offload_optimizer else trainable * i.master_bytes // shard}
+    stages["the optimizer step"] = {"AdamW temporaries": 0 if i.offload_optimizer else trainable * i.master_bytes // shard}
     if i.ema_update and i.master_bytes < FP32_BYTES:
         # The update casts every trainable student weight to fp32 at once.
-        stages["teacher update"] = {"student weights in fp32": trainable * FP32_BYTES // shard}
+        stages["the teacher update"] = {"student weights in fp32": trainable * FP32_BYTES // shard}
     return MemoryEstimate(gpu, stages, without_ckpt, with_ckpt, host, host_transient)
 
 
@@ -473,7 +473,7 @@ def format_plan(plan_: Plan, census: ParameterCensus, title: str) -> str:
     for name, value in e.gpu.items():
         lines.append(f"  {name:<40} {_gib(value)}")
     for stage, terms in e.gpu_transient.items():
-        lines.append(f"  while {stage}:")
+        lines.append(f"  during {stage}:")
         for name, value in terms.items():
             lines.append(f"    {name:<38} {_gib(value)}")
     if e.activations_without_checkpointing is not None:
@@ -484,7 +484,7 @@ def format_plan(plan_: Plan, census: ParameterCensus, title: str) -> str:
         )
     else:
         lines.append("  activations and KV caches: not estimated (the backend declares no memory shape)")
-    where = f" (while {e.peak_stage})" if e.peak_stage else ""
+    where = f" (during {e.peak_stage})" if e.peak_stage else ""
     available = f" of {_gib(plan_.gpu_memory).strip()}" if plan_.gpu_memory is not None else ""
     lines.append(f"  peak                                     {_gib(e.gpu_peak)}{available}{where}")
     lines += ["", f"per host ({i.gpus_per_host} GPU{'s' if i.gpus_per_host > 1 else ''}):"]

@@ -142,7 +142,7 @@ def test_activations_grow_with_rows_and_tokens_and_checkpointing_cuts_them(shape
 def test_the_checkpointing_in_effect_is_the_one_counted_in_the_peak():
     inputs = MemoryInputs(total_parameters=1, trainable_parameters=1, shape=QWEN_7B, sequence_tokens=1000, fused_loss=True)
     off, on = estimate(inputs), estimate(replace(inputs, activation_checkpointing=True))
-    stage = "student forward and backward"
+    stage = "the student's forward and backward"
     assert off.gpu_transient[stage]["activations"] == off.activations_without_checkpointing
     assert on.gpu_transient[stage]["activations"] == on.activations_with_checkpointing
     assert on.gpu_peak < off.gpu_peak
@@ -151,12 +151,12 @@ def test_the_checkpointing_in_effect_is_the_one_counted_in_the_peak():
 def test_the_optimizer_step_and_the_teacher_update_of_narrow_masters():
     inputs = MemoryInputs(total_parameters=1000, trainable_parameters=600)
     stages = estimate(inputs).gpu_transient
-    assert stages["optimizer step"] == {"AdamW temporaries": 600 * 4}
-    assert "teacher update" not in stages  # fp32 masters are not cast
+    assert stages["the optimizer step"] == {"AdamW temporaries": 600 * 4}
+    assert "the teacher update" not in stages  # fp32 masters are not cast
     narrow = estimate(replace(inputs, master_bytes=2, frozen_bytes=2)).gpu_transient
-    assert narrow["teacher update"] == {"student weights in fp32": 600 * 4}
-    assert "teacher update" not in estimate(replace(inputs, master_bytes=2, ema_update=False)).gpu_transient
-    assert estimate(replace(inputs, offload_optimizer=True)).gpu_transient["optimizer step"]["AdamW temporaries"] == 0
+    assert narrow["the teacher update"] == {"student weights in fp32": 600 * 4}
+    assert "the teacher update" not in estimate(replace(inputs, master_bytes=2, ema_update=False)).gpu_transient
+    assert estimate(replace(inputs, offload_optimizer=True)).gpu_transient["the optimizer step"]["AdamW temporaries"] == 0
 
 
 def test_kv_caches_of_sampling_and_drawing():
