@@ -20,7 +20,6 @@ _SET_HELP = "Override a config value: section.field=value (value parsed as a TOM
 
 def _positive_gib(context: click.Context, parameter: click.Parameter, value: str | None) -> float | None:
     """A memory size in GiB: a finite number above zero."""
-    del context, parameter
     if value is None:
         return None
     try:
