@@ -22,6 +22,7 @@ from opsd_core.components import Components, build_components
 from opsd_core.config import RunConfig
 from opsd_core.diagnostics.kl import gap_closure, gap_closure_standard_error, kl_gap
 from opsd_core.evaluation import evaluate
+from opsd_core.memory_census import refuse_unfit
 from opsd_core.rundir import RunDirectory
 from opsd_core import runtime
 from opsd_core.trainer import sharding
@@ -41,7 +42,8 @@ def phases(config: RunConfig) -> list[Mode]:
 class Experiment:
     """One run of the method from a start checkpoint; every phase result is saved as soon as
     it exists, so an interrupted run resumes where it stopped. ``ranks`` is this process among
-    the training processes (default: a single process)."""
+    the training processes (default: a single process). With ``memory_check``, a run the memory
+    planner says cannot fit this GPU is refused before the start model is built."""
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class Experiment:
         echo: Callable[[str], None] = print,
         progress: bool = True,
         ranks: runtime.Ranks | None = None,
+        memory_check: bool = True,
     ):
         self.ranks = ranks or runtime.Ranks()
         main = self.ranks.is_main
@@ -59,6 +62,8 @@ class Experiment:
         self.device = resolve_device(config.run.device)
         self.components: Components = build_components(config, world_size=self.ranks.world_size)
         self.backend = self.components.backend
+        if memory_check:  # before any weights exist: a run that cannot fit is refused now
+            refuse_unfit(self.components, self.ranks, self.ranks.device if self.ranks.distributed else self.device)
         # Several processes: the start model is sharded (skeleton: its weightless layout); it
         # waits in host memory, one shard per rank, while phases train (see start_model()).
         self.start, self.skeleton = sharding.build_start(self.backend, config, self.ranks, self.device)

@@ -133,6 +133,38 @@ class Vocabulary:
 
 
 @dataclass(frozen=True)
+class MemoryShape:
+    """The sizes of a backend's decoder that the memory planner's activation and KV-cache
+    estimates read (``Backend.memory_shape``).
+
+    Attributes:
+        hidden_size: D, the width of the residual stream.
+        num_layers: decoder layers.
+        num_heads: query heads H.
+        num_kv_heads: key/value heads (H for plain multi-head attention, fewer with GQA).
+        head_dim: width of one head.
+        intermediate_size: width of the MLP's hidden layer (the gate and up projections).
+        vocab_size: V, logit rows.
+        max_positions: the longest sequence the model takes (None: no limit of its own).
+        visual_thought_tokens: positions of one sequence while drawing a visual thought
+            (context, its image latents and the image being drawn); 0 if the backend cannot draw.
+        visual_thought_passes: sequences decoded per image drawn (e.g. 3 with text and image
+            guidance).
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int | None = None
+    visual_thought_tokens: int = 0
+    visual_thought_passes: int = 1
+
+
+@dataclass(frozen=True)
 class CompletionBatch:
     """Sampled completions of B contexts, padded to the longest.
 

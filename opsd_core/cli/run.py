@@ -128,7 +128,12 @@ def torchrun_command(nproc_per_node: int, arguments: list[str], rendezvous: Rend
 
 
 def _run_arguments(
-    config_path: str | None, overrides: tuple[str, ...], resume_dir: str | None, no_progress: bool, allow_changes: bool
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    resume_dir: str | None,
+    no_progress: bool,
+    allow_changes: bool,
+    skip_memory_check: bool = False,
 ):
     """``opsd run``'s arguments for the workers (everything but the launch options)."""
     arguments = ["run"] + ([config_path] if config_path else [])
@@ -136,7 +141,8 @@ def _run_arguments(
         arguments += ["--set", override]
     if resume_dir is not None:
         arguments += ["--resume", resume_dir]
-    return arguments + (["--no-progress"] if no_progress else []) + (["--allow-changes"] if allow_changes else [])
+    flags = {"--no-progress": no_progress, "--allow-changes": allow_changes, "--skip-memory-check": skip_memory_check}
+    return arguments + [flag for flag, given in flags.items() if given]
 
 
 @click.command("run")
@@ -180,6 +186,11 @@ def _run_arguments(
     metavar="SECONDS",
     help="With --nnodes: how long a node waits for node 0 to answer at --rdzv-endpoint, and node 0 for every node to join.",
 )
+@click.option(
+    "--skip-memory-check",
+    is_flag=True,
+    help="Run even if the memory planner estimates that the run does not fit the GPU (see `opsd plan`).",
+)
 def run_command(
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -192,6 +203,7 @@ def run_command(
     node_rank: int | None,
     rdzv_endpoint: str | None,
     rdzv_timeout: int,
+    skip_memory_check: bool,
 ) -> None:
     """Run the whole method: KL diagnostic -> OPSD -> eval -> noise control -> eval -> report.
 
@@ -245,7 +257,7 @@ def run_command(
         arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes)
         raise SystemExit(subprocess.call(torchrun_command(nproc_per_node or 1, arguments, rendezvous, config.run.name)))
     if nproc_per_node is not None and nproc_per_node > 1 and not launched:  # the config is valid: start them
-        arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes)
+        arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes, skip_memory_check)
         raise SystemExit(subprocess.call(torchrun_command(nproc_per_node, arguments)))
     if nproc_per_node is not None and launched:
         started = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
@@ -272,7 +284,11 @@ def run_command(
             echo = click.echo if ranks.is_main else lambda *_: None
             echo(f"Run directory: {run_dir.path}")
             try:
-                results = Experiment(config, run_dir, echo=click.echo, progress=not no_progress, ranks=ranks).run()
+                experiment = Experiment(
+                    config, run_dir, echo=click.echo, progress=not no_progress, ranks=ranks,
+                    memory_check=not skip_memory_check,
+                )  # fmt: skip
+                results = experiment.run()
             except BaseException:
                 # A new run that failed before writing anything leaves no directory behind.
                 if ranks.is_main and resume_dir is None and run_dir.discard_if_unstarted():

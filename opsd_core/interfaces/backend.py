@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         CompletionLogits,
         Context,
         Image,
+        MemoryShape,
         Problem,
         Vocabulary,
     )
@@ -58,7 +59,7 @@ class Capabilities:
         sharded_hidden_states: ``completion_hidden`` also works while the model is sharded over
             several processes (its ``lm_head`` weight split by FSDP).
         meta_skeleton: :meth:`Backend.model_skeleton`, so that only rank 0 builds the weights in
-            multi-process runs.
+            multi-process runs, and the memory planner counts parameters without weights.
         visual_thoughts: :meth:`Backend.generate_visual_thought` (the model draws its own VTs).
         interleaved_answers: :meth:`Backend.answer_with_visual_thoughts` (the family's own
             interleaved inference, for evaluation with visual thoughts).
@@ -157,6 +158,17 @@ class Backend(ABC):
         run the model.
         """
         raise CapabilityError(f"{type(self).__name__} has no meta-device model skeleton")
+
+    def memory_shape(self) -> MemoryShape | None:
+        """The decoder's sizes, read from the model's config without building it, for the
+        memory planner's activation and KV-cache estimates (``opsd plan``). The default, None,
+        leaves those terms out of the estimate."""
+        return None
+
+    def parameter_group(self, name: str) -> str:
+        """The group the planner counts the parameter ``name`` under; the default is its
+        top-level module (``vit_model.encoder...`` -> ``vit_model``)."""
+        return name.split(".", 1)[0]
 
     def context_builder(self) -> PrivilegedContextBuilder:
         """The student/teacher context builder with this model family's prompt texts."""

@@ -34,6 +34,7 @@ LIGHT_COMMANDS = [
     ["validate", str(REPO / "tests" / "integration" / "data" / "valid.toml")],
     ["config", "show"],
     ["plugins"],
+    ["plan", "--help"],
 ]
 
 

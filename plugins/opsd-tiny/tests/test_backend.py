@@ -193,3 +193,12 @@ def test_completion_hidden_times_the_head_gives_the_completion_logits(backend, m
     assert hidden.hidden.shape == (*rows.logits.shape[:2], model.config.d_model)
     assert torch.equal(hidden.mask, rows.mask)
     torch.testing.assert_close(hidden.hidden @ hidden.weight.T, rows.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_meta_skeleton_has_the_models_parameters_and_buffers():
+    from opsd_core.testing.trainer import skeleton_mismatch
+
+    backend = TinyBackend()
+    skeleton = backend.model_skeleton()
+    assert all(parameter.is_meta for parameter in skeleton.parameters())
+    assert skeleton_mismatch(skeleton, backend.build_model()) is None

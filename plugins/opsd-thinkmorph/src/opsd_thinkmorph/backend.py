@@ -26,6 +26,7 @@ from opsd_core.api import (
     Context,
     DecodeState,
     ImageSegment,
+    MemoryShape,
     PrivilegedContextBuilder,
     Problem,
     TextSegment,
@@ -42,6 +43,8 @@ from opsd_thinkmorph.tokenizer import load_tokenizer
 
 # ThinkMorph asks for a visual thought with this plain-text tag, then closes its turn.
 IMAGE_REQUEST = "<image_start>"
+# Room for the system, question and framing turns of a visual-thought drawing context.
+VISUAL_THOUGHT_TEXT_TOKENS = 512
 
 
 class ThinkMorphDecodeState(DecodeState):
@@ -149,6 +152,31 @@ class ThinkMorphBackend(Backend):
             if isinstance(module, SiglipAttention):
                 module.flash = self.params.vit_attention == "flash-attn"
         return model
+
+    def memory_shape(self) -> MemoryShape:
+        """The Qwen2 decoder's sizes; a visual thought is drawn against three guidance contexts
+        whose longest holds the problem image as ViT and VAE blocks and the latent block being
+        drawn, each at the largest size the transforms allow, plus the text turns."""
+        llm, p = self.config.llm, self.params
+        vit_patch = self.config.vit.patch_size
+        vit_tokens = min((p.vit_max_size // vit_patch) ** 2, p.vit_max_pixels // vit_patch**2)
+        latent_tokens = (p.vae_max_size // self.config.latent_downsample) ** 2
+        return MemoryShape(
+            hidden_size=llm.hidden_size,
+            num_layers=llm.num_layers,
+            num_heads=llm.num_heads,
+            num_kv_heads=llm.num_kv_heads,
+            head_dim=llm.head_dim,
+            intermediate_size=llm.intermediate_size,
+            vocab_size=llm.vocab_size,
+            visual_thought_tokens=vit_tokens + 2 * latent_tokens + VISUAL_THOUGHT_TEXT_TOKENS if p.generation else 0,
+            visual_thought_passes=3,
+        )
+
+    def parameter_group(self, name: str) -> str:
+        """Top-level modules, with the LLM's generation expert (the ``*_moe_gen`` weights) apart."""
+        group = name.split(".", 1)[0]
+        return f"{group} (generation expert)" if "moe_gen" in name else group
 
     def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()

@@ -30,6 +30,7 @@ from opsd_core.api import (
     Context,
     DecodeState,
     ImageSegment,
+    MemoryShape,
     PrivilegedContextBuilder,
     TextSegment,
     Vocabulary,
@@ -75,7 +76,7 @@ class TinyDecodeState(DecodeState):
 class TinyBackend(Backend):
     """The embedded default's model family: :class:`TinyUMM` with its word vocabulary."""
 
-    capabilities = Capabilities(hidden_states=True)
+    capabilities = Capabilities(hidden_states=True, meta_skeleton=True)
 
     def __init__(self, params: TinyBackendParams | None = None):
         self.params = params or TinyBackendParams()
@@ -113,6 +114,25 @@ class TinyBackend(Backend):
         if self.directory is not None:
             state_dict.load_state(model, self.directory)
         return model.to(self.device, self.dtype)
+
+    def model_skeleton(self) -> TinyUMM:
+        """:meth:`build_model`'s model on the meta device (for ``opsd plan`` and the memory check)."""
+        with torch.device("meta"):
+            return TinyUMM(self.config)
+
+    def memory_shape(self) -> MemoryShape:
+        """The tiny decoder's sizes (plain multi-head attention, a 4 D MLP)."""
+        c = self.config
+        return MemoryShape(
+            hidden_size=c.d_model,
+            num_layers=c.n_layers,
+            num_heads=c.n_heads,
+            num_kv_heads=c.n_heads,
+            head_dim=c.d_model // c.n_heads,
+            intermediate_size=c.mlp_ratio * c.d_model,
+            vocab_size=c.vocab_size,
+            max_positions=c.max_positions,
+        )
 
     def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()
