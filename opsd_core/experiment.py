@@ -11,7 +11,6 @@ Does not know: any model family; it uses the roles and the trainer.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +23,7 @@ from opsd_core.diagnostics.kl import gap_closure, gap_closure_standard_error, kl
 from opsd_core.evaluation import evaluate
 from opsd_core.rundir import RunDirectory
 from opsd_core import runtime
-from opsd_core.trainer import sharding
+from opsd_core.trainer import sharding, trainable
 from opsd_core.runtime import resolve_device
 from opsd_core.trainer.trainer import Mode, Trainer
 
@@ -150,7 +149,7 @@ class Experiment:
             return self.results[mode.name]
         self.echo(f"Phase {mode.name!r}: training {self.config.schedule.total_steps} steps from the start checkpoint...")
         if self.skeleton is None:
-            student = copy.deepcopy(self.start_model()).requires_grad_(True)
+            student = trainable.student_from_start(self.backend, self.start_model())
         else:
             self.park_start()
             student = sharding.sharded_clone(self._parked_start, self.skeleton, self.backend, self.ranks, self.config)
@@ -165,6 +164,7 @@ class Experiment:
             self.ranks,
             skeleton=self.skeleton,
         )
+        self.echo(f"Student: {trainer.parameter_counts.describe()}.")
         started = time.perf_counter()
         trainer.fit(progress=self.progress)
         train_s = time.perf_counter() - started

@@ -155,8 +155,15 @@ class TrainSection(Section):
     )
     activation_checkpointing: bool = Field(
         False,
-        description="Multi-process runs: recompute each transformer layer's activations in backward "
-        "instead of storing them (less memory, about one more forward of compute).",
+        description="Recompute each transformer layer's activations in backward instead of storing them "
+        "(less memory, about one more forward of compute); one-process and multi-process runs alike.",
+    )
+    optimizer_offload: bool = Field(
+        False,
+        description="One-process runs: keep AdamW's moments in host memory (pinned on CUDA) between steps "
+        "and move them to the device one chunk at a time for the step, so the device holds no optimizer "
+        "state between steps; updates are the same as without. Needs host memory for two copies of the "
+        "trainable parameters.",
     )
 
 

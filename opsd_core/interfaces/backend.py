@@ -123,6 +123,29 @@ class Backend(ABC):
         """
         raise CapabilityError(f"{type(self).__name__} has no meta-device model skeleton")
 
+    def frozen_parameters(self, model: torch.nn.Module) -> list[str]:
+        """Names (as ``model.named_parameters()`` gives them) of the parameters training leaves
+        frozen: those that receive no gradient from the student and teacher contexts, such as an
+        image-generation expert that text-and-image understanding never runs.
+
+        The trainer turns their ``requires_grad`` off, builds AdamW over the others only and
+        shares them between the start model, the student and the teacher instead of copying
+        them. Since AdamW leaves a parameter without a gradient untouched at
+        ``optim.weight_decay = 0``, freezing them changes no update there. The default freezes
+        nothing.
+        """
+        return []
+
+    def recomputed_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The layers whose activations ``train.activation_checkpointing`` recomputes in
+        backward instead of storing (typically every transformer block of ``model``).
+
+        One-process runs wrap these with :func:`opsd_core.api.backend.checkpoint_forward`;
+        a backend's :meth:`parallelize` does the same in multi-process runs. The default names
+        none, and a run that asks for checkpointing is then refused.
+        """
+        return []
+
     def context_builder(self) -> PrivilegedContextBuilder:
         """The student/teacher context builder with this model family's prompt texts."""
         raise CapabilityError(f"{type(self).__name__} defines no context builder")

@@ -27,9 +27,10 @@ from opsd_core.components import Components
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.divergences import kl_divergence
 from opsd_core.errors import ConfigError, NonFiniteError
+from opsd_core.parallel import checkpoint_forward
 from opsd_core.rundir import MetricsLog
 from opsd_core.sampling import sample_seed
-from opsd_core.trainer import checkpoint, optimizer_state, sharding
+from opsd_core.trainer import checkpoint, offload, optimizer_state, sharding, trainable
 from opsd_core.trainer.loss import micro_batch_loss, token_cross_entropy
 from opsd_core.trainer.schedule import build_scheduler
 from opsd_core.types import (
@@ -93,6 +94,10 @@ class Trainer:
         self.ranks = ranks or runtime.Ranks()
         self.ranks.share(config.train.samples_per_step, "train.samples_per_step")  # fail now, not at step 1
         self.device = next(student.parameters()).device
+        # The backend's frozen parameters take no gradient, no optimizer state and no EMA.
+        self.parameter_counts = trainable.freeze(backend, student)
+        if skeleton is not None:
+            trainable.freeze(backend, skeleton)
         if self.ranks.distributed and skeleton is not None:
             # Already sharded: the teacher is made from the student's shards, never whole.
             self.student, self._student_skeleton = student, skeleton
@@ -102,6 +107,8 @@ class Trainer:
             teacher = teacher_update.create(student)
             self.student, self._student_skeleton = sharding.shard(backend, student, self.ranks, config)
             self.teacher, self._teacher_skeleton = sharding.shard(backend, teacher, self.ranks, config)
+        if config.train.activation_checkpointing and not self.ranks.distributed:
+            recompute_layers(backend, self.student)  # after the teacher's copy: it runs without grad anyway
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.student.parameters() if p.requires_grad],
@@ -110,6 +117,10 @@ class Trainer:
             eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
+        self.state_offload = None
+        if config.train.optimizer_offload:
+            offload.check_host_memory(p for group in self.optimizer.param_groups for p in group["params"])
+            self.state_offload = offload.OptimizerOffload(self.optimizer)
         schedule = config.schedule
         self.scheduler = build_scheduler(
             self.optimizer, schedule.warmup_steps, schedule.total_steps, optim.lr, schedule.min_lr
@@ -197,7 +208,10 @@ class Trainer:
         metrics = self.ranks.mean(metrics | timings, skip=("grad_norm", "lr"))
         finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()
+            if self.state_offload is not None:
+                self.state_offload.step()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
             self.teacher_update.update(self.teacher, self.student)
         else:
@@ -487,6 +501,8 @@ class Trainer:
             self.teacher, self._teacher_skeleton, self.ranks, lambda full: load(full, directory / "teacher")
         )
         optimizer_state.load_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.ranks)
+        if self.state_offload is not None:
+            self.state_offload.to_host()
         self.scheduler.load_state_dict(state["scheduler"])
         self._restore_rng_states(state)
         self.step, self.position = int(state["step"]), int(state["position"])
@@ -494,6 +510,20 @@ class Trainer:
         if main:
             self.metrics.truncate(self.mode.name, self.step)
         return True
+
+
+def recompute_layers(backend, model: torch.nn.Module) -> None:
+    """``train.activation_checkpointing`` in a one-process run: the backend's
+    :meth:`~opsd_core.interfaces.Backend.recomputed_layers` of ``model`` recompute their
+    activations in backward (multi-process runs get it from the backend's ``parallelize``)."""
+    layers = backend.recomputed_layers(model)
+    if not layers:
+        raise ConfigError(
+            f"train.activation_checkpointing: backend {type(backend).__name__} names no layers to recompute "
+            "(got true); set it to false"
+        )
+    for layer in layers:
+        checkpoint_forward(layer)
 
 
 def _stand_in(problem: Problem) -> Any:

@@ -315,6 +315,12 @@ class Emu3Backend(Backend):
         return draw_visual_thoughts(self, drawer, problems, generator)
 
     # ------------------------------------------------------------------ parallelism and weights on disk
+    def recomputed_layers(self, model) -> list:
+        """The transformer layers activation checkpointing recomputes (those ``parallelize`` shards)."""
+        from opsd_emu3.parallelize import transformer_layers
+
+        return transformer_layers(model)
+
     def parallelize(self, model, mesh: Any, config: Any):
         """FSDP2 per decoder layer, the VQ-VAE and the root; see :mod:`opsd_emu3.parallelize`."""
         from opsd_emu3.parallelize import parallelize_emu3

@@ -342,6 +342,12 @@ class JanusBackend(Backend):
         return draw_visual_thoughts(self, model, problems, generator)
 
     # ------------------------------------------------------------------ parallelism and weights on disk
+    def recomputed_layers(self, model) -> list:
+        """The transformer layers activation checkpointing recomputes (those ``parallelize`` shards)."""
+        from opsd_janus.parallelize import transformer_layers
+
+        return transformer_layers(model)
+
     def parallelize(self, model, mesh: Any, config: Any):
         """FSDP2 over ``mesh``; see :mod:`opsd_janus.parallelize`."""
         from opsd_janus.parallelize import parallelize_janus

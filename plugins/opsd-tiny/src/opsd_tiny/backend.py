@@ -117,6 +117,10 @@ class TinyBackend(Backend):
             state_dict.load_state(model, self.directory)
         return model.to(self.device)
 
+    def recomputed_layers(self, model: TinyUMM) -> list[torch.nn.Module]:
+        """The transformer blocks (activation checkpointing)."""
+        return list(model.blocks)
+
     def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()
 
