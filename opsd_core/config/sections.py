@@ -190,7 +190,11 @@ class ExperimentSection(Section):
 
     opsd: bool = Field(True, description="Train Visual-OPSD and evaluate it (false: only the controls that are on).")
     noise_control: bool = Field(True, description="Also train the Gaussian-noise-VT control and evaluate it.")
-    sft_control: bool = Field(False, description="Also train the SFT control on reference answers and evaluate it.")
+    sft_control: bool = Field(
+        False,
+        description="Also train the SFT control (cross-entropy on the task's text-only reasoning traces, in the "
+        "student context, from the same start) and evaluate it.",
+    )
 
     @model_validator(mode="after")
     def _some_phase(self) -> ExperimentSection:

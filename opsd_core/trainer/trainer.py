@@ -49,7 +49,7 @@ class Mode:
     Attributes:
         name: the phase name in metrics and directories (``opsd``, ``noise``, ``sft``).
         noise_vt: the teacher sees N(0, 1) noise instead of the visual thought.
-        sft: cross-entropy on reference answers instead of distillation.
+        sft: cross-entropy on the task's text-only reference traces instead of distillation.
     """
 
     name: str
@@ -363,26 +363,37 @@ class Trainer:
         return completions.truncated(limits, self.backend.vocabulary.pad_id)
 
     def _sft_loss(self, students: Sequence[Context], problems: Sequence[Problem], samples_per_step: int) -> torch.Tensor:
-        """The SFT control: cross-entropy on each problem's reference answer + EOS."""
+        """The SFT control: cross-entropy on each problem's text-only reference trace (its
+        reasoning and answer, as the task writes it) + EOS, in the student context. A trace
+        longer than ``sampling.max_completion_tokens`` is cut there and trains no EOS."""
         vocabulary = self.backend.vocabulary
-        answers = []
+        cap = self.config.sampling.max_completion_tokens
+        traces, cut = [], []
         for problem in problems:
-            if problem.reference_answer is None:
-                raise ConfigError(f"train.sft: problem {problem.id!r} has no reference answer (got sft = true)")
-            answers.append(self.backend.encode(problem.reference_answer)[: self.config.sampling.max_completion_tokens])
-        width = max(len(answer) for answer in answers)
-        tokens = torch.full((len(answers), width), vocabulary.pad_id, dtype=torch.long, device=self.device)
-        for row, answer in enumerate(answers):
-            tokens[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
-        lengths = torch.tensor([len(a) for a in answers], dtype=torch.long, device=self.device)
+            if problem.reference_trace is None:
+                raise ConfigError(
+                    f"experiment.sft_control: problem {problem.id!r} of task {self.config.task.name!r} has no "
+                    "reference trace to train on (got true); set it to false or use a task that provides traces"
+                )
+            encoded = self.backend.encode(problem.reference_trace)
+            traces.append(encoded[:cap])
+            cut.append(len(encoded) > cap)
+        width = max(len(trace) for trace in traces)
+        tokens = torch.full((len(traces), width), vocabulary.pad_id, dtype=torch.long, device=self.device)
+        for row, trace in enumerate(traces):
+            tokens[row, : len(trace)] = torch.tensor(trace, dtype=torch.long)
+        lengths = torch.tensor([len(t) for t in traces], dtype=torch.long, device=self.device)
         valid = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, N)
-        batch = CompletionBatch(tokens, lengths, valid, torch.ones_like(lengths, dtype=torch.bool))
+        finished = ~torch.tensor(cut, dtype=torch.bool, device=self.device)
+        batch = CompletionBatch(tokens, lengths, valid, finished)
         with self._precision():
             rows = self.backend.completion_logits(self.student, students, batch)
         targets = torch.cat([tokens, torch.full_like(tokens[:, :1], vocabulary.pad_id)], dim=1)  # (B, N+1)
         targets.scatter_(1, lengths.unsqueeze(1), vocabulary.eos_id)
+        mask = rows.mask.clone()  # (B, N+1)
+        mask[~finished, lengths[~finished]] = False  # a cut trace's next token is not EOS
         per_row = token_cross_entropy(rows.logits, targets)
-        return micro_batch_loss(per_row, rows.mask, samples_per_step)
+        return micro_batch_loss(per_row, mask, samples_per_step)
 
     @staticmethod
     @torch.no_grad()
