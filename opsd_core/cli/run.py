@@ -186,13 +186,9 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
     backend = components if backend_only else components.backend
     model = backend.build_model()
     if checkpoint is not None:
-        directory = Path(checkpoint)
-        if (directory / "student").is_dir():
-            from opsd_core.trainer.checkpoint import verify_checkpoint
+        from opsd_core.trainer.checkpoint import load_model
 
-            verify_checkpoint(directory)
-            directory = directory / "student"
-        backend.load_weights(model, directory)
+        load_model(backend, model, Path(checkpoint))
     return components, model.to(resolve_device(experiment_config.run.device)).eval()
 
 

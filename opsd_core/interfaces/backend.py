@@ -265,6 +265,16 @@ class Backend(ABC):
         core; this method covers the rest. The default accepts every config.
         """
 
+    def start_checkpoint(self) -> Path | None:
+        """The file or directory :meth:`build_model` reads the start weights from, or None when
+        they are drawn from a seed (the backend section of the run config then determines them).
+
+        A training checkpoint of a student with frozen parameters stores the trainable tensors
+        only and names this path, with its SHA-256, as where the frozen ones come from; resuming
+        refuses a start whose hash differs. The default is None.
+        """
+        return None
+
     @abstractmethod
     def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:
         """Write ``model`` as a self-contained checkpoint directory (weights, config, tokenizer)."""

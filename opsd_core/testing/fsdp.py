@@ -233,10 +233,15 @@ def step_metrics(directory: Path, steps: int = STEPS) -> list[dict[str, float]]:
 
 
 def final_weights(directory: Path, name: str, steps: int = STEPS, weights: str = "model.safetensors") -> dict[str, torch.Tensor]:
-    """The ``name`` (student or teacher) weights saved at the last step's checkpoint."""
+    """The ``name`` (student or teacher) weights saved at the last step's checkpoint: the
+    trainable tensors only when the student had frozen parameters (``trainable.safetensors``),
+    else the backend's ``weights`` file."""
     from opsd_core.state_dicts import read_safetensors
+    from opsd_core.trainer.checkpoint import TRAINABLE_WEIGHTS
 
-    return read_safetensors([Path(directory) / "checkpoints" / f"step-{steps:07d}" / name / weights])
+    saved = Path(directory) / "checkpoints" / f"step-{steps:07d}" / name
+    trainable = saved / TRAINABLE_WEIGHTS
+    return read_safetensors([trainable if trainable.is_file() else saved / weights])
 
 
 def assert_same_run(

@@ -1,11 +1,20 @@
 """Atomic, verifiable training checkpoints.
 
-Owns: the checkpoint directory layout (``step-NNNNNNN/`` with ``student/`` and ``teacher/``
-written by the backend, ``trainer_state.pt`` and ``manifest.json``; the same layout whatever
-the number of training processes, since rank 0 writes full weights), writing it through a
-temporary directory and a rename so a crash never leaves a half-written checkpoint under its
-final name, and verifying every file's size and SHA-256 before anything is loaded.
-Does not know: what the trainer state means; the backend writes and reads the weights.
+Owns: the checkpoint directory layout (``step-NNNNNNN/`` with ``student/`` and ``teacher/``,
+``trainer_state.pt`` and ``manifest.json``; the same layout whatever the number of training
+processes, since rank 0 writes full weights), writing it through a temporary directory and a
+rename so a crash never leaves a half-written checkpoint under its final name, and verifying
+every file's size and SHA-256 before anything is loaded.
+
+``student/`` and ``teacher/`` come in two forms. When the student trains every parameter they
+are the backend's own self-contained directories (``Backend.save_pretrained``). When it has
+frozen parameters (``Backend.frozen_parameters``) each holds ``trainable.safetensors`` only:
+every tensor of the model's state dict except the frozen parameters. The frozen parameters are
+then those of the start checkpoint, which ``start.json`` records: ``{"frozen": [names],
+"path": the start checkpoint (None for weights drawn from a seed), "sha256": its hash (a
+directory's: over its files' relative paths and hashes, sorted), "backend": the run's backend
+section}``. A complete model is that start with ``trainable.safetensors`` loaded over it.
+Does not know: what the trainer state means, or a model family's own file layout.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +34,8 @@ from opsd_core.rundir import list_checkpoints, step_dir_name
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+START_RECORD = "start.json"
 _FORMAT = 1
 
 
@@ -174,3 +185,84 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
         return None
     verify_checkpoint(checkpoints[-1])
     return checkpoints[-1]
+
+
+# ------------------------------------------------------------------ checkpoints of a partly frozen model
+def path_sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a directory: over each file's relative path and SHA-256, in
+    sorted order (so the hash does not depend on how the directory was copied)."""
+    path = Path(path)
+    if path.is_file():
+        return _sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def start_record(start: Path | None, frozen: Iterable[str], backend_section: dict[str, Any]) -> dict[str, Any]:
+    """What ``start.json`` holds: where the frozen parameters come from."""
+    return {
+        "frozen": sorted(frozen),
+        "path": None if start is None else str(Path(start).resolve()),
+        "sha256": None if start is None else path_sha256(start),
+        "backend": backend_section,
+    }
+
+
+def check_start(directory: Path, start: Path | None) -> dict[str, Any]:
+    """``directory``'s start record, after checking that ``start`` (this run's start
+    checkpoint) hashes as the one it was trained from; CheckpointError otherwise."""
+    record = json.loads((directory / START_RECORD).read_text(encoding="utf-8"))
+    expected = record.get("sha256")
+    if expected is not None and (start is None or path_sha256(start) != expected):
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} keeps only trainable tensors; its frozen ones are those of the start "
+            f"checkpoint {record.get('path')!r} (sha256 {expected}), but this run starts from "
+            f"{None if start is None else str(start)!r}, which differs; start from that checkpoint to load it"
+        )
+    return record
+
+
+def write_trainable(model: torch.nn.Module, frozen: set[str], directory: Path) -> None:
+    """``directory/trainable.safetensors``: ``model``'s state dict without the ``frozen`` parameters."""
+    from opsd_core.state_dicts import save_safetensors, tied_names
+
+    skipped = frozen | tied_names(model)
+    tensors = {name: tensor for name, tensor in model.state_dict().items() if name not in skipped}
+    save_safetensors(tensors, Path(directory) / TRAINABLE_WEIGHTS)
+
+
+def read_trainable(model: torch.nn.Module, frozen: set[str], directory: Path) -> None:
+    """Load ``directory/trainable.safetensors`` into ``model``, whose ``frozen`` parameters keep
+    their values; CheckpointError unless it holds exactly the other tensors."""
+    from opsd_core.state_dicts import read_safetensors, tied_names
+
+    tensors = read_safetensors([Path(directory) / TRAINABLE_WEIGHTS])
+    expected = set(model.state_dict()) - frozen - tied_names(model)
+    if set(tensors) != expected:
+        wrong = sorted(set(tensors) ^ expected)
+        raise CheckpointError(
+            f"{directory}: {TRAINABLE_WEIGHTS} does not hold this model's trainable tensors (e.g. {wrong[:3]}); "
+            "was it written with another trainable set?"
+        )
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in tensors:
+                tensor.copy_(tensors[name])
+
+
+def load_model(backend: Any, model: torch.nn.Module, directory: Path, name: str = "student") -> None:
+    """Fill ``model`` (as ``backend.build_model`` made it: the start weights) from a model
+    directory, or from a training checkpoint's ``name`` (student or teacher): complete, or its
+    trainable tensors over the start weights after checking the start's hash."""
+    directory = Path(directory)
+    if not (directory / name).is_dir():
+        backend.load_weights(model, directory)
+        return
+    verify_checkpoint(directory)
+    if (directory / START_RECORD).is_file():
+        record = check_start(directory, backend.start_checkpoint())
+        read_trainable(model, set(record["frozen"]), directory / name)
+    else:
+        backend.load_weights(model, directory / name)

@@ -11,6 +11,7 @@ Does not know: any model, task or divergence; everything goes through the role i
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -26,7 +27,7 @@ from opsd_core import runtime
 from opsd_core.components import Components
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.divergences import kl_divergence
-from opsd_core.errors import ConfigError, NonFiniteError
+from opsd_core.errors import CheckpointError, ConfigError, NonFiniteError
 from opsd_core.parallel import checkpoint_forward
 from opsd_core.rundir import MetricsLog
 from opsd_core.sampling import sample_seed
@@ -96,6 +97,9 @@ class Trainer:
         self.device = next(student.parameters()).device
         # The backend's frozen parameters take no gradient, no optimizer state and no EMA.
         self.parameter_counts = trainable.freeze(backend, student)
+        # Checkpoints leave these out (see checkpoint.py); the start checkpoint supplies them.
+        self._frozen = {name for name, parameter in student.named_parameters() if not parameter.requires_grad}
+        self._start_record: dict[str, Any] | None = None
         if skeleton is not None:
             trainable.freeze(backend, skeleton)
         if self.ranks.distributed and skeleton is not None:
@@ -483,8 +487,17 @@ class Trainer:
         if self.ranks.is_main:
 
             def write_weights(directory: Path) -> None:
-                self.backend.save_pretrained(student, directory / "student")
-                self.backend.save_pretrained(teacher, directory / "teacher")
+                if not self._frozen:
+                    self.backend.save_pretrained(student, directory / "student")
+                    self.backend.save_pretrained(teacher, directory / "teacher")
+                    return
+                checkpoint.write_trainable(student, self._frozen, directory / "student")
+                checkpoint.write_trainable(teacher, self._frozen, directory / "teacher")
+                if self._start_record is None:  # hashing a large start checkpoint takes a while: once
+                    backend_section = self.config.backend.model_dump(mode="json")
+                    start = self.backend.start_checkpoint()
+                    self._start_record = checkpoint.start_record(start, self._frozen, backend_section)
+                (directory / checkpoint.START_RECORD).write_text(json.dumps(self._start_record, indent=1))
 
             path = checkpoint.save_checkpoint(
                 self.checkpoints_dir, self.step, write_weights, state, keep=self.config.train.keep_checkpoints
@@ -504,13 +517,30 @@ class Trainer:
                 self.metrics.truncate(self.mode.name, 0)
             return False
         state = checkpoint.load_trainer_state(directory, verify=main, mmap=self.ranks.distributed)
-        load = self.backend.load_weights
-        sharding.load_unsharded(
-            self.student, self._student_skeleton, self.ranks, lambda full: load(full, directory / "student")
-        )
-        sharding.load_unsharded(
-            self.teacher, self._teacher_skeleton, self.ranks, lambda full: load(full, directory / "teacher")
-        )
+        partial = (directory / checkpoint.START_RECORD).is_file()
+        if partial:  # trainable tensors only: the frozen ones must be the start checkpoint's
+            problem = None
+            if main:
+                try:
+                    checkpoint.check_start(directory, self.backend.start_checkpoint())
+                except CheckpointError as error:
+                    problem = str(error)
+            problem = self.ranks.broadcast(problem)  # every rank stops, not rank 0 alone
+            if problem:
+                raise CheckpointError(problem)
+
+            def load(full: torch.nn.Module, name: str) -> None:
+                checkpoint.read_trainable(full, self._frozen, directory / name)
+        else:
+
+            def load(full: torch.nn.Module, name: str) -> None:
+                self.backend.load_weights(full, directory / name)
+
+        for name, model, skeleton in (
+            ("student", self.student, self._student_skeleton),
+            ("teacher", self.teacher, self._teacher_skeleton),
+        ):
+            sharding.load_unsharded(model, skeleton, self.ranks, lambda full, name=name: load(full, name), partial)
         optimizer_state.load_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.ranks)
         if self.state_offload is not None:
             self.state_offload.to_host()

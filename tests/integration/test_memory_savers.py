@@ -1,6 +1,7 @@
 """The trainable set, activation checkpointing and optimizer-state offload in one-process runs,
 on the embedded tiny UMM: each saves memory without changing a single update."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,9 +9,11 @@ import torch
 
 from opsd_core.components import build_components, check_components
 from opsd_core.config import load_config
-from opsd_core.errors import ConfigError
+from opsd_core.errors import CheckpointError, ConfigError
 from opsd_core.rundir import MetricsLog
+from opsd_core.state_dicts import read_safetensors
 from opsd_core.trainer import offload, trainable
+from opsd_core.trainer.checkpoint import START_RECORD, TRAINABLE_WEIGHTS, check_start, load_model, path_sha256
 from opsd_core.trainer.trainer import Trainer
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
@@ -147,3 +150,41 @@ def test_offload_is_refused_in_multi_process_runs():
     components = build_components(config)
     with pytest.raises(ConfigError, match="train.optimizer_offload = true .* 2 processes"):
         check_components(components, world_size=2)
+
+
+def test_a_checkpoint_of_a_partly_frozen_student_keeps_trainable_tensors_and_names_its_start(tmp_path):
+    probe = _setup(tmp_path, name="probe")
+    frozen = _frozen_names(probe)
+    trainer = _setup(tmp_path, frozen=frozen)
+    trainer.train_step()
+    directory = trainer.save()
+    saved = read_safetensors([directory / "student" / TRAINABLE_WEIGHTS])
+    assert saved.keys() == trainer.student.state_dict().keys() - set(frozen)
+    assert sorted(path.name for path in (directory / "teacher").iterdir()) == [TRAINABLE_WEIGHTS]
+    record = json.loads((directory / START_RECORD).read_text())
+    start = trainer.backend.start_checkpoint()
+    assert record["frozen"] == sorted(frozen) and record["path"] == str(start.resolve())
+    assert record["sha256"] == path_sha256(start) and record["backend"]["name"] == "tiny-umm"
+
+    # What `opsd eval --checkpoint` loads: the start model with the trainable tensors over it.
+    model = trainer.backend.build_model()
+    load_model(trainer.backend, model, directory)
+    _assert_same_weights(model, trainer.student)
+
+    resumed = _setup(tmp_path, frozen=frozen)
+    assert resumed.resume() and resumed.step == 1
+    _assert_same_weights(resumed.student, trainer.student)
+    _assert_same_weights(resumed.teacher, trainer.teacher)
+    assert trainer.train_step()["loss"] == resumed.train_step()["loss"]
+    _assert_same_weights(resumed.student, trainer.student)
+
+
+def test_a_partial_checkpoint_refuses_another_start(tmp_path):
+    probe = _setup(tmp_path, name="probe")
+    trainer = _setup(tmp_path, frozen=_frozen_names(probe))
+    trainer.train_step()
+    directory = trainer.save()
+    record = json.loads((directory / START_RECORD).read_text())
+    with pytest.raises(CheckpointError, match="keeps only trainable tensors; its frozen ones are those of the start"):
+        check_start(directory, directory / "student")
+    assert check_start(directory, trainer.backend.start_checkpoint()) == record

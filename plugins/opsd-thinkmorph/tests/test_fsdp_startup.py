@@ -147,7 +147,7 @@ def worker(out: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the tests
 def _final(directory: Path, name: str) -> dict[str, torch.Tensor]:
     last = sorted((directory / "checkpoints").glob("step-*"))[-1]
-    return load_file(str(last / name / "model.safetensors"))
+    return load_file(str(last / name / "trainable.safetensors"))  # the generation expert is frozen
 
 
 def _metrics(directory: Path) -> list[dict]:

@@ -59,7 +59,7 @@ def test_two_gpu_run_resumes_to_the_same_end(tmp_path):
 
     assert step_metrics(resumed, 3) == step_metrics(straight, 3)
     for name in ("student", "teacher"):
-        expected = load_file(str(straight / "opsd" / "checkpoints" / "step-0000003" / name / "model.safetensors"))
-        actual = load_file(str(resumed / "opsd" / "checkpoints" / "step-0000003" / name / "model.safetensors"))
+        expected = load_file(str(straight / "opsd" / "checkpoints" / "step-0000003" / name / "trainable.safetensors"))
+        actual = load_file(str(resumed / "opsd" / "checkpoints" / "step-0000003" / name / "trainable.safetensors"))
         differing = [key for key in expected if not torch.equal(actual[key], expected[key])]
         assert not differing, f"{name}: {len(differing)} tensors differ, e.g. {differing[:3]}"

@@ -327,6 +327,10 @@ class Emu3Backend(Backend):
 
         return parallelize_emu3(model, mesh, config)
 
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint directory of flavour 'checkpoint' (None for the random flavours)."""
+        return self.directory
+
     def save_pretrained(self, model, directory: Path) -> None:
         """config.json, model.safetensors, tokenizer files and preprocessor_config.json: loads alone."""
         t = self.transform

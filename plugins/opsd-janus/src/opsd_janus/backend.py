@@ -354,6 +354,10 @@ class JanusBackend(Backend):
 
         return parallelize_janus(model, mesh, config)
 
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint directory of flavour 'checkpoint' (None for the random flavours)."""
+        return self.directory
+
     def save_pretrained(self, model, directory: Path) -> None:
         """config.json, model.safetensors, tokenizer and processor files: a directory that loads alone."""
         directory = Path(directory)

@@ -385,6 +385,10 @@ class ThinkMorphBackend(Backend):
         return parallelize_bagel(model, mesh, config)
 
     # ------------------------------------------------------------------ weights on disk
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint directory of flavour 'checkpoint' (None for the random flavours)."""
+        return self.directory
+
     def save_pretrained(self, model: Bagel, directory: Path) -> None:
         """Weights, configs, tokenizer and the VAE: a directory that loads alone."""
         directory = Path(directory)

@@ -117,6 +117,10 @@ class TinyBackend(Backend):
             state_dict.load_state(model, self.directory)
         return model.to(self.device)
 
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint directory (the shipped one by default; None for random weights)."""
+        return self.directory
+
     def recomputed_layers(self, model: TinyUMM) -> list[torch.nn.Module]:
         """The transformer blocks (activation checkpointing)."""
         return list(model.blocks)
