@@ -23,7 +23,7 @@ from opsd_core.diagnostics.kl import gap_closure, gap_closure_standard_error, kl
 from opsd_core.evaluation import evaluate
 from opsd_core.rundir import RunDirectory
 from opsd_core import runtime
-from opsd_core.trainer import sharding, trainable
+from opsd_core.trainer import offload, sharding, trainable
 from opsd_core.runtime import resolve_device
 from opsd_core.trainer.trainer import Mode, Trainer
 
@@ -62,6 +62,10 @@ class Experiment:
         # waits in host memory, one shard per rank, while phases train (see start_model()).
         self.start, self.skeleton = sharding.build_start(self.backend, config, self.ranks, self.device)
         self._parked_start: dict[str, torch.Tensor] | None = None
+        if config.train.optimizer_offload and self.skeleton is None:
+            # Refused before the first phase writes anything, not when its trainer is built.
+            frozen = trainable.frozen_names(self.backend, self.start)
+            offload.check_host_memory(p for name, p in self.start.named_parameters() if name not in frozen)
         self.eval_problems = list(self.components.task.eval_problems(config.eval.limit))
         self.results: dict[str, Any] = run_dir.read_results()
 

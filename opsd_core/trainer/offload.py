@@ -45,13 +45,19 @@ def check_host_memory(parameters: Iterable[torch.Tensor], available: int | None 
     needed = ADAMW_STATES * sum(p.numel() * p.element_size() for p in parameters)
     available = available_host_bytes() if available is None else available
     if available is not None and needed > available:
-        gib = 1 << 30
         raise ConfigError(
-            f"train.optimizer_offload: the AdamW states need {needed / gib:.1f} GiB of host memory, "
-            f"{available / gib:.1f} GiB is available (got true); free host memory, freeze or adapt fewer "
+            f"train.optimizer_offload: the AdamW states need {_size(needed)} of host memory, "
+            f"{_size(available)} is available (got true); free host memory, freeze or adapt fewer "
             "parameters, or set it to false"
         )
     return needed
+
+
+def _size(count: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):.1f} {unit}"
+    return f"{count} bytes"
 
 
 class OptimizerOffload:

@@ -142,7 +142,8 @@ def test_offload_without_enough_host_memory_is_refused_in_one_line():
     with pytest.raises(ConfigError) as error:
         offload.check_host_memory(parameters, available=1 << 20)
     message = str(error.value)
-    assert message.startswith("train.optimizer_offload: the AdamW states need 0.0 GiB") and "\n" not in message
+    assert message.startswith("train.optimizer_offload: the AdamW states need 8.0 MiB of host memory, 1.0 MiB is available")
+    assert "\n" not in message
 
 
 def test_offload_is_refused_in_multi_process_runs():
@@ -188,3 +189,17 @@ def test_a_partial_checkpoint_refuses_another_start(tmp_path):
     with pytest.raises(CheckpointError, match="keeps only trainable tensors; its frozen ones are those of the start"):
         check_start(directory, directory / "student")
     assert check_start(directory, trainer.backend.start_checkpoint()) == record
+
+
+def test_opsd_run_refuses_offload_without_host_memory_in_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from opsd_core.cli import cli
+
+    monkeypatch.setattr(offload, "available_host_bytes", lambda: 1024)
+    arguments = ["--set", f"run.output_dir='{tmp_path}'", "--set", "train.optimizer_offload=true"]
+    result = CliRunner().invoke(cli, ["run", str(QUICKSTART), "--no-progress", *arguments])
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if "train.optimizer_offload" in line]
+    assert len(errors) == 1 and "of host memory, 1.0 KiB is available" in errors[0], result.output
+    assert not (tmp_path / "quickstart").exists()
