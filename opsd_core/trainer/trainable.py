@@ -29,7 +29,7 @@ class ParameterCounts:
     frozen: int
 
     def describe(self) -> str:
-        """One line for the start-up output, e.g. ``'7.2 B trainable, 7.3 B frozen'``."""
+        """For the start-up output, e.g. ``'7.21 B trainable, 7.35 B frozen parameters'``."""
         return f"{_count(self.trainable)} trainable, {_count(self.frozen)} frozen parameters"
 
 
