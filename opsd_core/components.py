@@ -134,6 +134,11 @@ def check_components(components: Components, world_size: int = 1, training: bool
             f"a run in {world_size} processes needs sharding, but backend {name} trains on one device only "
             "(capability sharding); run it in one process"
         )
+    if world_size > 1 and training and config.train.optimizer_offload:
+        problems.append(
+            f"train.optimizer_offload = true keeps AdamW states of one process in host memory, but this run has "
+            f"{world_size} processes, whose FSDP shards already divide them; set it to false or run in one process"
+        )
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
     backend.check_run(config)

@@ -11,7 +11,6 @@ Does not know: any model family; it uses the roles and the trainer.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from opsd_core.evaluation import evaluate
 from opsd_core.memory_census import refuse_unfit
 from opsd_core.rundir import RunDirectory
 from opsd_core import runtime
-from opsd_core.trainer import sharding
+from opsd_core.trainer import offload, sharding, trainable
 from opsd_core.runtime import resolve_device
 from opsd_core.trainer.trainer import Mode, Trainer
 
@@ -68,6 +67,10 @@ class Experiment:
         # waits in host memory, one shard per rank, while phases train (see start_model()).
         self.start, self.skeleton = sharding.build_start(self.backend, config, self.ranks, self.device)
         self._parked_start: dict[str, torch.Tensor] | None = None
+        if config.train.optimizer_offload and self.skeleton is None:
+            # Refused before the first phase writes anything, not when its trainer is built.
+            frozen = trainable.frozen_names(self.backend, self.start)
+            offload.check_host_memory(p for name, p in self.start.named_parameters() if name not in frozen)
         self.eval_problems = list(self.components.task.eval_problems(config.eval.limit))
         self.results: dict[str, Any] = run_dir.read_results()
 
@@ -151,7 +154,7 @@ class Experiment:
             return self.results[mode.name]
         self.echo(f"Phase {mode.name!r}: training {self.config.schedule.total_steps} steps from the start checkpoint...")
         if self.skeleton is None:
-            student = copy.deepcopy(self.start_model()).requires_grad_(True)
+            student = trainable.student_from_start(self.backend, self.start_model())
         else:
             self.park_start()
             student = sharding.sharded_clone(self._parked_start, self.skeleton, self.backend, self.ranks, self.config)
@@ -166,6 +169,7 @@ class Experiment:
             self.ranks,
             skeleton=self.skeleton,
         )
+        self.echo(f"Student: {trainer.parameter_counts.describe()}.")
         started = time.perf_counter()
         trainer.fit(progress=self.progress)
         train_s = time.perf_counter() - started

@@ -23,7 +23,7 @@ from opsd_core.config import load_config
 from opsd_core.errors import CapabilityError, ConfigError
 from opsd_core.rundir import CONFIG
 from opsd_core.state_dicts import load_into
-from opsd_core.trainer.checkpoint import MODELS, read_model_state, verify_checkpoint
+from opsd_core.trainer.checkpoint import MODELS, START_RECORD, load_model, read_model_state, verify_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -69,8 +69,13 @@ def export_checkpoint(
             f"backend {type(backend).__name__} cannot export a model in its family's released layout "
             "(capability export); the checkpoint's student/ and teacher/ directories load with the backend itself"
         )
-    module = _model_on_cpu(backend)
-    load_into(module, read_model_state(checkpoint, model), checkpoint / model)
+    if (checkpoint / START_RECORD).is_file():
+        # Trainable tensors only: they go over the start model, whose frozen weights they keep.
+        module = backend.build_model()
+        load_model(backend, module, checkpoint, model)
+    else:
+        module = _model_on_cpu(backend)
+        load_into(module, read_model_state(checkpoint, model), checkpoint / model)
     staging = out.parent / f".{out.name}.export-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

@@ -53,7 +53,8 @@ def model_census(backend: Backend) -> ParameterCensus:
     """The census of the model ``backend`` trains: counted on its meta-device skeleton when it
     declares one (no weights are read), else on the model :meth:`Backend.build_model` returns."""
     model = backend.model_skeleton() if backend.capabilities.meta_skeleton else backend.build_model()
-    return census_of(model, backend.parameter_group)
+    frozen = set(backend.frozen_parameters(model))
+    return census_of(model, backend.parameter_group, lambda name: name not in frozen)
 
 
 def run_plan(

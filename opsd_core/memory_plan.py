@@ -171,8 +171,10 @@ def inputs_from_config(
         world_size=world_size,
         shard_size=(train.shard or world_size // train.replicate) if sharded else 1,
         gpus_per_host=world_size,
-        # One process trains without checkpointing whatever the field says.
-        activation_checkpointing=train.activation_checkpointing and sharded,
+        activation_checkpointing=train.activation_checkpointing,
+        offload_optimizer=train.optimizer_offload,
+        # One process shares the frozen weights of start model, student and teacher.
+        share_frozen=not sharded,
         fused_loss=fused_loss,
         rows=rows,
         sampled_rows=rows * (train.grad_accum if whole_step else 1),
@@ -386,10 +388,12 @@ def switches_for(config: RunConfig, world_size: int) -> tuple[Switch, ...]:
     in the order the plan tries them."""
     train = config.train
     found = []
-    if world_size > 1 and not train.activation_checkpointing:
+    if not train.activation_checkpointing:
         found.append(
             Switch("train.activation_checkpointing = true", lambda i: replace(i, activation_checkpointing=True))
         )
+    if world_size == 1 and not train.optimizer_offload:  # one-process runs only
+        found.append(Switch("train.optimizer_offload = true", lambda i: replace(i, offload_optimizer=True)))
     if config.run.precision == "fp32":
         if world_size > 1:
             bf16 = Switch(

@@ -91,10 +91,13 @@ class Problem:
         id: stable identifier (used for resumable evaluation and logging).
         image: the problem image.
         question: the question text.
-        reference_answer: gold answer text, if the task has one (SFT control, scoring).
+        reference_answer: gold answer text, if the task has one (scoring).
         visual_thought: a stored VT image, if the task ships one; otherwise the backend
             generates it.
         metadata: task-specific data the scorer needs (e.g. the map of a maze).
+        reference_trace: a text-only reasoning trace that ends in the answer, written as the
+            model should write its completion, if the task has one: what the SFT control trains
+            on (cross-entropy in the student context).
     """
 
     id: str
@@ -103,6 +106,7 @@ class Problem:
     reference_answer: str | None = None
     visual_thought: Image | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    reference_trace: str | None = None
 
 
 @dataclass(frozen=True)

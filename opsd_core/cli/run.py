@@ -310,20 +310,9 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
     backend = components if backend_only else components.backend
     model = backend.build_model()
     if checkpoint is not None:
-        from opsd_core.trainer.checkpoint import (
-            is_sharded,
-            read_sharded_weights,
-            verify_checkpoint,
-        )
+        from opsd_core.trainer.checkpoint import load_model
 
-        directory = Path(checkpoint)
-        if is_sharded(directory):  # written by a multi-process run: its shards are read whole here
-            model.load_state_dict(read_sharded_weights(directory, "student"))
-        else:
-            if (directory / "student").is_dir():
-                verify_checkpoint(directory)
-                directory = directory / "student"
-            backend.load_weights(model, directory)
+        load_model(backend, model, Path(checkpoint))
     return components, model.to(backend.device).eval()
 
 

@@ -156,8 +156,15 @@ class TrainSection(Section):
     )
     activation_checkpointing: bool = Field(
         False,
-        description="Multi-process runs: recompute each transformer layer's activations in backward "
-        "instead of storing them (less memory, about one more forward of compute).",
+        description="Recompute each transformer layer's activations in backward instead of storing them "
+        "(less memory, about one more forward of compute); one-process and multi-process runs alike.",
+    )
+    optimizer_offload: bool = Field(
+        False,
+        description="One-process runs: keep AdamW's moments in host memory (pinned on CUDA) between steps "
+        "and move them to the device one chunk at a time for the step, so the device holds no optimizer "
+        "state between steps; updates are the same as without. Needs host memory for two copies of the "
+        "trainable parameters.",
     )
 
 
@@ -184,7 +191,11 @@ class ExperimentSection(Section):
 
     opsd: bool = Field(True, description="Train Visual-OPSD and evaluate it (false: only the controls that are on).")
     noise_control: bool = Field(True, description="Also train the Gaussian-noise-VT control and evaluate it.")
-    sft_control: bool = Field(False, description="Also train the SFT control on reference answers and evaluate it.")
+    sft_control: bool = Field(
+        False,
+        description="Also train the SFT control (cross-entropy on the task's text-only reasoning traces, in the "
+        "student context, from the same start) and evaluate it.",
+    )
 
     @model_validator(mode="after")
     def _some_phase(self) -> ExperimentSection:

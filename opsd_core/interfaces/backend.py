@@ -170,6 +170,29 @@ class Backend(ABC):
         top-level module (``vit_model.encoder...`` -> ``vit_model``)."""
         return name.split(".", 1)[0]
 
+    def frozen_parameters(self, model: torch.nn.Module) -> list[str]:
+        """Names (as ``model.named_parameters()`` gives them) of the parameters training leaves
+        frozen: those that receive no gradient from the student and teacher contexts, such as an
+        image-generation expert that text-and-image understanding never runs.
+
+        The trainer turns their ``requires_grad`` off, builds AdamW over the others only and
+        shares them between the start model, the student and the teacher instead of copying
+        them. Since AdamW leaves a parameter without a gradient untouched at
+        ``optim.weight_decay = 0``, freezing them changes no update there. The default freezes
+        nothing.
+        """
+        return []
+
+    def recomputed_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The layers whose activations ``train.activation_checkpointing`` recomputes in
+        backward instead of storing (typically every transformer block of ``model``).
+
+        One-process runs wrap these with :func:`opsd_core.api.backend.checkpoint_forward`;
+        a backend's :meth:`parallelize` does the same in multi-process runs. The default names
+        none, and a run that asks for checkpointing is then refused.
+        """
+        return []
+
     def context_builder(self) -> PrivilegedContextBuilder:
         """The student/teacher context builder with this model family's prompt texts."""
         raise CapabilityError(f"{type(self).__name__} defines no context builder")
@@ -288,6 +311,16 @@ class Backend(ABC):
         :attr:`capabilities` already say (hidden states, sharding, drawing) is checked by the
         core; this method covers the rest. The default accepts every config.
         """
+
+    def start_checkpoint(self) -> Path | None:
+        """The file or directory :meth:`build_model` reads the start weights from, or None when
+        they are drawn from a seed (the backend section of the run config then determines them).
+
+        A training checkpoint of a student with frozen parameters stores the trainable tensors
+        only and names this path, with its SHA-256, as where the frozen ones come from; resuming
+        refuses a start whose hash differs. The default is None.
+        """
+        return None
 
     @abstractmethod
     def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:

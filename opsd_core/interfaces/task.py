@@ -1,8 +1,9 @@
 """The Task role: a source of problems and a scorer.
 
-Owns: problems (image, question, optional reference answer, optional stored VT), the order in
-which training problems stream, scoring a response text, and the task-level figures computed
-from all scores (a benchmark's circular groups, pairs, per-file or per-split accuracies).
+Owns: problems (image, question, optional reference answer, optional text-only reasoning trace
+for the SFT control, optional stored VT), the order in which training problems stream, scoring
+a response text, and the task-level figures computed from all scores (a benchmark's circular
+groups, pairs, per-file or per-split accuracies).
 Evaluation-only tasks (benchmarks) have no training problems and say so in :attr:`Task.trains`.
 Does not know: models, tokenizers or contexts.
 """

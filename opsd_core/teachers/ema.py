@@ -1,6 +1,7 @@
 """EMA teacher: an fp32 copy of the student that follows it after every optimizer step.
 
-Owns: the copy and the update rule, applied in fp32 to every trainable parameter.
+Owns: the copy and the update rule, applied in fp32 to every trainable parameter (frozen fp32
+parameters are the student's own tensors, not copies: they are equal anyway).
 Does not know: losses, data or when steps happen (the trainer calls ``update``).
 """
 
@@ -14,9 +15,18 @@ from opsd_core.interfaces.teacher import TeacherUpdate
 from opsd_core.teachers.params import EmaParams
 
 
-def detached_copy(student: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``student`` in eval mode whose parameters take no gradient."""
-    teacher = copy.deepcopy(student)
+def detached_copy(student: torch.nn.Module, share_frozen_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A deep copy of ``student`` in eval mode whose parameters take no gradient.
+
+    The student's frozen parameters (``requires_grad`` off: they never change) are shared, not
+    copied; with ``share_frozen_dtype`` given, only those of that dtype are.
+    """
+    shared = {
+        id(parameter): parameter
+        for parameter in student.parameters()
+        if not parameter.requires_grad and share_frozen_dtype in (None, parameter.dtype)
+    }
+    teacher = copy.deepcopy(student, shared)
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -32,9 +42,11 @@ class EmaTeacher(TeacherUpdate):
         self.decay = (params or EmaParams()).decay
 
     def create(self, student: torch.nn.Module) -> torch.nn.Module:
-        teacher = detached_copy(student)
+        # Frozen fp32 tensors are the student's own; the others are copied (and cast to fp32).
+        teacher = detached_copy(student, share_frozen_dtype=torch.float32)
+        shared = {id(parameter) for parameter in student.parameters()}
         for parameter in teacher.parameters():
-            if parameter.is_floating_point():
+            if parameter.is_floating_point() and id(parameter) not in shared:
                 parameter.data = parameter.data.float()
         return teacher
 

@@ -314,21 +314,24 @@ def final_weights(
     """The ``name`` (student or teacher) weights saved at the last step's checkpoint.
 
     A multi-process checkpoint's part of ``sharded/`` is keyed by the model's own parameter
-    names. A single-process checkpoint's ``name/`` is read through ``build_backend``'s
-    ``load_weights`` into its model, giving the same names (the backend may save others, or
-    drop tied copies), or, without it, as its ``weights`` file holds it.
+    names. A single-process checkpoint is loaded through ``build_backend``'s model
+    (:func:`~opsd_core.trainer.checkpoint.load_model`: whole, or trainable tensors over the
+    start), giving the same names; without it, it is read as saved: the trainable tensors only
+    when the student had frozen parameters (``trainable.safetensors``), else the backend's
+    ``weights`` file.
     """
     from opsd_core.state_dicts import read_safetensors
-    from opsd_core.trainer.checkpoint import is_sharded, read_sharded_weights
+    from opsd_core.trainer.checkpoint import TRAINABLE_WEIGHTS, is_sharded, load_model, read_sharded_weights
 
     step_dir = Path(directory) / "checkpoints" / f"step-{steps:07d}"
     if is_sharded(step_dir):
         return read_sharded_weights(step_dir, name)
     if build_backend is None:
-        return read_safetensors([step_dir / name / weights])
+        trainable = step_dir / name / TRAINABLE_WEIGHTS
+        return read_safetensors([trainable if trainable.is_file() else step_dir / name / weights])
     backend = build_backend()
     model = backend.build_model()
-    backend.load_weights(model, step_dir / name)
+    load_model(backend, model, step_dir, name)
     return {key: value.detach().cpu() for key, value in model.state_dict().items()}
 
 

@@ -70,6 +70,16 @@ class FinishedRun:
         assert found, f"no checkpoint written under {self.directory / phase / 'checkpoints'}"
         return found[-1]
 
+    def checkpoint_model(self, backend: Any, phase: str = "opsd", name: str = "student") -> Any:
+        """``backend``'s model with the ``name`` (student or teacher) weights of ``phase``'s newest
+        checkpoint, as ``opsd eval --checkpoint`` loads them (over the start weights when the
+        checkpoint keeps only trainable tensors)."""
+        from opsd_core.trainer.checkpoint import load_model
+
+        model = backend.build_model()
+        load_model(backend, model, self.latest_checkpoint(phase), name)
+        return model
+
 
 def run_config_file(config: str | Path, root: Path, overrides: Sequence[str] = (), arguments: Sequence[str] = ()) -> FinishedRun:
     """Run ``opsd run CONFIG --no-progress`` in this process with the run's output under ``root``.

@@ -1,20 +1,31 @@
 """Atomic, verifiable training checkpoints.
 
 Owns: the checkpoint directory layout, ``step-NNNNNNN/`` holding ``trainer_state.pt``,
-``manifest.json`` and the weights in one of two forms: ``student/`` and ``teacher/`` as the
-backend saves a whole model (single-process runs), or ``sharded/``, a
-``torch.distributed.checkpoint`` directory where every process of a multi-process run writes
-its own shards of the student, the teacher and the optimizer state (:func:`is_sharded`).
+``manifest.json`` and the weights in one of three forms:
+
+* ``student/`` and ``teacher/`` as the backend saves a whole model (``Backend.save_pretrained``;
+  single-process runs whose student trains every parameter);
+* ``student/trainable.safetensors`` and ``teacher/trainable.safetensors`` (single-process runs
+  whose student has frozen parameters, ``Backend.frozen_parameters``): every tensor of the
+  model's state dict except the frozen parameters, which are those of the start checkpoint that
+  ``start.json`` records: ``{"frozen": [names], "path": the start checkpoint (None for weights
+  drawn from a seed), "sha256": its hash (a directory's: over its files' relative paths and
+  hashes, sorted), "backend": the run's backend section}``; a complete model is that start with
+  ``trainable.safetensors`` loaded over it;
+* ``sharded/``, a ``torch.distributed.checkpoint`` directory where every process of a
+  multi-process run writes its own shards of the complete student, teacher and optimizer state
+  (:func:`is_sharded`).
+
 Writing goes through a temporary directory and a rename, so a crash never leaves a
 half-written checkpoint under its final name; every file's size and SHA-256 is recorded
 (hashed by all the processes, each its share of the files) and verified before anything is
-loaded. Also the one reader of a checkpoint's weights outside training (:func:`read_model_state`,
-which export builds on: whatever the checkpoint's form, a model's whole state dict), reads the
-full weights of a sharded checkpoint in one process (:func:`read_sharded_weights`), names what a sharded checkpoint holds
-(:func:`sharded_entries`), and reads the library's pickled metadata allowing only its own
+loaded. Also the readers of a checkpoint's weights outside training (:func:`load_model` into a
+built model, :func:`read_model_state` as a state dict), the full weights of a sharded
+checkpoint read in one process (:func:`read_sharded_weights`), what a sharded checkpoint holds
+(:func:`sharded_entries`), and the library's pickled metadata read allowing only its own
 classes (:class:`SafeShardedReader`).
-Does not know: what the trainer state means, how models are sharded or what their weights are
-called; the trainer and the backend fill the directory.
+Does not know: what the trainer state means, how models are sharded or a model family's own
+file layout; the trainer and the backend fill the directory.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import os
 import pickle
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +58,8 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
 SHARDED = "sharded"
 MODELS = ("student", "teacher")
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+START_RECORD = "start.json"
 _FORMAT = 1
 # What the metadata of a sharded checkpoint may name: the library's descriptions of tensors and
 # of where their bytes lie, sizes, layouts and paths (dtypes are checked apart).
@@ -318,4 +331,92 @@ def read_model_state(directory: Path, model: str) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     if is_sharded(directory):
         return read_sharded_weights(directory, model)
+    if (directory / START_RECORD).is_file():
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} holds trainable tensors only; load it over its start model (load_model)"
+        )
     return read_weights(directory / model, ("model",))
+
+
+# ------------------------------------------------------------------ checkpoints of a partly frozen model
+def path_sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a directory: over each file's relative path and SHA-256, in
+    sorted order (so the hash does not depend on how the directory was copied)."""
+    path = Path(path)
+    if path.is_file():
+        return _sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def start_record(start: Path | None, frozen: Iterable[str], backend_section: dict[str, Any]) -> dict[str, Any]:
+    """What ``start.json`` holds: where the frozen parameters come from."""
+    return {
+        "frozen": sorted(frozen),
+        "path": None if start is None else str(Path(start).resolve()),
+        "sha256": None if start is None else path_sha256(start),
+        "backend": backend_section,
+    }
+
+
+def check_start(directory: Path, start: Path | None) -> dict[str, Any]:
+    """``directory``'s start record, after checking that ``start`` (this run's start
+    checkpoint) hashes as the one it was trained from; CheckpointError otherwise."""
+    record = json.loads((directory / START_RECORD).read_text(encoding="utf-8"))
+    expected = record.get("sha256")
+    if expected is not None and (start is None or path_sha256(start) != expected):
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} keeps only trainable tensors; its frozen ones are those of the start "
+            f"checkpoint {record.get('path')!r} (sha256 {expected}), but this run starts from "
+            f"{None if start is None else str(start)!r}, which differs; start from that checkpoint to load it"
+        )
+    return record
+
+
+def write_trainable(model: torch.nn.Module, frozen: set[str], directory: Path) -> None:
+    """``directory/trainable.safetensors``: ``model``'s state dict without the ``frozen`` parameters."""
+    from opsd_core.state_dicts import save_safetensors, tied_names
+
+    skipped = frozen | tied_names(model)
+    tensors = {name: tensor for name, tensor in model.state_dict().items() if name not in skipped}
+    save_safetensors(tensors, Path(directory) / TRAINABLE_WEIGHTS)
+
+
+def read_trainable(model: torch.nn.Module, frozen: set[str], directory: Path) -> None:
+    """Load ``directory/trainable.safetensors`` into ``model``, whose ``frozen`` parameters keep
+    their values; CheckpointError unless it holds exactly the other tensors."""
+    from opsd_core.state_dicts import read_safetensors, tied_names
+
+    tensors = read_safetensors([Path(directory) / TRAINABLE_WEIGHTS])
+    expected = set(model.state_dict()) - frozen - tied_names(model)
+    if set(tensors) != expected:
+        wrong = sorted(set(tensors) ^ expected)
+        raise CheckpointError(
+            f"{directory}: {TRAINABLE_WEIGHTS} does not hold this model's trainable tensors (e.g. {wrong[:3]}); "
+            "was it written with another trainable set?"
+        )
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in tensors:
+                tensor.copy_(tensors[name])
+
+
+def load_model(backend: Any, model: torch.nn.Module, directory: Path, name: str = "student") -> None:
+    """Fill ``model`` (as ``backend.build_model`` made it: the start weights) from a model
+    directory, or from a training checkpoint's ``name`` (student or teacher): complete (whole or
+    sharded), or its trainable tensors over the start weights after checking the start's hash."""
+    directory = Path(directory)
+    if is_sharded(directory):
+        model.load_state_dict(read_sharded_weights(directory, name))
+        return
+    if not (directory / name).is_dir():
+        backend.load_weights(model, directory)
+        return
+    verify_checkpoint(directory)
+    if (directory / START_RECORD).is_file():
+        record = check_start(directory, backend.start_checkpoint())
+        read_trainable(model, set(record["frozen"]), directory / name)
+    else:
+        backend.load_weights(model, directory / name)

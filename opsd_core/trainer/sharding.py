@@ -213,19 +213,25 @@ def unsharded_copy(model: torch.nn.Module, skeleton: torch.nn.Module | None, ran
 
 
 def load_unsharded(
-    model: torch.nn.Module, skeleton: torch.nn.Module | None, ranks: Ranks, load: Callable[[torch.nn.Module], None]
+    model: torch.nn.Module,
+    skeleton: torch.nn.Module | None,
+    ranks: Ranks,
+    load: Callable[[torch.nn.Module], None],
+    partial: bool = False,
 ) -> None:
     """Fill ``model`` by ``load`` (e.g. the backend's ``load_weights``): directly in a single
     process; else rank 0 loads into a CPU copy built from ``skeleton`` and every rank takes its
-    shards from it. Every rank must call it."""
+    shards from it. With ``partial`` (``load`` fills some tensors only), that copy starts as
+    ``model``'s current weights, gathered. Every rank must call it."""
     if skeleton is None:
         load(model)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     state: dict[str, torch.Tensor] = {}
+    current = unsharded_copy(model, skeleton, ranks) if partial else None
     if ranks.is_main:
-        full = copy.deepcopy(skeleton).to_empty(device="cpu")
+        full = current if current is not None else copy.deepcopy(skeleton).to_empty(device="cpu")
         load(full)
         state = full.state_dict()
     set_model_state_dict(model, state, options=full_state_options(broadcast_from_rank0=True))

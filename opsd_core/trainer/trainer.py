@@ -11,6 +11,7 @@ Does not know: any model, task or divergence; everything goes through the role i
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -26,10 +27,11 @@ from opsd_core import runtime
 from opsd_core.components import Components
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.divergences import kl_divergence
-from opsd_core.errors import ConfigError, NonFiniteError
+from opsd_core.errors import CheckpointError, ConfigError, NonFiniteError
+from opsd_core.parallel import checkpoint_forward
 from opsd_core.rundir import MetricsLog
 from opsd_core.sampling import sample_seed
-from opsd_core.trainer import checkpoint, optimizer_state, sharded_state, sharding
+from opsd_core.trainer import checkpoint, offload, optimizer_state, sharded_state, sharding, trainable
 from opsd_core.trainer.loss import micro_batch_loss, token_cross_entropy
 from opsd_core.trainer.schedule import build_scheduler
 from opsd_core.types import (
@@ -48,7 +50,7 @@ class Mode:
     Attributes:
         name: the phase name in metrics and directories (``opsd``, ``noise``, ``sft``).
         noise_vt: the teacher sees N(0, 1) noise instead of the visual thought.
-        sft: cross-entropy on reference answers instead of distillation.
+        sft: cross-entropy on the task's text-only reference traces instead of distillation.
     """
 
     name: str
@@ -93,6 +95,13 @@ class Trainer:
         self.ranks = ranks or runtime.Ranks()
         self.ranks.share(config.train.samples_per_step, "train.samples_per_step")  # fail now, not at step 1
         self.device = next(student.parameters()).device
+        # The backend's frozen parameters take no gradient, no optimizer state and no EMA.
+        self.parameter_counts = trainable.freeze(backend, student)
+        # Checkpoints leave these out (see checkpoint.py); the start checkpoint supplies them.
+        self._frozen = {name for name, parameter in student.named_parameters() if not parameter.requires_grad}
+        self._start_record: dict[str, Any] | None = None
+        if skeleton is not None:
+            trainable.freeze(backend, skeleton)
         if self.ranks.distributed and skeleton is not None:
             # Already sharded: the teacher is made from the student's shards, never whole.
             self.student, self._student_skeleton = student, skeleton
@@ -102,6 +111,8 @@ class Trainer:
             teacher = teacher_update.create(student)
             self.student, self._student_skeleton = sharding.shard(backend, student, self.ranks, config)
             self.teacher, self._teacher_skeleton = sharding.shard(backend, teacher, self.ranks, config)
+        if config.train.activation_checkpointing and not self.ranks.distributed:
+            recompute_layers(backend, self.student)  # after the teacher's copy: it runs without grad anyway
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
             [p for p in self.student.parameters() if p.requires_grad],
@@ -110,6 +121,10 @@ class Trainer:
             eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
+        self.state_offload = None
+        if config.train.optimizer_offload:
+            offload.check_host_memory(p for group in self.optimizer.param_groups for p in group["params"])
+            self.state_offload = offload.OptimizerOffload(self.optimizer)
         schedule = config.schedule
         self.scheduler = build_scheduler(
             self.optimizer, schedule.warmup_steps, schedule.total_steps, optim.lr, schedule.min_lr
@@ -197,7 +212,10 @@ class Trainer:
         metrics = self.ranks.mean(metrics | timings, skip=("grad_norm", "lr"))
         finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()
+            if self.state_offload is not None:
+                self.state_offload.step()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
             self.teacher_update.update(self.teacher, self.student)
         else:
@@ -349,26 +367,37 @@ class Trainer:
         return completions.truncated(limits, self.backend.vocabulary.pad_id)
 
     def _sft_loss(self, students: Sequence[Context], problems: Sequence[Problem], samples_per_step: int) -> torch.Tensor:
-        """The SFT control: cross-entropy on each problem's reference answer + EOS."""
+        """The SFT control: cross-entropy on each problem's text-only reference trace (its
+        reasoning and answer, as the task writes it) + EOS, in the student context. A trace
+        longer than ``sampling.max_completion_tokens`` is cut there and trains no EOS."""
         vocabulary = self.backend.vocabulary
-        answers = []
+        cap = self.config.sampling.max_completion_tokens
+        traces, cut = [], []
         for problem in problems:
-            if problem.reference_answer is None:
-                raise ConfigError(f"train.sft: problem {problem.id!r} has no reference answer (got sft = true)")
-            answers.append(self.backend.encode(problem.reference_answer)[: self.config.sampling.max_completion_tokens])
-        width = max(len(answer) for answer in answers)
-        tokens = torch.full((len(answers), width), vocabulary.pad_id, dtype=torch.long, device=self.device)
-        for row, answer in enumerate(answers):
-            tokens[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
-        lengths = torch.tensor([len(a) for a in answers], dtype=torch.long, device=self.device)
+            if problem.reference_trace is None:
+                raise ConfigError(
+                    f"experiment.sft_control: problem {problem.id!r} of task {self.config.task.name!r} has no "
+                    "reference trace to train on (got true); set it to false or use a task that provides traces"
+                )
+            encoded = self.backend.encode(problem.reference_trace)
+            traces.append(encoded[:cap])
+            cut.append(len(encoded) > cap)
+        width = max(len(trace) for trace in traces)
+        tokens = torch.full((len(traces), width), vocabulary.pad_id, dtype=torch.long, device=self.device)
+        for row, trace in enumerate(traces):
+            tokens[row, : len(trace)] = torch.tensor(trace, dtype=torch.long)
+        lengths = torch.tensor([len(t) for t in traces], dtype=torch.long, device=self.device)
         valid = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, N)
-        batch = CompletionBatch(tokens, lengths, valid, torch.ones_like(lengths, dtype=torch.bool))
+        finished = ~torch.tensor(cut, dtype=torch.bool, device=self.device)
+        batch = CompletionBatch(tokens, lengths, valid, finished)
         with self._precision():
             rows = self.backend.completion_logits(self.student, students, batch)
         targets = torch.cat([tokens, torch.full_like(tokens[:, :1], vocabulary.pad_id)], dim=1)  # (B, N+1)
         targets.scatter_(1, lengths.unsqueeze(1), vocabulary.eos_id)
+        mask = rows.mask.clone()  # (B, N+1)
+        mask[~finished, lengths[~finished]] = False  # a cut trace's next token is not EOS
         per_row = token_cross_entropy(rows.logits, targets)
-        return micro_batch_loss(per_row, rows.mask, samples_per_step)
+        return micro_batch_loss(per_row, mask, samples_per_step)
 
     @staticmethod
     @torch.no_grad()
@@ -455,11 +484,19 @@ class Trainer:
         state = self._trainer_state()
 
         def write_weights(directory: Path) -> None:
-            if self.ranks.distributed:
+            if self.ranks.distributed:  # complete models, every rank its own shards
                 sharded_state.save_sharded(directory, self.student, self.teacher, self.optimizer)
-            else:
+            elif not self._frozen:
                 self.backend.save_pretrained(self.student, directory / "student")
                 self.backend.save_pretrained(self.teacher, directory / "teacher")
+            else:
+                checkpoint.write_trainable(self.student, self._frozen, directory / "student")
+                checkpoint.write_trainable(self.teacher, self._frozen, directory / "teacher")
+                if self._start_record is None:  # hashing a large start checkpoint takes a while: once
+                    backend_section = self.config.backend.model_dump(mode="json")
+                    start = self.backend.start_checkpoint()
+                    self._start_record = checkpoint.start_record(start, self._frozen, backend_section)
+                (directory / checkpoint.START_RECORD).write_text(json.dumps(self._start_record, indent=1))
 
         return checkpoint.save_checkpoint(
             self.checkpoints_dir, self.step, write_weights, state, keep=self.config.train.keep_checkpoints, ranks=self.ranks
@@ -483,14 +520,33 @@ class Trainer:
             groups = state["optimizer_param_groups"]
             sharded_state.load_sharded(directory, self.student, self.teacher, self.optimizer, groups)
         else:
-            load = self.backend.load_weights
-            sharding.load_unsharded(
-                self.student, self._student_skeleton, self.ranks, lambda full: load(full, directory / "student")
-            )
-            sharding.load_unsharded(
-                self.teacher, self._teacher_skeleton, self.ranks, lambda full: load(full, directory / "teacher")
-            )
+            partial = (directory / checkpoint.START_RECORD).is_file()
+            if partial:  # trainable tensors only: the frozen ones must be the start checkpoint's
+                problem = None
+                if main:
+                    try:
+                        checkpoint.check_start(directory, self.backend.start_checkpoint())
+                    except CheckpointError as error:
+                        problem = str(error)
+                problem = self.ranks.broadcast(problem)  # every rank stops, not rank 0 alone
+                if problem:
+                    raise CheckpointError(problem)
+
+                def load(full: torch.nn.Module, name: str) -> None:
+                    checkpoint.read_trainable(full, self._frozen, directory / name)
+            else:
+
+                def load(full: torch.nn.Module, name: str) -> None:
+                    self.backend.load_weights(full, directory / name)
+
+            for name, model, skeleton in (
+                ("student", self.student, self._student_skeleton),
+                ("teacher", self.teacher, self._teacher_skeleton),
+            ):
+                sharding.load_unsharded(model, skeleton, self.ranks, lambda full, name=name: load(full, name), partial)
             optimizer_state.load_optimizer_state_dict(self.student, self.optimizer, state["optimizer"], self.ranks)
+        if self.state_offload is not None:
+            self.state_offload.to_host()
         self.scheduler.load_state_dict(state["scheduler"])
         self._restore_rng_states(state)
         self.step, self.position = int(state["step"]), int(state["position"])
@@ -498,6 +554,20 @@ class Trainer:
         if main:
             self.metrics.truncate(self.mode.name, self.step)
         return True
+
+
+def recompute_layers(backend, model: torch.nn.Module) -> None:
+    """``train.activation_checkpointing`` in a one-process run: the backend's
+    :meth:`~opsd_core.interfaces.Backend.recomputed_layers` of ``model`` recompute their
+    activations in backward (multi-process runs get it from the backend's ``parallelize``)."""
+    layers = backend.recomputed_layers(model)
+    if not layers:
+        raise ConfigError(
+            f"train.activation_checkpointing: backend {type(backend).__name__} names no layers to recompute "
+            "(got true); set it to false"
+        )
+    for layer in layers:
+        checkpoint_forward(layer)
 
 
 def _stand_in(problem: Problem) -> Any:

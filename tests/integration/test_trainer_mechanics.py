@@ -1,6 +1,7 @@
 """Training-loop mechanics on the embedded tiny UMM: gradients, EMA, accumulation, resume."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from opsd_core.components import build_components
 from opsd_core.config import load_config
 from opsd_core.contexts.noise import with_noise_visual_thought
-from opsd_core.errors import CheckpointError, NonFiniteError
+from opsd_core.errors import CheckpointError, ConfigError, NonFiniteError
 from opsd_core.trainer.checkpoint import list_checkpoints
 from opsd_core.trainer.trainer import Mode, Trainer
 from opsd_core.types import VISUAL_THOUGHT, ImageSegment
@@ -150,11 +151,49 @@ def test_noise_control_touches_only_the_visual_thought(tmp_path):
         with_noise_visual_thought(student, trainer.backend, None)
 
 
-def test_sft_control_trains_on_reference_answers(tmp_path):
+def test_sft_control_trains_on_reference_traces(tmp_path):
     trainer = _setup(tmp_path, mode=Mode("sft", sft=True))
+    seen = []
+    logits = trainer.backend.completion_logits
+    trainer.backend.completion_logits = lambda model, contexts, batch: seen.append(batch) or logits(model, contexts, batch)
     metrics = trainer.train_step()
     assert metrics["loss"] > 0 and "kl" not in metrics
     assert torch.isfinite(torch.tensor(metrics["grad_norm"]))
+    problems = [trainer.task.problem(trainer.config.run.seed, i) for i in range(trainer.config.train.samples_per_step)]
+    assert seen[0].token_lists() == [trainer.backend.encode(problem.reference_trace) for problem in problems]
+
+
+def test_sft_control_without_traces_is_refused_in_one_line(tmp_path):
+    trainer = _setup(tmp_path, mode=Mode("sft", sft=True))
+    problems = trainer.task.train_problems
+    trainer.task.train_problems = lambda seed, start=0: (replace(p, reference_trace=None) for p in problems(seed, start))
+    with pytest.raises(ConfigError) as error:
+        trainer.train_step()
+    assert str(error.value).startswith("experiment.sft_control: problem 'train-0-0' of task 'frozen-lake' has no reference trace")
+    assert "\n" not in str(error.value)
+
+
+def test_sft_control_trains_no_eos_after_a_trace_it_cuts(tmp_path):
+    whole = _setup(tmp_path, "sampling.max_completion_tokens=40", mode=Mode("sft", sft=True), name="whole")
+    cut = _setup(tmp_path, "sampling.max_completion_tokens=2", mode=Mode("sft", sft=True), name="cut")
+    masks = []
+    for trainer in (whole, cut):
+        logits = trainer.backend.completion_logits
+
+        def recording(model, contexts, batch, logits=logits):
+            rows = logits(model, contexts, batch)
+            masks.append((batch, rows))
+            return rows
+
+        trainer.backend.completion_logits = recording
+        loss = trainer.train_step()["loss"]
+    (whole_batch, _), (cut_batch, cut_rows) = masks
+    assert bool(whole_batch.finished.all()) and not bool(cut_batch.finished.any())
+    assert cut_batch.tokens.shape[1] == 2
+    # The cut run's loss covers its two trace tokens only, not an EOS after them.
+    log_probs = torch.log_softmax(cut_rows.logits[:, :2].detach().float(), dim=-1)
+    expected = -log_probs.gather(-1, cut_batch.tokens.unsqueeze(-1)).mean()
+    assert loss == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_forward_cap_cuts_completions_to_fit_the_teacher(tmp_path):

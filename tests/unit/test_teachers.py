@@ -31,7 +31,8 @@ def test_ema_update_is_exactly_decay_weighted_and_skips_frozen_parameters():
     before = {name: p.clone() for name, p in teacher.named_parameters()}
     with torch.no_grad():
         for p in student.parameters():
-            p.add_(1.0)
+            if p.requires_grad:
+                p.add_(1.0)
     updater.update(teacher, student)
     after = dict(teacher.named_parameters())
     students = dict(student.named_parameters())
@@ -41,6 +42,20 @@ def test_ema_update_is_exactly_decay_weighted_and_skips_frozen_parameters():
             torch.testing.assert_close(after[name], expected, rtol=0, atol=1e-7)
         else:
             assert torch.equal(after[name], old), name
+
+
+@pytest.mark.parametrize("updater", [EmaTeacher(), FrozenTeacher()], ids=["ema", "frozen"])
+def test_frozen_fp32_parameters_are_shared_with_the_student_not_copied(updater):
+    student = _student()
+    teacher = updater.create(student)
+    for (name, s), (_, t) in zip(student.named_parameters(), teacher.named_parameters()):
+        assert (t is s) == (not s.requires_grad), name
+
+
+def test_frozen_bf16_parameters_get_their_own_fp32_copy_in_the_ema_teacher():
+    student = _student(torch.bfloat16)
+    teacher = EmaTeacher().create(student)
+    assert teacher[1].bias is not student[1].bias and teacher[1].bias.dtype == torch.float32
 
 
 def test_ema_keeps_small_updates_that_bf16_would_round_away():

@@ -74,3 +74,7 @@ def test_thinkmorph_target_is_the_two_output_texts():
     assert first.endswith(prompts.IMAGE_START) and second.startswith(prompts.IMAGE_END)
     markers = (prompts.THINK_START, prompts.THINK_END, prompts.ANSWER_START, prompts.ANSWER_END)
     assert markers == ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def test_text_only_trace_is_think_then_answer():
+    assert prompts.text_only_trace(" the bars rise ", "B") == "<think> the bars rise </think><answer>B</answer>"

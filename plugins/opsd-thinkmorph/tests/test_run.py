@@ -3,6 +3,7 @@ drawn by the model, the noise control, evaluation and the report, on a CPU."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,12 +35,19 @@ def test_training_steps_drew_visual_thoughts_and_moved_the_student(finished_run)
     assert noise and all(line["visual_thought_s"] == 0 for line in noise), "the noise control needs no drawing"
 
 
-def test_the_checkpoint_loads_alone(finished_run):
+def test_the_checkpoint_keeps_trainable_tensors_and_loads_over_its_start(finished_run):
+    import torch
+
     from opsd_thinkmorph.backend import ThinkMorphBackend
     from opsd_thinkmorph.config import ThinkMorphParams
 
     checkpoint = finished_run.latest_checkpoint("opsd")
-    student = next(path for path in checkpoint.iterdir() if path.is_dir() and (path / "llm_config.json").exists())
-    backend = ThinkMorphBackend(ThinkMorphParams(checkpoint=str(student), vit_max_size=56, vit_min_size=28))
-    model = backend.build_model()
-    assert sum(p.numel() for p in model.parameters()) > 0
+    assert sorted(path.name for path in (checkpoint / "student").iterdir()) == ["trainable.safetensors"]
+    record = json.loads((checkpoint / "start.json").read_text())
+    assert record["path"] is None and record["sha256"] is None  # the debug flavour: its seed fixes the weights
+    assert record["frozen"] and all("_moe_gen" in name or name.startswith(("time_embedder", "vae2llm", "llm2vae")) for name in record["frozen"])
+    params = {key: value for key, value in record["backend"].items() if key != "name"}
+    backend = ThinkMorphBackend(ThinkMorphParams(**params))
+    start, model = backend.build_model(), finished_run.checkpoint_model(backend)
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, start.get_parameter(name))}
+    assert moved and not moved & set(record["frozen"])

@@ -75,7 +75,7 @@ def root(tmp_path_factory):
         row("p2", answer="  "),
         row("p3", resoning_thought_0=None, resoning_thought_1=""),
         row("p4", reasoning_image_0={"bytes": b"not an image", "path": "p4_vt.png"}),
-        row("p5", answer="B"),
+        row("p5", answer="B", full_text_only_thought="  "),
     ]
     write(base / "Visual_Search/data/train-00000-of-00002.parquet", search[:4])
     write(base / "Visual_Search/data/train-00001-of-00002.parquet", search[4:])
@@ -150,6 +150,12 @@ def test_problem_fields_and_metadata(root):
     }
     broken = problems["Visual_Search/p4"]
     assert broken.visual_thought is None and broken.metadata["reference_images"] == 0
+
+
+def test_the_reference_trace_is_the_text_only_thought_and_the_answer(root):
+    problems = {problem.id: problem for problem in islice(make(root).train_problems(0), 10)}
+    assert problems["Spatial_Navigation/p1"].reference_trace == "<think>all in text</think><answer>L, D, R</answer>"
+    assert problems["Visual_Search/p5"].reference_trace is None  # a blank cell gives no trace
 
 
 def test_alpha_is_composited_on_white(root):

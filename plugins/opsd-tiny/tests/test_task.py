@@ -170,3 +170,10 @@ def test_reference_answers_are_canonical_and_optimal():
         assert problem.reference_answer == trace_text(lake, lake.canonical_path())
         assert task.score(problem, problem.reference_answer).extracted == "optimal"
         assert set(problem.reference_answer.split()[::2]) <= set(STEPS)
+
+
+def test_the_reference_trace_is_the_canonical_shortest_path_written_out():
+    task = FrozenLakeTask()
+    problem = task.problem(0, 3)
+    assert problem.reference_trace == problem.reference_answer
+    assert task.score(problem, problem.reference_trace).extracted == "optimal"

@@ -313,11 +313,21 @@ class Emu3Backend(Backend):
         return draw_visual_thoughts(self, drawer, problems, generator)
 
     # ------------------------------------------------------------------ parallelism and weights on disk
+    def recomputed_layers(self, model) -> list:
+        """The transformer layers activation checkpointing recomputes (those ``parallelize`` shards)."""
+        from opsd_emu3.parallelize import transformer_layers
+
+        return transformer_layers(model)
+
     def parallelize(self, model, mesh: Any, config: Any):
         """FSDP2 per decoder layer, the VQ-VAE and the root; see :mod:`opsd_emu3.parallelize`."""
         from opsd_emu3.parallelize import parallelize_emu3
 
         return parallelize_emu3(model, mesh, config)
+
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint directory of flavour 'checkpoint' (None for the random flavours)."""
+        return self.directory
 
     def save_pretrained(self, model, directory: Path) -> None:
         """config.json, model.safetensors, tokenizer files and preprocessor_config.json: loads alone."""

@@ -20,6 +20,12 @@ from opsd_core.api.backend import checkpoint_forward, mixed_precision_policy
 
 
 
+def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The text model's decoder layers: FSDP units and the layers activation checkpointing
+    recomputes (in one-process runs too)."""
+    return list(model.model.text_model.layers)
+
+
 def parallelize_emu3(model: torch.nn.Module, mesh: Any, config: Any) -> torch.nn.Module:
     """Shard ``model`` (an Emu3ForConditionalGeneration) over ``mesh`` with FSDP2, in place, and return it.
 
@@ -33,7 +39,7 @@ def parallelize_emu3(model: torch.nn.Module, mesh: Any, config: Any) -> torch.nn
     backward, and the EMA update and checkpoints read sharded parameters between steps.
     """
     policy = mixed_precision_policy(config.run.precision, mesh.device_type)
-    layers = list(model.model.text_model.layers)
+    layers = transformer_layers(model)
     if config.train.activation_checkpointing:
         for layer in layers:
             checkpoint_forward(layer)

@@ -340,11 +340,21 @@ class JanusBackend(Backend):
         return draw_visual_thoughts(self, model, problems, generator)
 
     # ------------------------------------------------------------------ parallelism and weights on disk
+    def recomputed_layers(self, model) -> list:
+        """The transformer layers activation checkpointing recomputes (those ``parallelize`` shards)."""
+        from opsd_janus.parallelize import transformer_layers
+
+        return transformer_layers(model)
+
     def parallelize(self, model, mesh: Any, config: Any):
         """FSDP2 over ``mesh``; see :mod:`opsd_janus.parallelize`."""
         from opsd_janus.parallelize import parallelize_janus
 
         return parallelize_janus(model, mesh, config)
+
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint directory of flavour 'checkpoint' (None for the random flavours)."""
+        return self.directory
 
     def save_pretrained(self, model, directory: Path) -> None:
         """config.json, model.safetensors, tokenizer and processor files: a directory that loads alone."""

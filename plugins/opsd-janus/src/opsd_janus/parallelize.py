@@ -23,6 +23,13 @@ from opsd_core.api.backend import checkpoint_forward, mixed_precision_policy
 
 
 
+def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The language model's and the vision encoder's layers: FSDP units and the layers
+    activation checkpointing recomputes (in one-process runs too)."""
+    janus = model.model
+    return [*janus.language_model.layers, *janus.vision_model.encoder.layers]
+
+
 def parallelize_janus(model: torch.nn.Module, mesh: Any, config: Any) -> torch.nn.Module:
     """Shard ``model`` (a ``JanusForConditionalGeneration``) over ``mesh`` in place and return it.
 
@@ -37,7 +44,7 @@ def parallelize_janus(model: torch.nn.Module, mesh: Any, config: Any) -> torch.n
     """
     policy = mixed_precision_policy(config.run.precision, mesh.device_type)
     janus = model.model
-    layers = [*janus.language_model.layers, *janus.vision_model.encoder.layers]
+    layers = transformer_layers(model)
     if config.train.activation_checkpointing:
         for layer in layers:
             checkpoint_forward(layer)

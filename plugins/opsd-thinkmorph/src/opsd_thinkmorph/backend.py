@@ -178,6 +178,14 @@ class ThinkMorphBackend(Backend):
         group = name.split(".", 1)[0]
         return f"{group} (generation expert)" if "moe_gen" in name else group
 
+    def frozen_parameters(self, model: Bagel) -> list[str]:
+        """The generation expert (every ``*_moe_gen`` weight), the time embedder and the latent
+        connectors ``vae2llm`` / ``llm2vae``, unless ``train_generation``: the student and teacher
+        contexts hold text and ViT images only, so these never receive a gradient."""
+        if self.params.train_generation:
+            return []
+        return [name for name, _ in model.named_parameters() if _generation_parameter(name)]
+
     def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()
 
@@ -391,6 +399,12 @@ class ThinkMorphBackend(Backend):
         return draw_visual_thoughts(self, model, problems, generator, reasoning=reasoning)
 
     # ------------------------------------------------------------------ parallelism and weights on disk
+    def recomputed_layers(self, model) -> list:
+        """The transformer layers activation checkpointing recomputes (those ``parallelize`` shards)."""
+        from opsd_thinkmorph.parallelize import transformer_layers
+
+        return transformer_layers(model)
+
     def parallelize(self, model: Bagel, mesh: Any, config: Any) -> Bagel:
         """FSDP2 over ``mesh`` (HSDP when it has a replicate dimension); see :mod:`opsd_thinkmorph.parallelize`."""
         from opsd_thinkmorph.parallelize import parallelize_bagel
@@ -398,6 +412,10 @@ class ThinkMorphBackend(Backend):
         return parallelize_bagel(model, mesh, config)
 
     # ------------------------------------------------------------------ weights on disk
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint directory of flavour 'checkpoint' (None for the random flavours)."""
+        return self.directory
+
     def save_pretrained(self, model: Bagel, directory: Path) -> None:
         """Weights, configs, tokenizer and the VAE: a directory that loads alone."""
         self._write(model, Path(directory), "model", None, None)
@@ -418,6 +436,14 @@ class ThinkMorphBackend(Backend):
 
     def load_weights(self, model: Bagel, directory: Path) -> None:
         state_dict.load_into(model, Path(directory))
+
+
+GENERATION_MODULES = ("time_embedder.", "vae2llm.", "llm2vae.")
+
+
+def _generation_parameter(name: str) -> bool:
+    """Whether parameter ``name`` of a Bagel model serves image generation only."""
+    return "_moe_gen" in name or name.startswith(GENERATION_MODULES)
 
 
 def _check_flash_attn(device: torch.device) -> None:

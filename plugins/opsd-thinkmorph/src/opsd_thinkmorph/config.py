@@ -45,6 +45,14 @@ class ThinkMorphParams(PluginParams):
         description="Build the image-generation modules (needed to draw visual thoughts); false loads "
         "understanding-only checkpoints that lack them.",
     )
+    train_generation: bool = Field(
+        False,
+        description="Train the image-generation parameters too (the generation expert's *_moe_gen "
+        "weights, time embedder, vae2llm and llm2vae), as the paper's code does. OPSD's student and teacher "
+        "contexts never run them, so they receive no gradient: false (the default) freezes them, which "
+        "gives the same updates at optim.weight_decay = 0 and holds no gradients, AdamW state or EMA copy "
+        "for them.",
+    )
     seed: int = Field(0, description="Seed of the random-weight flavours.", ge=0)
     fixed_shape_decoding: bool = Field(
         True,

@@ -24,6 +24,12 @@ from opsd_thinkmorph.model import Bagel
 ROOT_FORWARDS = ("input_embeddings", "llm_forward", "lm_logits", "velocity")
 
 
+def transformer_layers(model: Bagel) -> list:
+    """The LLM decoder layers and ViT layers: FSDP units and the layers activation
+    checkpointing recomputes (in one-process runs too)."""
+    return [*model.language_model.model.layers, *model.vit_model.vision_model.encoder.layers]
+
+
 def parallelize_bagel(model: Bagel, mesh: Any, config: Any) -> Bagel:
     """Shard ``model`` over ``mesh`` with FSDP2, in place, and return it.
 
@@ -40,7 +46,7 @@ def parallelize_bagel(model: Bagel, mesh: Any, config: Any) -> Bagel:
     and checkpoints read the sharded parameters between steps.
     """
     policy = mixed_precision_policy(config.run.precision, mesh.device_type)
-    layers = [*model.language_model.model.layers, *model.vit_model.vision_model.encoder.layers]
+    layers = transformer_layers(model)
     if config.train.activation_checkpointing:
         for layer in layers:
             checkpoint_forward(layer)

@@ -2,7 +2,7 @@
 
 Owns: the system prompts (training and inference variants), the teacher's two framing texts
 (paper Appendix E), the plain-text reasoning markers ThinkMorph emits, the two output texts of
-a ThinkMorph training sample (the SFT control's targets), and the context builder that puts the
+a ThinkMorph training sample, the text-only reasoning trace (the SFT control's target), and the context builder that puts the
 texts in the paper's layout.
 Does not know: tokens or turn markers (the backend renders every text segment as
 ``<|im_start|>text<|im_end|>``), images, or where problems come from.
@@ -65,3 +65,10 @@ def thinkmorph_target(thought_0: str, thought_1: str, answer: str) -> tuple[str,
     first = f"{THINK_START}{thought_0}{THINK_END}{IMAGE_START}"
     second = f"{IMAGE_END}{THINK_START}{thought_1}{THINK_END}{ANSWER_START}{answer}{ANSWER_END}"
     return first, second
+
+
+def text_only_trace(thought: str, answer: str) -> str:
+    """A text-only reasoning trace in ThinkMorph's output format, ``<think>{thought}</think>
+    <answer>{answer}</answer>`` (no space between them; pieces inserted as given): the SFT
+    control's target for a row's ``full_text_only_thought`` and answer."""
+    return f"{THINK_START}{thought}{THINK_END}{ANSWER_START}{answer}{ANSWER_END}"

@@ -4,13 +4,16 @@ lazily from the released parquet files, and a scorer for their answers.
 Owns: finding the parquet files, enumerating (file, row) pairs from parquet metadata alone,
 the held-out evaluation split, the order of the training stream and what a resume position
 means, decoding a row (images, thought texts) and scoring a response against the row's answer.
-Does not know: models, tokenizers, contexts, prompts or image resizing (the backend
-preprocesses images).
+Does not know: models, tokenizers, contexts, prompt texts or image resizing (the backend
+preprocesses images); the trace's format comes from :mod:`opsd_thinkmorph.prompts`.
 
 Data layout, as on the hub: ``<root>/<Task>/data/train-00000-of-0000N.parquet`` with columns
 ``pid``, ``question``, ``answer``, ``problem_image_0`` and ``reasoning_image_0`` (image structs
 ``{bytes, path}``), ``resoning_thought_0``/``resoning_thought_1`` (sic, "resoning"), ``task``
-and ``full_text_only_thought`` (unused here).
+and ``full_text_only_thought``: the text-only reasoning, which with the answer becomes the
+problem's reference trace (the SFT control's target, in ThinkMorph's ``<think>...</think>
+<answer>...</answer>`` format); a file without that column, or a row whose cell is empty, gives
+problems without one.
 
 Row selection, as in the paper's code: each dataset contributes its first ``num_used`` rows in
 file-name and row order; a row whose question or answer is empty (after stripping whitespace)
@@ -38,11 +41,13 @@ from PIL import Image
 
 from opsd_core.api import ConfigError, Problem, Score, Task
 from opsd_core.api.scoring import answer_tag, boxed, extract_choice, infer_option, relaxed_correct
+from opsd_thinkmorph.prompts import text_only_trace
 from opsd_thinkmorph.task_params import ThinkMorphDataParams
 
 REQUIRED_COLUMNS = ("pid", "question", "answer", "problem_image_0", "reasoning_image_0")
 THOUGHT_COLUMN = "resoning_thought_{}"  # sic: the released datasets spell it "resoning"
 IMAGE_COLUMN = "reasoning_image_{}"
+TEXT_ONLY_THOUGHT_COLUMN = "full_text_only_thought"
 LAYOUT = (
     "<root>/<Task>/data/train-00000-of-0000N.parquet, each file with the columns "
     + ", ".join(REQUIRED_COLUMNS)
@@ -293,7 +298,7 @@ class ThinkMorphDataTask(Task):
             return self._groups[key]
         source = self.sources[source_index]
         images = (IMAGE_COLUMN.format(i) for i in range(self.params.max_reference_images))
-        wanted = [*REQUIRED_COLUMNS, "task", *self._thought_columns(source), *images]
+        wanted = [*REQUIRED_COLUMNS, "task", TEXT_ONLY_THOUGHT_COLUMN, *self._thought_columns(source), *images]
         columns = list(dict.fromkeys(name for name in wanted if name in source.columns))
         with pq.ParquetFile(source.path) as parquet:
             rows = parquet.read_row_group(group, columns=columns).to_pylist()
@@ -344,6 +349,7 @@ class ThinkMorphDataTask(Task):
         }
         if row.get("task") is not None:
             metadata["task"] = row["task"]
+        thought = row.get(TEXT_ONLY_THOUGHT_COLUMN)
         return Problem(
             id=f"{source.dataset}/{row['pid']}",
             image=image,
@@ -351,6 +357,7 @@ class ThinkMorphDataTask(Task):
             reference_answer=str(row["answer"]),
             visual_thought=references[0],
             metadata=metadata,
+            reference_trace=text_only_trace(thought, str(row["answer"])) if _text(thought) else None,
         )
 
     # ------------------------------------------------------------ the Task role
@@ -453,8 +460,13 @@ class ThinkMorphDataTask(Task):
         return score_answer(response, problem.reference_answer, problem.question, relaxed=relaxed)
 
 
+def _text(value: Any) -> bool:
+    """Whether a cell holds non-blank text."""
+    return isinstance(value, str) and bool(value.strip())
+
+
 def _thoughts(row: Mapping[str, Any], columns: Sequence[str]) -> list[str]:
-    return [row[name] for name in columns if isinstance(row.get(name), str) and row[name].strip()]
+    return [row[name] for name in columns if _text(row.get(name))]
 
 
 def _keeps(row: Mapping[str, Any], thought_columns: Sequence[str]) -> bool:

@@ -134,6 +134,14 @@ class TinyBackend(Backend):
             max_positions=c.max_positions,
         )
 
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint directory (the shipped one by default; None for random weights)."""
+        return self.directory
+
+    def recomputed_layers(self, model: TinyUMM) -> list[torch.nn.Module]:
+        """The transformer blocks (activation checkpointing)."""
+        return list(model.blocks)
+
     def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()
 

@@ -2,8 +2,8 @@
 reference traces and the scorer.
 
 Owns: map generation (holes, start S, goal G, shortest path within bounds), the canonical
-shortest path (the first optimal move in the order R > D > L > U), detour traces for
-pretraining, rendering, the completion format ``R c7 D c12 ...`` (each move followed by the
+shortest path (the first optimal move in the order R > D > L > U) and its trace (the reference
+answer and the SFT control's reasoning trace), detour traces for pretraining, rendering, the completion format ``R c7 D c12 ...`` (each move followed by the
 cell it reaches) and scoring a response by walking its moves.
 Does not know: models, tokenizers or contexts. Problem i of a stream depends only on (seed, i),
 so a stream can restart at any position.
@@ -192,7 +192,8 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 def make_problem(lake: LakeMap, params: FrozenLakeParams, rng: np.random.Generator, problem_id: str) -> Problem:
     """The problem image, the VT (the same pixels, noise included, plus the canonical path) and
-    the canonical trace as reference answer."""
+    the canonical trace as reference answer and as the SFT control's text-only reasoning trace
+    (the completion format writes the reasoning out: each move, then the cell it reaches)."""
     path = lake.canonical_path()
     scene = draw_scene(lake, params.cell_pixels)
     noise = rng.normal(0.0, params.pixel_noise, size=scene.shape).astype(np.float32)
@@ -203,6 +204,7 @@ def make_problem(lake: LakeMap, params: FrozenLakeParams, rng: np.random.Generat
         reference_answer=trace_text(lake, path),
         visual_thought=to_tensor(draw_path(scene, lake, path, params.cell_pixels) + noise),
         metadata={"map": lake.rows(), "optimal_moves": len(path)},
+        reference_trace=trace_text(lake, path),
     )
 
 
