@@ -103,7 +103,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
 
     def lines(path):
         records = [json.loads(line) for line in path.read_text().splitlines()]
-        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+        return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "peak_memory_gb"} for r in records]
 
     assert lines(tmp_path / "straight-metrics.jsonl") == lines(tmp_path / "interrupted-metrics.jsonl")
 
@@ -148,6 +148,25 @@ def test_noise_control_touches_only_the_visual_thought(tmp_path):
     student = trainer.builder.build(problem).student
     with pytest.raises(ValueError, match="visual_thought"):
         with_noise_visual_thought(student, trainer.backend, None)
+
+
+def test_shuffled_control_shows_each_teacher_another_problems_visual_thought(tmp_path):
+    trainer = _setup(tmp_path, "train.grad_accum=2", mode=Mode("shuffled", shuffled_vt=True))
+    built = []
+    build = trainer.builder.build
+    trainer.builder.build = lambda problem, thought=None: built.append((problem, thought)) or build(problem, thought)
+    metrics = trainer.train_step()
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["kl"] > 0
+    assert len(built) == 8  # the whole step: 2 micro-batches of 4
+    own = [problem.visual_thought for problem, _ in built]
+    for problem, thought in built:
+        assert thought is not problem.visual_thought
+        assert any(thought is other for other in own), "a visual thought of the same step"
+    # A trainer at the same step (as a resumed one is) pairs the same problems with the same donors.
+    again = _setup(tmp_path, "train.grad_accum=2", mode=Mode("shuffled", shuffled_vt=True), name="again")
+    pairs = [(problem, donor) for _, problems, donors in again._step_problems() for problem, donor in zip(problems, donors)]
+    for (problem, thought), (same_problem, donor) in zip(built, pairs):
+        assert problem.id == same_problem.id and torch.equal(thought, donor.visual_thought)
 
 
 def test_sft_control_trains_on_reference_answers(tmp_path):
