@@ -96,7 +96,7 @@ class RunConfig(Section):
     @field_validator("logging")
     @classmethod
     def _known_loggers(cls, logging: LoggingSection) -> LoggingSection:
-        if cls.logger_names is None:  # the model built without registries
+        if not cls.logger_names:  # a model built without registries, or with no logger registered
             return logging
         for name in logging.loggers:
             if name not in cls.logger_names:

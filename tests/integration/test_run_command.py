@@ -47,6 +47,22 @@ def test_run_writes_the_run_directory(finished_run):
     assert (directory / "opsd" / "checkpoints" / "step-0000002" / "manifest.json").is_file()
 
 
+def test_run_writes_media_pages_and_the_report_gallery(finished_run):
+    directory, _ = finished_run
+    for phase, step in (("start", 0), ("opsd", 2), ("noise", 2), ("sft", 2)):
+        page = (directory / "media" / f"{phase}-step-{step:07d}.html").read_text()
+        assert page.count("<tr>") == 5 and 'title="KL ' in page and "data:image/png;base64," in page
+    report = (directory / "report.md").read_text()
+    assert "## Before and after" in report
+    gallery = [line for line in report.splitlines() if line.startswith("| eval-")]
+    assert len(gallery) == 4
+    for line in gallery:
+        image = line.split("](")[1].split(")")[0]
+        assert (directory / image).is_file(), image
+    results = json.loads((directory / "results.json").read_text())
+    assert [item["problem_id"] for item in results["opsd"]["media"]] == [item["problem_id"] for item in results["start"]["media"]]
+
+
 def test_a_second_run_into_the_same_directory_is_refused(finished_run, tmp_path):
     directory, _ = finished_run
     result = CliRunner().invoke(cli, ["run", QUICKSTART, *_short(directory.parent)])
