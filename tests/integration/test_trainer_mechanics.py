@@ -84,17 +84,18 @@ def test_sampling_a_whole_step_at_once_gives_the_micro_batch_results(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
-    straight = _setup(tmp_path, name="straight")
+@pytest.mark.parametrize("mode", [Mode("opsd"), Mode("shuffled", shuffled_vt=True)], ids=["opsd", "shuffled-vt"])
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, mode):
+    straight = _setup(tmp_path, mode=mode, name="straight")
     straight.fit(progress=False)
 
-    interrupted = _setup(tmp_path, name="interrupted")
+    interrupted = _setup(tmp_path, mode=mode, name="interrupted")
     interrupted.resume()
     while interrupted.step < 3:  # past the step-2 checkpoint, then "crash"
         interrupted._log(interrupted.train_step())
         if interrupted.step == 2:
             interrupted.save()
-    resumed = _setup(tmp_path, name="interrupted")
+    resumed = _setup(tmp_path, mode=mode, name="interrupted")
     resumed.fit(progress=False)
     assert resumed.step == 4
     for left, right in ((straight.student, resumed.student), (straight.teacher, resumed.teacher)):
@@ -198,13 +199,13 @@ def test_a_problems_sampling_seed_does_not_depend_on_the_rank_that_samples_it(tm
         return {"visual_thought_s": 0.0, "sample_s": 0.0, "teacher_s": 0.0, "student_s": 0.0}
 
     single = _setup(tmp_path, "train.samples_per_step=4", name="one")
-    first = single._prepare_micro_batch(timings())
-    second = single._prepare_micro_batch(timings())
+    first = single._prepare_micro_batch(*single._step_problems()[0], timings())
+    second = single._prepare_micro_batch(*single._step_problems()[0], timings())
     split = []
     for rank in range(2):
         trainer = _setup(tmp_path, "train.samples_per_step=4", name=f"rank{rank}")
         trainer.ranks = Ranks(rank=rank, world_size=2)
-        problems, _, _, seeds = trainer._prepare_micro_batch(timings())
+        problems, _, _, seeds = trainer._prepare_micro_batch(*trainer._step_problems()[0], timings())
         assert [p.id for p in problems] == [p.id for p in first[0][2 * rank : 2 * rank + 2]]
         split += seeds
     assert split == first[3]

@@ -1,14 +1,14 @@
 """The shuffled-VT control's derangement: no fixed point, a function of (seed, step), and the
 same split over ranks as the problems it pairs with."""
 
+from pathlib import Path
+
 import pytest
 
 from opsd_core.config import load_config
 from opsd_core.contexts.shuffled import derangement, donors
 from opsd_core.errors import ConfigError
 from opsd_core.runtime import Ranks
-
-from pathlib import Path
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
 
