@@ -136,3 +136,15 @@ def test_loggers_are_closed_when_the_run_crashes_and_only_rank_0_builds_them(tmp
     assert _Recording.closed == ["recording"]
     with open_loggers(config, tmp_path, registry, is_main=False) as group:
         assert group.loggers == []
+
+
+def test_opsd_run_stops_before_anything_runs_when_a_tracker_is_not_installed(tmp_path, monkeypatch):
+    import opsd_core.loggers.group as group
+
+    real = group.importlib.util.find_spec
+    monkeypatch.setattr(group.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    arguments = ["run", str(QUICKSTART), "--set", f"run.output_dir='{tmp_path}'", "--set", 'logging.loggers=["wandb"]']
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code != 0
+    assert "'wandb' logger needs the package 'wandb'" in result.output and "pip install wandb" in result.output
+    assert not (tmp_path / "quickstart").exists()
