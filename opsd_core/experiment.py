@@ -4,9 +4,10 @@ Owns: the phases and their order (KL diagnostic and evaluation of the start chec
 OPSD -> evaluation -> noise control from the same start -> evaluation -> optional shuffled-VT
 and SFT controls), what each phase records in ``results.json`` and hands the loggers (results,
 and the media of the start checkpoint and of each trained student for the report's gallery),
-and resuming an interrupted run phase by phase. The files themselves belong to :class:`~opsd_core.rundir.RunDirectory`. In a multi-process run
-every rank runs every phase (training sharded, evaluation and diagnostics on gathered weights,
-the same on every rank) and rank 0 alone writes.
+and resuming an interrupted run phase by phase. The files themselves belong to
+:class:`~opsd_core.rundir.RunDirectory`. In a multi-process run every rank runs every phase
+(training sharded, evaluation and diagnostics on gathered weights, the same on every rank) and
+rank 0 alone writes.
 Does not know: any model family; it uses the roles and the trainer.
 """
 

@@ -29,7 +29,8 @@ class JsonlLogger(Logger):
         """Nothing: the run directory holds the resolved config as ``config.toml``."""
 
     def log_scalars(self, phase: str, step: int, scalars: Mapping[str, float]) -> None:
-        self.metrics.append({"phase": phase, "step": step} | {key: round(float(value), 8) for key, value in scalars.items()})
+        rounded = {key: round(float(value), 8) for key, value in scalars.items()}
+        self.metrics.append({"phase": phase, "step": step} | rounded)
 
     def log_results(self, phase: str, step: int, results: Mapping[str, float]) -> None:
         """Nothing: ``results.json`` holds every phase's evaluation."""

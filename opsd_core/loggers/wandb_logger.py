@@ -64,7 +64,8 @@ class WandbLogger(Logger):
         for sample in samples:
             table.add_data(sample.problem_id, sample.correct, sample.mean_kl, sample.completion)
             if sample.visual_thought is not None:
-                record[f"{phase}/media/visual_thought/{sample.problem_id}"] = self.wandb.Image(to_pil(sample.visual_thought))
+                image = self.wandb.Image(to_pil(sample.visual_thought))
+                record[f"{phase}/media/visual_thought/{sample.problem_id}"] = image
         record[f"{phase}/media/completions"] = table
         self.run.log(record)
 

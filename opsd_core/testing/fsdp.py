@@ -227,7 +227,11 @@ def step_metrics(directory: Path, steps: int = STEPS) -> list[dict[str, float]]:
     assert [line["step"] for line in lines] == list(range(1, steps + 1)), [line["step"] for line in lines]
     assert all(line["phase"] == "opsd" for line in lines)
     return [
-        {key: value for key, value in line.items() if not key.endswith("_s") and key != "peak_memory_gb" and not isinstance(value, str)}
+        {
+            key: value
+            for key, value in line.items()
+            if not key.endswith("_s") and key != "peak_memory_gb" and not isinstance(value, str)
+        }
         for line in lines
     ]
 
