@@ -71,3 +71,6 @@ class WandbLogger(Logger):
 
     def close(self) -> None:
         self.run.finish()
+        # finish() can return before W&B's service process has written the last records of an
+        # offline run; shutting the service down waits for them (the next run starts it again).
+        self.wandb.teardown()
