@@ -71,3 +71,22 @@ def register_contexts(registry):
         PaperContextParams,
         description="The paper's layout: [system, image, question]; the teacher adds [ref_intro, VT, transition].",
     )
+
+
+@hookimpl
+def register_loggers(registry):
+    registry.add(
+        "jsonl",
+        "opsd_core.loggers.jsonl:JsonlLogger",
+        description="metrics.jsonl and the media pages in the run directory (always on).",
+    )
+    registry.add(
+        "tensorboard",
+        "opsd_core.loggers.tensorboard_logger:TensorBoardLogger",
+        description="TensorBoard event files in trackers/tensorboard/ (pip install tensorboard).",
+    )
+    registry.add(
+        "wandb",
+        "opsd_core.loggers.wandb_logger:WandbLogger",
+        description="Weights & Biases, offline in trackers/wandb/ unless WANDB_MODE says otherwise (pip install wandb).",
+    )

@@ -1,11 +1,13 @@
 """The whole method as one experiment: what `opsd run` does.
 
 Owns: the phases and their order (KL diagnostic and evaluation of the start checkpoint ->
-OPSD -> evaluation -> noise control from the same start -> evaluation -> optional SFT
-control), what each phase records in ``results.json``, and resuming an interrupted run phase
-by phase. The files themselves belong to :class:`~opsd_core.rundir.RunDirectory`. In a multi-process run
-every rank runs every phase (training sharded, evaluation and diagnostics on gathered weights,
-the same on every rank) and rank 0 alone writes.
+OPSD -> evaluation -> noise control from the same start -> evaluation -> optional shuffled-VT
+and SFT controls), what each phase records in ``results.json`` and hands the loggers (results,
+and the media of the start checkpoint and of each trained student for the report's gallery),
+and resuming an interrupted run phase by phase. The files themselves belong to
+:class:`~opsd_core.rundir.RunDirectory`. In a multi-process run every rank runs every phase
+(training sharded, evaluation and diagnostics on gathered weights, the same on every rank) and
+rank 0 alone writes.
 Does not know: any model family; it uses the roles and the trainer.
 """
 
@@ -17,22 +19,28 @@ from typing import Any
 
 import torch
 
+from opsd_core import runtime
 from opsd_core.components import Components, build_components
 from opsd_core.config import RunConfig
 from opsd_core.diagnostics.kl import gap_closure, gap_closure_standard_error, kl_gap
+from opsd_core.diagnostics.media import media_samples, render_html
 from opsd_core.evaluation import evaluate
+from opsd_core.images import save_png
+from opsd_core.loggers.group import Loggers
 from opsd_core.memory_census import refuse_unfit
 from opsd_core.rundir import RunDirectory
-from opsd_core import runtime
-from opsd_core.trainer import offload, sharding, trainable
 from opsd_core.runtime import resolve_device
+from opsd_core.trainer import offload, sharding, trainable
 from opsd_core.trainer.trainer import Mode, Trainer
+
 
 def phases(config: RunConfig) -> list[Mode]:
     """The training phases ``opsd run`` performs, in order."""
     modes = [Mode("opsd")] if config.experiment.opsd else []
     if config.experiment.noise_control:
         modes.append(Mode("noise", noise_vt=True))
+    if config.experiment.shuffled_vt_control:
+        modes.append(Mode("shuffled", shuffled_vt=True))
     if config.experiment.sft_control:
         modes.append(Mode("sft", sft=True))
     return modes
@@ -41,8 +49,9 @@ def phases(config: RunConfig) -> list[Mode]:
 class Experiment:
     """One run of the method from a start checkpoint; every phase result is saved as soon as
     it exists, so an interrupted run resumes where it stopped. ``ranks`` is this process among
-    the training processes (default: a single process). With ``memory_check``, a run the memory
-    planner says cannot fit this GPU is refused before the start model is built."""
+    the training processes (default: a single process); ``loggers`` are rank 0's (default: the
+    jsonl logger of ``run_dir``). With ``memory_check``, a run the memory planner says cannot
+    fit this GPU is refused before the start model is built."""
 
     def __init__(
         self,
@@ -52,9 +61,13 @@ class Experiment:
         progress: bool = True,
         ranks: runtime.Ranks | None = None,
         memory_check: bool = True,
+        loggers: Loggers | None = None,
     ):
         self.ranks = ranks or runtime.Ranks()
         main = self.ranks.is_main
+        if loggers is None:
+            loggers = Loggers.of_metrics(run_dir.metrics) if main else Loggers()
+        self.loggers = loggers
         self.config, self.run_dir = config, run_dir
         self.echo, self.progress = (echo if main else lambda message: None), progress and main
         runtime.apply_threads(config.run.threads)
@@ -113,6 +126,25 @@ class Experiment:
         )
         return {name: estimate.mean, f"{name}_se": estimate.standard_error, f"{name}_samples": estimate.per_sample}
 
+    def media(self, phase: str, step: int, student: torch.nn.Module, teacher: torch.nn.Module) -> list[dict[str, Any]]:
+        """The media problems' greedy completions by ``student`` with the per-token KL from
+        ``teacher`` in the teacher context, to the loggers; returns their summary for
+        ``results.json`` (the report's gallery). Every rank computes it; rank 0 logs."""
+        problems = self.eval_problems[: self.config.logging.media_problems]
+        if not problems:
+            return []
+        samples = media_samples(self.backend, self.components.task, student, teacher, problems, self._max_tokens())
+        if self.ranks.is_main:
+            title = f"{phase}, step {step}: student completions, KL(start teacher || student) per token"
+            self.loggers.log_media(phase, step, samples, render_html(title, samples))
+            for sample in samples:
+                if sample.visual_thought is not None:
+                    save_png(sample.visual_thought, self.run_dir.visual_thought_path(sample.problem_id), scale=4)
+        return [
+            {"problem_id": s.problem_id, "completion": s.completion, "mean_kl": s.mean_kl, "correct": s.correct}
+            for s in samples
+        ]
+
     def start_model(self) -> torch.nn.Module:
         """The start checkpoint's model, back on the device if it was parked."""
         if self.start is None:
@@ -142,6 +174,7 @@ class Experiment:
                 **self.kl("kl", start, start, start),
                 **self.kl("kl_noise", start, start, start, noise=True),
                 "eval": self.evaluate(start, ("student", "teacher", "noise")),
+                "media": self.media("start", 0, start, start),
             }
         record["wall_s"] = time.perf_counter() - started
         self.results["start"] = record
@@ -168,6 +201,7 @@ class Experiment:
             mode,
             self.ranks,
             skeleton=self.skeleton,
+            loggers=self.loggers,
         )
         self.echo(f"Student: {trainer.parameter_counts.describe()}.")
         started = time.perf_counter()
@@ -192,6 +226,7 @@ class Experiment:
             start = self.start_model()
             with sharding.gathered(start):
                 record |= self.kl("kl_t0", student, start, student)
+                record["media"] = self.media(mode.name, self.config.schedule.total_steps, student, start)
         record |= {"train_s": train_s, "sampler_tokens_per_s": self._sampler_throughput(mode.name)}
         record["eval_s"] = time.perf_counter() - started
         self.results[mode.name] = record
@@ -215,11 +250,19 @@ class Experiment:
 
         started = time.perf_counter()
         start = self.diagnose_start()
+        accuracies = {f"{mode}_accuracy": result["accuracy"] for mode, result in start["eval"].items()}
+        self.loggers.log_results("start", 0, accuracies | {"kl": start["kl"], "kl_noise": start["kl_noise"]})
         for mode in phases(self.config):
             record = self.train_phase(mode)
             record["gap_closure"] = gap_closure(start["kl"], record["kl_t0"])
             if "kl_samples" in start and "kl_t0_samples" in record:
                 record["gap_closure_se"] = gap_closure_standard_error(start["kl_samples"], record["kl_t0_samples"])
+            self.loggers.log_results(mode.name, self.config.schedule.total_steps, {
+                "student_accuracy": record["eval"]["student"]["accuracy"],
+                "teacher_accuracy": record["eval"]["teacher"]["accuracy"],
+                "ema_teacher_accuracy": record["teacher_eval"]["teacher"]["accuracy"],
+                "kl": record["kl"], "kl_t0": record["kl_t0"], "gap_closure": record["gap_closure"],
+            })  # fmt: skip
         self.results["total_wall_s"] = self.results.get("total_wall_s", 0.0) + time.perf_counter() - started
         self._save()
         if self.ranks.is_main:

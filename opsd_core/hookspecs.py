@@ -89,6 +89,18 @@ def register_contexts(registry: Registry) -> None:
 
 
 @hookspec
+def register_loggers(registry: Registry) -> None:
+    """Register loggers (experiment trackers) that ``[logging] loggers`` can name.
+
+    ``factory(run_dir=Path, config=RunConfig)`` builds an :class:`opsd_core.interfaces.Logger`
+    on rank 0; list the Python packages it imports in the class's ``packages``, so that a
+    missing one is reported before the run starts.
+
+    :param registry: the logger registry.
+    """
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``opsd`` command line.
 

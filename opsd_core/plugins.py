@@ -32,6 +32,7 @@ REGISTRY_HOOKS = {
     "teacher": "register_teacher_updates",
     "sampler": "register_samplers",
     "context": "register_contexts",
+    "logger": "register_loggers",
 }
 
 
@@ -45,6 +46,7 @@ class Registries:
     teacher: Registry = field(default_factory=lambda: Registry("teacher"))
     sampler: Registry = field(default_factory=lambda: Registry("sampler"))
     context: Registry = field(default_factory=lambda: Registry("context"))
+    logger: Registry = field(default_factory=lambda: Registry("logger"))
 
     def of(self, kind: str) -> Registry:
         if kind not in REGISTRY_HOOKS:

@@ -1,7 +1,8 @@
 """The run directory: the one owner of a run's files, and the one reader of its metrics.
 
 Owns: where each file of a run lives (``config.toml``, ``metrics.jsonl``, ``results.json``,
-``report.md`` and plots, ``<phase>/checkpoints/step-NNNNNNN/``), creating the directory for a
+``report.md`` and plots, ``<phase>/checkpoints/step-NNNNNNN/``, ``media/<phase>-step-NNNNNNN.html``,
+tracker files under ``trackers/``), creating the directory for a
 new run and refusing to reuse another run's, writing the resolved config and the results atomically,
 appending and reading metric lines (:class:`MetricsLog`), and the lock that makes one process
 the only writer of a run directory at a time.
@@ -30,6 +31,8 @@ RESULTS = "results.json"
 REPORT = "report.md"
 LOCK = ".lock"
 CHANGES = "changes.jsonl"
+MEDIA = "media"
+TRACKERS = "trackers"
 _STEP_DIR = re.compile(r"^step-(\d{7})$")
 # What may differ when a run is resumed: how it is launched, not what it computes.
 LAUNCH_FIELDS = frozenset({"train.replicate", "train.shard", "run.threads"})
@@ -46,6 +49,11 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
         return []
     found = [path for path in checkpoints_dir.iterdir() if path.is_dir() and _STEP_DIR.match(path.name)]
     return sorted(found, key=lambda path: int(_STEP_DIR.match(path.name).group(1)))
+
+
+def visual_thought_file(problem_id: str) -> str:
+    """Where, relative to the run directory, a media problem's visual thought PNG lives."""
+    return f"{MEDIA}/vt-{re.sub(r'[^A-Za-z0-9_.-]', '_', problem_id)}.png"
 
 
 class RunDirectoryError(OpsdError):
@@ -124,6 +132,23 @@ class RunDirectory:
     @property
     def metrics(self) -> MetricsLog:
         return MetricsLog(self.path / METRICS)
+
+    def media_path(self, phase: str, step: int) -> Path:
+        """The HTML page of ``phase``'s media at optimizer ``step`` (its folder is created)."""
+        folder = self.path / MEDIA
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{phase}-{step_dir_name(step)}.html"
+
+    def visual_thought_path(self, problem_id: str) -> Path:
+        """The PNG of a media problem's visual thought, for the report's gallery (folder created)."""
+        (self.path / MEDIA).mkdir(parents=True, exist_ok=True)
+        return self.path / visual_thought_file(problem_id)
+
+    def tracker_dir(self, tracker: str) -> Path:
+        """Where an experiment tracker keeps its files for this run (its folder is created)."""
+        folder = self.path / TRACKERS / tracker
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def phase_dir(self, phase: str) -> Path:
         """Where a training phase keeps its ``checkpoints/``."""

@@ -70,6 +70,16 @@ def release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory in GB: CUDA memory allocated by torch on a CUDA device, the
+    resident set size of the process on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process among the training processes; the default is a single process.

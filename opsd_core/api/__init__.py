@@ -1,7 +1,7 @@
 """The public plugin API: every name a plugin may import from the core, torch-free.
 
 Owns: the list of names (``__all__``) that plugins build on, grouped below: the roles a
-plugin implements, the data that crosses role boundaries, registration (the hook marker and
+plugin implements (loggers included), the data that crosses role boundaries, registration (the hook marker and
 the registry), errors, config helpers and the length-budget check. These names keep their
 meaning and signatures within a minor version; everything else in ``opsd_core`` is internal
 and may change at any release.
@@ -34,6 +34,8 @@ from opsd_core.interfaces import (
     Capabilities,
     DecodeState,
     Divergence,
+    Logger,
+    MediaSample,
     OnPolicySampler,
     PrivilegedContextBuilder,
     Task,
@@ -74,6 +76,8 @@ __all__ = [
     "Capabilities",
     "PrivilegedContextBuilder",
     "PaperContextBuilder",
+    "Logger",
+    "MediaSample",
     "PAPER_REF_INTRO",
     "PAPER_TRANSITION",
     # Data crossing role boundaries, and the names of a context's segments.

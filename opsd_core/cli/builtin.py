@@ -18,6 +18,7 @@ _LIST_KINDS = {
     "teachers": "teacher",
     "samplers": "sampler",
     "contexts": "context",
+    "loggers": "logger",
 }
 
 
@@ -33,7 +34,7 @@ def plugins_command() -> None:
 @click.argument("kind", type=click.Choice(sorted(_LIST_KINDS)))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_command(kind: str, as_json: bool) -> None:
-    """List the registered backends, tasks, divergences, teachers, samplers or contexts."""
+    """List the registered backends, tasks, divergences, teachers, samplers, contexts or loggers."""
     from opsd_core.plugins import get_registries
 
     registry = get_registries().of(_LIST_KINDS[kind])

@@ -207,6 +207,9 @@ def run_command(
 ) -> None:
     """Run the whole method: KL diagnostic -> OPSD -> eval -> noise control -> eval -> report.
 
+    Scalars, the resolved config and media go to the loggers of ``[logging] loggers``
+    (`opsd list loggers`); metrics.jsonl is always written.
+
     With no CONFIG, runs examples/quickstart.toml: the embedded tiny UMM on frozen-lake
     (with --backend NAME, examples/NAME.toml instead).
     With --nproc-per-node N > 1 (or when started by torchrun), training is sharded over the
@@ -243,6 +246,11 @@ def run_command(
             )
     else:
         config = _load(config_path, overrides)
+    from opsd_core.loggers.group import check_loggers, open_loggers
+    from opsd_core.plugins import get_registries
+
+    loggers = get_registries().logger
+    check_loggers(config.logging.loggers, loggers)  # a missing tracker package: one line, before anything runs
     launched = "WORLD_SIZE" in os.environ
     rendezvous = None
     if nnodes is not None and nnodes > 1:
@@ -284,11 +292,12 @@ def run_command(
             echo = click.echo if ranks.is_main else lambda *_: None
             echo(f"Run directory: {run_dir.path}")
             try:
-                experiment = Experiment(
-                    config, run_dir, echo=click.echo, progress=not no_progress, ranks=ranks,
-                    memory_check=not skip_memory_check,
-                )  # fmt: skip
-                results = experiment.run()
+                with open_loggers(config, run_dir.path, loggers, ranks.is_main) as group:
+                    experiment = Experiment(
+                        config, run_dir, echo=click.echo, progress=not no_progress, ranks=ranks, loggers=group,
+                        memory_check=not skip_memory_check,
+                    )  # fmt: skip
+                    results = experiment.run()
             except BaseException:
                 # A new run that failed before writing anything leaves no directory behind.
                 if ranks.is_main and resume_dir is None and run_dir.discard_if_unstarted():

@@ -194,6 +194,8 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], sour
                     message += f". Did you mean {close!r}?"
             field = f"{section}.name"
             value = None
+        elif kind == "value_error":  # a validator's own sentence, without pydantic's "Value error, "
+            message = str(item["ctx"]["error"])
         else:
             message = item["msg"]
         if value is not None and kind not in ("missing", "extra_forbidden") and not isinstance(value, dict):

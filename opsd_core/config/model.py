@@ -11,13 +11,21 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, create_model, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    Tag,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from opsd_core.config.base import PluginParams, Section
 from opsd_core.config.sections import (
     DiagnosticsSection,
     EvalSection,
     ExperimentSection,
+    LoggingSection,
     OptimSection,
     PluginSection,
     RunSection,
@@ -25,6 +33,7 @@ from opsd_core.config.sections import (
     ScheduleSection,
     TrainSection,
 )
+from opsd_core.errors import closest_match
 
 if TYPE_CHECKING:
     from opsd_core.plugins import Registries
@@ -44,6 +53,7 @@ class RunConfig(Section):
     """Everything a run needs. Plugin sections select a registered entry by ``name``."""
 
     plugin_names: ClassVar[dict[str, list[str]]] = {}
+    logger_names: ClassVar[list[str] | None] = None
 
     run: RunSection = Field(default_factory=RunSection, description="Run name, output and seed.")
     backend: PluginSection = Field(
@@ -79,6 +89,31 @@ class RunConfig(Section):
     experiment: ExperimentSection = Field(
         default_factory=ExperimentSection, description="Phases of `opsd run`: OPSD and the controls."
     )
+    logging: LoggingSection = Field(
+        default_factory=LoggingSection, description="Loggers (experiment trackers) and media."
+    )
+
+    @field_validator("logging")
+    @classmethod
+    def _known_loggers(cls, logging: LoggingSection) -> LoggingSection:
+        if not cls.logger_names:  # a model built without registries, or with no logger registered
+            return logging
+        for name in logging.loggers:
+            if name not in cls.logger_names:
+                message = f"unknown logger {name!r} in loggers; known loggers: {', '.join(cls.logger_names)}"
+                close = closest_match(name, cls.logger_names)
+                raise ValueError(message + (f". Did you mean {close!r}?" if close else ""))
+        return logging
+
+    @model_validator(mode="after")
+    def _shuffled_control_has_donors(self) -> RunConfig:
+        step_problems = self.train.samples_per_step * self.train.grad_accum
+        if self.experiment.shuffled_vt_control and step_problems < 2:
+            raise ValueError(
+                f"experiment.shuffled_vt_control needs at least 2 problems per step to give each another's visual "
+                f"thought (got train.samples_per_step x train.grad_accum = {step_problems}); raise either"
+            )
+        return self
 
     @model_validator(mode="after")
     def _schedule_decays(self) -> RunConfig:
@@ -127,7 +162,8 @@ _BUILT: dict[int, tuple[Any, type[RunConfig]]] = {}
 def config_model(registries: Registries) -> type[RunConfig]:
     """``RunConfig`` with each plugin section validated by the registered params models; built
     once per registries object (building takes a good part of a second)."""
-    key = (id(registries), tuple(tuple(registries.of(section).names()) for section in PLUGIN_SECTIONS))
+    sections = (*PLUGIN_SECTIONS, "logger")
+    key = (id(registries), tuple(tuple(registries.of(section).names()) for section in sections))
     cached = _BUILT.get(hash(key))
     if cached is not None and cached[0] is registries:
         return cached[1]
@@ -151,4 +187,5 @@ def _build_config_model(registries: Registries) -> type[RunConfig]:
         )
     model = create_model("RunConfig", __base__=RunConfig, **fields)
     model.plugin_names = {section: registries.of(section).names() for section in PLUGIN_SECTIONS}
+    model.logger_names = registries.logger.names()
     return model

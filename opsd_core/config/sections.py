@@ -196,9 +196,43 @@ class ExperimentSection(Section):
         description="Also train the SFT control (cross-entropy on the task's text-only reasoning traces, in the "
         "student context, from the same start) and evaluate it.",
     )
+    shuffled_vt_control: bool = Field(
+        False,
+        description="Also train the shuffled-VT control and evaluate it: the teacher sees the visual thought of "
+        "another problem of the same step (a seeded derangement over the step's problems on all processes), so "
+        "it has a VT-shaped context without the problem's own visual knowledge.",
+    )
 
     @model_validator(mode="after")
     def _some_phase(self) -> ExperimentSection:
-        if not (self.opsd or self.noise_control or self.sft_control):
-            raise ValueError("no training phase is on; set at least one of opsd, noise_control, sft_control to true")
+        if not (self.opsd or self.noise_control or self.sft_control or self.shuffled_vt_control):
+            raise ValueError(
+                "no training phase is on; set at least one of opsd, noise_control, sft_control, "
+                "shuffled_vt_control to true"
+            )
         return self
+
+
+class LoggingSection(Section):
+    """Where a run's scalars, config and media go, and which media are logged (docs/tracking.md)."""
+
+    loggers: list[str] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="Registered loggers (`opsd list loggers`) that receive every scalar, the resolved config and "
+        "the media: e.g. ['jsonl', 'tensorboard', 'wandb']. 'jsonl' (metrics.jsonl and media/ in the run "
+        "directory) is always on, listed or not.",
+    )
+    media_every: int = Field(
+        0,
+        description="Optimizer steps between media records during training (0: only the start checkpoint and "
+        "the end of each phase). A record is each media problem's greedy completion, its visual thought and the "
+        "per-token KL(teacher || student) of the completion.",
+        ge=0,
+    )
+    media_problems: int = Field(
+        4,
+        description="How many of the first evaluation problems make the fixed media set (0: no media and no "
+        "gallery in report.md).",
+        ge=0,
+        le=64,
+    )

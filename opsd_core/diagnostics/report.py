@@ -1,7 +1,7 @@
 """The run report: a results table (markdown and terminal) and PNG plots.
 
-Owns: turning ``results.json`` and ``metrics.jsonl`` into ``report.md``, ``accuracy.png``,
-``loss.png`` and ``kl.png``.
+Owns: turning ``results.json`` and ``metrics.jsonl`` into ``report.md`` (with the before/after
+gallery of the media problems), ``accuracy.png``, ``loss.png`` and ``kl.png``.
 Does not know: how the figures were produced.
 """
 
@@ -10,9 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from opsd_core.rundir import RunDirectory, write_atomic
+from opsd_core.rundir import RunDirectory, visual_thought_file, write_atomic
 
-PHASE_TITLES = {"opsd": "Visual-OPSD", "noise": "Noise-VT control", "sft": "SFT control"}
+PHASE_TITLES = {
+    "opsd": "Visual-OPSD",
+    "noise": "Noise-VT control",
+    "shuffled": "Shuffled-VT control",
+    "sft": "SFT control",
+}
+
+
+PHASE_COLOURS = ["#c63", "#39c", "#a5c", "#6a4"]
 
 
 def _percent(value: float | None) -> str:
@@ -85,7 +93,7 @@ def write_plots(directory: Path, results: dict[str, Any]) -> list[str]:
     labels = ["start (student ctx)", "start (teacher ctx)"] + [f"{PHASE_TITLES[p]}\n(student ctx)" for p in phases]
     values = [start["eval"]["student"]["accuracy"], start["eval"]["teacher"]["accuracy"]]
     values += [results[p]["eval"]["student"]["accuracy"] for p in phases]
-    bars = axis.bar(range(len(values)), [100 * v for v in values], color=["#888", "#446"] + ["#c63", "#39c", "#6a4"][: len(phases)])
+    bars = axis.bar(range(len(values)), [100 * v for v in values], color=["#888", "#446"] + PHASE_COLOURS[: len(phases)])
     axis.bar_label(bars, fmt="%.1f")
     axis.set_xticks(range(len(values)), labels, fontsize=8)
     axis.set_ylabel("greedy accuracy (%)")
@@ -115,7 +123,7 @@ def write_plots(directory: Path, results: dict[str, Any]) -> list[str]:
     figure, axis = plt.subplots(figsize=(7, 4))
     labels = ["start: KL(T||S)", "start: KL(noise-T||S)"] + [f"{PHASE_TITLES[p]}:\nKL(T0||S) after" for p in phases]
     values = [start["kl"], start["kl_noise"]] + [results[p]["kl_t0"] for p in phases]
-    bars = axis.bar(range(len(values)), values, color=["#446", "#888"] + ["#c63", "#39c", "#6a4"][: len(phases)])
+    bars = axis.bar(range(len(values)), values, color=["#446", "#888"] + PHASE_COLOURS[: len(phases)])
     axis.bar_label(bars, fmt="%.3f")
     axis.set_xticks(range(len(values)), labels, fontsize=8)
     axis.set_ylabel("nats per completion token")
@@ -125,6 +133,42 @@ def write_plots(directory: Path, results: dict[str, Any]) -> list[str]:
     plt.close(figure)
     written.append("kl.png")
     return written
+
+
+def _cell(text: str) -> str:
+    return "`" + text.replace("|", "\\|").replace("`", "'").replace("\n", " ") + "`" if text else "(empty)"
+
+
+def gallery(results: dict[str, Any]) -> list[str]:
+    """The before/after gallery: for each media problem, its visual thought, the start
+    checkpoint's greedy completion and each trained student's, with their mean per-token
+    KL(start teacher || student); empty when no media were recorded."""
+    start = results.get("start", {}).get("media")
+    if not start:
+        return []
+    phases = [phase for phase in PHASE_TITLES if results.get(phase, {}).get("media")]
+    lines = [
+        "## Before and after: the media problems",
+        "",
+        "Greedy completions of the start checkpoint and of each trained student on the same problems, with "
+        "the mean per-token KL(start teacher with the VT || student) and whether the answer is right. The "
+        "tokens coloured by KL are in `media/` (one HTML page per phase).",
+        "",
+        "| problem | visual thought | start checkpoint | " + " | ".join(PHASE_TITLES[p] for p in phases) + " |",
+        "|---|---|---|" + "---|" * len(phases),
+    ]
+    by_phase = {phase: {item["problem_id"]: item for item in results[phase]["media"]} for phase in phases}
+    for item in start:
+        problem = item["problem_id"]
+        cells = [problem, f"![VT]({visual_thought_file(problem)})"]
+        for record in [item] + [by_phase[phase].get(problem) for phase in phases]:
+            if record is None:
+                cells.append("-")
+                continue
+            mark = "right" if record["correct"] else "wrong"
+            cells.append(f"{_cell(record['completion'])} ({mark}, KL {record['mean_kl']:.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_report(directory: Path, results: dict[str, Any], config: Any) -> Path:
@@ -154,6 +198,7 @@ def write_report(directory: Path, results: dict[str, Any], config: Any) -> Path:
         "",
     ]
     lines += [f"![{name}]({name})" for name in plots]
+    lines += ["", *gallery(results)]
     path = RunDirectory(directory).report_path
     write_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -3,6 +3,7 @@
 from opsd_core.interfaces.backend import Backend, Capabilities, DecodeState
 from opsd_core.interfaces.context import PrivilegedContextBuilder
 from opsd_core.interfaces.divergence import Divergence
+from opsd_core.interfaces.logger import Logger, MediaSample
 from opsd_core.interfaces.sampler import OnPolicySampler
 from opsd_core.interfaces.task import Task
 from opsd_core.interfaces.teacher import TeacherUpdate
@@ -12,6 +13,8 @@ __all__ = [
     "Capabilities",
     "DecodeState",
     "Divergence",
+    "Logger",
+    "MediaSample",
     "OnPolicySampler",
     "PrivilegedContextBuilder",
     "Task",

@@ -293,13 +293,17 @@ def whole_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------- reading runs
 def step_metrics(directory: Path, steps: int = STEPS) -> list[dict[str, float]]:
-    """Every step's numeric metrics from ``metrics.jsonl`` (timings left out); checks that steps
+    """Every step's numeric metrics from ``metrics.jsonl`` (timings and peak memory left out); checks that steps
     1..``steps`` were each logged once, all in the OPSD phase."""
     lines = MetricsLog(Path(directory) / METRICS).read()
     assert [line["step"] for line in lines] == list(range(1, steps + 1)), [line["step"] for line in lines]
     assert all(line["phase"] == "opsd" for line in lines)
     return [
-        {key: value for key, value in line.items() if not key.endswith("_s") and not isinstance(value, str)}
+        {
+            key: value
+            for key, value in line.items()
+            if not key.endswith("_s") and key != "peak_memory_gb" and not isinstance(value, str)
+        }
         for line in lines
     ]
 

@@ -2,8 +2,9 @@
 
 Owns: one optimizer step, read top to bottom: sample on-policy in the student context ->
 teacher forward in the privileged context under no_grad -> student forward -> divergence ->
-backward; then clipping, AdamW, the schedule and the teacher update. Also the noise and SFT
-controls (flags of the same loop), metrics lines and resumable checkpoints. In a multi-process
+backward; then clipping, AdamW, the schedule and the teacher update. Also the noise, shuffled-VT
+and SFT controls (flags of the same loop), the step's scalars and periodic media for the
+loggers, and resumable checkpoints. In a multi-process
 run every rank runs this same loop on its share of each step's problems, with the student and
 teacher sharded by the backend (``opsd_core.runtime`` holds what the ranks exchange, ``sharding.py`` the sharded models).
 Does not know: any model, task or divergence; everything goes through the role interfaces.
@@ -26,8 +27,11 @@ import torch
 from opsd_core import runtime
 from opsd_core.components import Components
 from opsd_core.contexts.noise import with_noise_visual_thought
+from opsd_core.contexts.shuffled import donors
+from opsd_core.diagnostics.media import media_samples, render_html
 from opsd_core.divergences import kl_divergence
 from opsd_core.errors import CheckpointError, ConfigError, NonFiniteError
+from opsd_core.loggers.group import Loggers
 from opsd_core.parallel import checkpoint_forward
 from opsd_core.rundir import MetricsLog
 from opsd_core.sampling import sample_seed
@@ -48,13 +52,16 @@ class Mode:
     """What a training phase optimises.
 
     Attributes:
-        name: the phase name in metrics and directories (``opsd``, ``noise``, ``sft``).
+        name: the phase name in metrics and directories (``opsd``, ``noise``, ``shuffled``, ``sft``).
         noise_vt: the teacher sees N(0, 1) noise instead of the visual thought.
+        shuffled_vt: the teacher sees the visual thought of another problem of the same step
+            (:func:`~opsd_core.contexts.shuffled.derangement`).
         sft: cross-entropy on the task's text-only reference traces instead of distillation.
     """
 
     name: str
     noise_vt: bool = False
+    shuffled_vt: bool = False
     sft: bool = False
 
 
@@ -66,13 +73,16 @@ class Trainer:
             :func:`~opsd_core.components.build_components` (its config is the resolved run config).
         student: the model to train (its weights are updated in place).
         phase_dir: where this phase writes ``checkpoints/``.
-        metrics: the run's metric lines (shared by phases; lines carry the phase).
-        mode: OPSD, or the noise or SFT control.
+        metrics: the run's metric lines (shared by phases; lines carry the phase): resume cuts
+            them back to the checkpoint, and non-finite steps are recorded there.
+        mode: OPSD, or the noise, shuffled-VT or SFT control.
         ranks: this process among the training processes (default: a single process). With
             more than one, ``student`` and its teacher are sharded by ``backend.parallelize``.
         skeleton: with several processes, the weightless unsharded model of an already sharded
             ``student`` (see :func:`~opsd_core.trainer.sharding.build_start`); the teacher is
             then cloned from the student's shards. None: ``student`` is whole and is sharded here.
+        loggers: where each logged step's scalars and the media go (rank 0's; empty elsewhere).
+            None: only ``metrics`` (the jsonl logger).
     """
 
     def __init__(
@@ -84,6 +94,7 @@ class Trainer:
         mode: Mode = Mode("opsd"),
         ranks: runtime.Ranks | None = None,
         skeleton: torch.nn.Module | None = None,
+        loggers: Loggers | None = None,
     ):
         config = components.config
         self.config, self.backend, self.task = config, components.backend, components.task
@@ -133,6 +144,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed + self.ranks.rank)
         self.checkpoints_dir = phase_dir / "checkpoints"
         self.metrics = metrics
+        self.loggers = loggers if loggers is not None else Loggers.of_metrics(metrics)
         self.step = 0
         self.position = 0
         self._problems: Iterator[Problem] | None = None
@@ -146,15 +158,16 @@ class Trainer:
         timings = {"visual_thought_s": 0.0, "sample_s": 0.0, "teacher_s": 0.0, "student_s": 0.0}
         loss_total, kl_total, tokens, finished = 0.0, 0.0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
+        micro_batches = self._step_problems()
         whole_step = self.config.sampling.whole_step and not self.mode.sft and train.grad_accum > 1
-        prepared = [self._prepare_micro_batch(timings) for _ in range(train.grad_accum)] if whole_step else []
+        prepared = [self._prepare_micro_batch(*part, timings) for part in micro_batches] if whole_step else []
         drawn = self._sample_together(prepared, timings) if whole_step else []
         for index in range(train.grad_accum):
             if whole_step:
                 problems, students, teachers, seeds = prepared[index]
                 completions = drawn[index]
             else:
-                problems, students, teachers, seeds = self._prepare_micro_batch(timings)
+                problems, students, teachers, seeds = self._prepare_micro_batch(*micro_batches[index], timings)
             if self.mode.sft:
                 started = time.perf_counter()
                 loss = self._sft_loss(students, problems, samples_per_step)
@@ -244,20 +257,34 @@ class Trainer:
                 "Lower optim.lr or raise optim.eps, or set train.on_non_finite = 'skip' to drop such steps"
             )
 
-    def _prepare_micro_batch(self, timings: dict[str, float]):
-        """This rank's problems of the next micro-batch with their student and teacher contexts
-        (visual thoughts drawn, the noise control's noise in place) and sampling seeds.
+    def _step_problems(self) -> list[tuple[int, list[Problem], list[Problem]]]:
+        """The step's problems on all ranks, per micro-batch: ``(stream position of its first
+        problem, its problems, the problems whose visual thoughts their teachers see)``. The
+        latter are the problems themselves, except in the shuffled-VT control, where they are a
+        derangement of the whole step's problems keyed by the run seed and the step."""
+        per_micro_batch, first = self.config.train.samples_per_step, self.position
+        problems = self._next_problems(per_micro_batch * self.config.train.grad_accum)
+        sources = donors(problems, self.config.run.seed, self.step) if self.mode.shuffled_vt else problems
+        return [
+            (first + start, problems[start : start + per_micro_batch], sources[start : start + per_micro_batch])
+            for start in range(0, len(problems), per_micro_batch)
+        ]
+
+    def _prepare_micro_batch(
+        self, first: int, everyone: list[Problem], sources: list[Problem], timings: dict[str, float]
+    ):
+        """This rank's share of a micro-batch (``everyone``, from stream position ``first``)
+        with their student and teacher contexts (visual thoughts, those of ``sources``, drawn;
+        the noise control's noise in place) and sampling seeds.
 
         A problem's seed is keyed by its position in the problem stream, so its completion is
         the same whichever rank samples it, in whichever batch (the sampler's draws depend only
         on a row's seed): runs on any number of processes, with or without whole-step sampling,
         sample the same completions.
         """
-        first = self.position
-        everyone = self._next_problems(self.config.train.samples_per_step)
         problems = self.ranks.local_slice(everyone)
         seeds = self.ranks.local_slice([sample_seed(self.config.run.seed, first + i) for i in range(len(everyone))])
-        pairs = self._context_pairs(problems, timings)
+        pairs = self._context_pairs(problems, self.ranks.local_slice(sources), timings)
         students = [pair.student for pair in pairs]
         teachers = None if self.mode.sft else [self._teacher_context(pair.teacher) for pair in pairs]
         return problems, students, teachers, seeds
@@ -296,6 +323,9 @@ class Trainer:
                 metrics = self.train_step()
                 metrics["step_s"] = time.perf_counter() - started
                 self._log(metrics)
+                media_every = self.config.logging.media_every
+                if media_every and self.step % media_every == 0 and self.step != total:
+                    self.log_media()
                 bar.update(1)
                 shown = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
                 if "kl" in metrics:
@@ -313,35 +343,38 @@ class Trainer:
         self.position += count
         return problems
 
-    def _context_pairs(self, problems: Sequence[Problem], timings: dict[str, float]) -> list[ContextPair]:
-        """Student and teacher contexts; visual thoughts are drawn by the teacher model where
-        ``sampling.visual_thoughts`` asks for it (every problem, or those without a stored one).
+    def _context_pairs(
+        self, problems: Sequence[Problem], sources: Sequence[Problem], timings: dict[str, float]
+    ) -> list[ContextPair]:
+        """Student and teacher contexts, the teacher context of ``problems[i]`` showing the
+        visual thought of ``sources[i]``; visual thoughts are drawn by the teacher model where
+        ``sampling.visual_thoughts`` asks for it (every source, or those without a stored one).
 
         The SFT control needs no teacher context, and the noise control replaces the VT's pixels,
         so neither draws: a missing VT is then stood in for by the problem image, whose shape the
         noise takes.
         """
         policy = self.config.sampling.visual_thoughts
-        missing = [problem for problem in problems if problem.visual_thought is None]
+        missing = [problem for problem in sources if problem.visual_thought is None]
         if policy == "stored" and missing:
             raise ConfigError(
                 f"sampling.visual_thoughts: problem {missing[0].id!r} has no stored visual thought (got 'stored'); "
                 "use 'auto' to draw the missing ones with the model"
             )
-        wanted = [i for i, problem in enumerate(problems) if policy == "generate" or problem.visual_thought is None]
+        wanted = [i for i, problem in enumerate(sources) if policy == "generate" or problem.visual_thought is None]
         drawn: dict[int, Any] = {}
         if wanted and (self.mode.sft or self.mode.noise_vt):
-            drawn = {i: _stand_in(problems[i]) for i in wanted}
+            drawn = {i: _stand_in(sources[i]) for i in wanted}
         elif wanted:
             started = time.perf_counter()
             was_training = self.teacher.training
             self.teacher.eval()
             with torch.no_grad(), sharding.gathered(self.teacher):
-                images = self.backend.generate_visual_thought(self.teacher, [problems[i] for i in wanted], self.generator)
+                images = self.backend.generate_visual_thought(self.teacher, [sources[i] for i in wanted], self.generator)
             self.teacher.train(was_training)
             drawn = dict(zip(wanted, images))
             timings["visual_thought_s"] += time.perf_counter() - started
-        return [self.builder.build(problem, drawn.get(i)) for i, problem in enumerate(problems)]
+        return [self.builder.build(problem, drawn.get(i, sources[i].visual_thought)) for i, problem in enumerate(problems)]
 
     def _teacher_context(self, context: Context) -> Context:
         if self.mode.noise_vt:
@@ -421,10 +454,33 @@ class Trainer:
 
     # ----------------------------------------------------------------- metrics and checkpoints
     def _log(self, metrics: dict[str, float]) -> None:
+        """Every ``train.log_every`` steps and at the last, the step's scalars to the loggers, with
+        the step's completion tokens per second (all ranks) and this process's peak memory."""
         every = self.config.train.log_every
         if not self.ranks.is_main or (self.step % every and self.step != self.config.schedule.total_steps):
             return
-        self.metrics.append({"phase": self.mode.name, "step": self.step} | {k: round(float(v), 8) for k, v in metrics.items()})
+        scalars = dict(metrics)
+        if "completion_tokens" in scalars and scalars.get("step_s"):
+            train = self.config.train
+            samples = train.samples_per_step * train.grad_accum
+            scalars["tokens_per_s"] = scalars["completion_tokens"] * samples / scalars["step_s"]
+        scalars["peak_memory_gb"] = runtime.peak_memory_gb(self.device)
+        self.loggers.log_scalars(self.mode.name, self.step, scalars)
+
+    def log_media(self) -> None:
+        """The media problems' greedy completions by the current student, with the per-token KL
+        from the current teacher in the (true) teacher context, to the loggers. Every rank takes
+        part (sharded weights are gathered); rank 0 logs."""
+        logging = self.config.logging
+        problems = list(self.task.eval_problems(logging.media_problems)) if logging.media_problems else []
+        if not problems:
+            return
+        max_tokens = self.config.eval.max_completion_tokens or self.config.sampling.max_completion_tokens
+        with sharding.gathered(self.student), sharding.gathered(self.teacher), self._precision():
+            samples = media_samples(self.backend, self.task, self.student, self.teacher, problems, max_tokens)
+        if self.ranks.is_main:
+            title = f"{self.mode.name}, step {self.step}: student completions, KL(teacher || student) per token"
+            self.loggers.log_media(self.mode.name, self.step, samples, render_html(title, samples))
 
     def _rng_states(self) -> dict[str, Any]:
         states = {

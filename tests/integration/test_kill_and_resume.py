@@ -42,7 +42,7 @@ def _run_arguments(output: Path) -> list[str]:
 
 
 def _is_timing(key: str) -> bool:
-    return key.endswith("_s") or "seconds" in key or "per_s" in key
+    return key.endswith("_s") or "seconds" in key or "per_s" in key or key == "peak_memory_gb"
 
 
 def _comparable(directory: Path):

@@ -22,6 +22,7 @@ def _short(tmp_path):
         "--set", "eval.limit=16",
         "--set", "diagnostics.kl_samples=8",
         "--set", "experiment.sft_control=true",
+        "--set", "experiment.shuffled_vt_control=true",
     ]
 
 
@@ -40,11 +41,29 @@ def test_run_writes_the_run_directory(finished_run):
     config = tomllib.loads((directory / "config.toml").read_text())
     assert config["schedule"]["total_steps"] == 2 and config["backend"]["name"] == "tiny-umm"
     phases = {json.loads(line)["phase"] for line in (directory / "metrics.jsonl").read_text().splitlines()}
-    assert phases == {"opsd", "noise", "sft"}
+    assert phases == {"opsd", "noise", "shuffled", "sft"}
     results = json.loads((directory / "results.json").read_text())
-    assert {"start", "opsd", "noise", "sft"} <= set(results)
-    assert "Visual-OPSD" in output and "Noise-VT control" in output and "SFT control" in output
+    assert {"start", "opsd", "noise", "shuffled", "sft"} <= set(results)
+    assert "gap_closure" in results["shuffled"]
+    for title in ("Visual-OPSD", "Noise-VT control", "Shuffled-VT control", "SFT control"):
+        assert title in output and title in (directory / "report.md").read_text()
     assert (directory / "opsd" / "checkpoints" / "step-0000002" / "manifest.json").is_file()
+
+
+def test_run_writes_media_pages_and_the_report_gallery(finished_run):
+    directory, _ = finished_run
+    for phase, step in (("start", 0), ("opsd", 2), ("noise", 2), ("shuffled", 2), ("sft", 2)):
+        page = (directory / "media" / f"{phase}-step-{step:07d}.html").read_text()
+        assert page.count("<tr>") == 5 and 'title="KL ' in page and "data:image/png;base64," in page
+    report = (directory / "report.md").read_text()
+    assert "## Before and after" in report
+    gallery = [line for line in report.splitlines() if line.startswith("| eval-")]
+    assert len(gallery) == 4
+    for line in gallery:
+        image = line.split("](")[1].split(")")[0]
+        assert (directory / image).is_file(), image
+    results = json.loads((directory / "results.json").read_text())
+    assert [item["problem_id"] for item in results["opsd"]["media"]] == [item["problem_id"] for item in results["start"]["media"]]
 
 
 def test_a_second_run_into_the_same_directory_is_refused(finished_run, tmp_path):
@@ -60,7 +79,7 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run):
     result = CliRunner().invoke(cli, ["run", "--resume", str(directory), "--no-progress"])
     assert result.exit_code == 0, result.output
     after = json.loads((directory / "results.json").read_text())
-    for phase in ("start", "opsd", "noise", "sft"):
+    for phase in ("start", "opsd", "noise", "shuffled", "sft"):
         assert after[phase] == json.loads(before)[phase]
     assert (directory / "metrics.jsonl").read_text() == metrics
 
@@ -120,7 +139,7 @@ def test_resume_records_launch_changes_and_allowed_changes(finished_run, tmp_pat
     assert "# changed on resume (changes.jsonl): schedule.total_steps = 2 -> 3" in (copy / "config.toml").read_text()
     record = json.loads((copy / "changes.jsonl").read_text().splitlines()[-1])
     assert record["fields"]["schedule.total_steps"] == {"from": 2, "to": 3}
-    assert record["resumed_at"]["checkpoint_steps"] == {"noise": 2, "opsd": 2, "sft": 2}
+    assert record["resumed_at"]["checkpoint_steps"] == {"noise": 2, "opsd": 2, "shuffled": 2, "sft": 2}
 
 
 def test_a_second_writer_of_a_run_directory_is_refused(finished_run, tmp_path):

@@ -125,18 +125,18 @@ def test_an_extra_file_in_a_checkpoint_is_refused(tmp_path):
         verify_checkpoint(path)
 
 
-def test_the_model_reader_takes_saved_weights_and_distributed_checkpoints(tmp_path):
-    import torch.distributed.checkpoint as dcp
-
+def test_the_model_reader_takes_whole_models_and_names_what_it_cannot(tmp_path):
     from opsd_core.state_dicts import save_safetensors
-    from opsd_core.trainer.checkpoint import read_model_state
+    from opsd_core.trainer.checkpoint import START_RECORD, read_model_state
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    save_safetensors(model, tmp_path / "student" / "model.safetensors")
-    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "teacher"), no_dist=True)
     for name in ("student", "teacher"):
+        save_safetensors(model, tmp_path / name / "model.safetensors")
         state = read_model_state(tmp_path, name)
         assert state.keys() == model.state_dict().keys()
         assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
     with pytest.raises(CheckpointError, match="holds the models student, teacher; got 'ema'"):
         read_model_state(tmp_path, "ema")
+    (tmp_path / START_RECORD).write_text("{}")
+    with pytest.raises(CheckpointError, match="trainable tensors only; load it over its start model"):
+        read_model_state(tmp_path, "student")
