@@ -186,7 +186,7 @@ def test_inputs_from_a_config():
     assert (one.rows, one.sampled_rows, one.sequence_tokens, one.completion_tokens) == (8, 16, 300, 101)
     assert one.compute_bytes == 2 and one.sampling_bytes == 4 and one.shard_size == 1
     assert one.teacher_bytes == 4  # the EMA teacher keeps fp32
-    assert not one.activation_checkpointing  # a single process trains without it
+    assert one.activation_checkpointing and one.share_frozen  # one process checkpoints and shares frozen weights
     four = inputs_from_config(config, census, TINY, 4, fused_loss=False)
     assert (four.rows, four.shard_size, four.sequence_tokens) == (2, 4, 512)
     assert four.activation_checkpointing
@@ -206,7 +206,8 @@ def test_the_plan_tries_switches_one_at_a_time_then_together_in_order():
 
 def test_switches_offered_are_those_off_that_take_effect():
     config = load_config(None, ("train.activation_checkpointing=false", "run.precision='fp32'"))
-    assert [switch.setting for switch in switches_for(config, 1)] == ["run.precision = 'bf16'"]
+    one = [switch.setting for switch in switches_for(config, 1)]
+    assert one == ["train.activation_checkpointing = true", "train.optimizer_offload = true", "run.precision = 'bf16'"]
     settings = [switch.setting for switch in switches_for(config, 8)]
     assert settings == ["train.activation_checkpointing = true", "run.precision = 'bf16'"]
 

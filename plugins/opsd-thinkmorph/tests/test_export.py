@@ -59,7 +59,15 @@ def export(*arguments: str):
 
 
 def trained(run: Path, model: str = "student") -> dict[str, torch.Tensor]:
-    return state_dicts.read_weights(run / "opsd" / "checkpoints" / STEP / model)
+    """The checkpoint's whole ``model``: its trainable tensors over the run's start model."""
+    from opsd_core.components import build_backend
+    from opsd_core.config import load_config
+    from opsd_core.trainer.checkpoint import load_model
+
+    backend = build_backend(load_config(run / "config.toml"))
+    module = backend.build_model()
+    load_model(backend, module, run / "opsd" / "checkpoints" / STEP, model)
+    return module.state_dict()
 
 
 def loaded_back(directory: Path) -> dict[str, torch.Tensor]:
@@ -166,13 +174,10 @@ def test_a_sharded_checkpoint_exports_the_same(run, tmp_path):
     converted = tmp_path / "run"
     shutil.copytree(run, converted)
     checkpoint = converted / "opsd" / "checkpoints" / STEP
-    state = {
-        f"{role}.{key}": value
-        for role in ("student", "teacher")
-        for key, value in state_dicts.read_weights(checkpoint / role).items()
-    }
+    state = {f"{role}.{key}": value for role in ("student", "teacher") for key, value in trained(run, role).items()}
     for role in ("student", "teacher"):
         shutil.rmtree(checkpoint / role)
+    (checkpoint / "start.json").unlink()  # the shards hold whole models
     dcp.save(state, checkpoint_id=str(checkpoint / "sharded"), no_dist=True)
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     manifest["files"] = {
