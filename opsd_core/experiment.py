@@ -31,19 +31,19 @@ from opsd_core.memory_census import refuse_unfit
 from opsd_core.rundir import RunDirectory
 from opsd_core.runtime import resolve_device
 from opsd_core.trainer import offload, sharding, trainable
-from opsd_core.trainer.trainer import Mode, Trainer
+from opsd_core.trainer.trainer import Phase, Trainer
 
 
-def phases(config: RunConfig) -> list[Mode]:
+def phases(config: RunConfig) -> list[Phase]:
     """The training phases ``opsd run`` performs, in order."""
-    modes = [Mode("opsd")] if config.experiment.opsd else []
+    chosen = [Phase("opsd")] if config.experiment.opsd else []
     if config.experiment.noise_control:
-        modes.append(Mode("noise", noise_vt=True))
+        chosen.append(Phase("noise", noise_vt=True))
     if config.experiment.shuffled_vt_control:
-        modes.append(Mode("shuffled", shuffled_vt=True))
+        chosen.append(Phase("shuffled", shuffled_vt=True))
     if config.experiment.sft_control:
-        modes.append(Mode("sft", sft=True))
-    return modes
+        chosen.append(Phase("sft", sft=True))
+    return chosen
 
 
 class Experiment:
@@ -181,11 +181,11 @@ class Experiment:
         self._save()
         return record
 
-    def train_phase(self, mode: Mode) -> dict[str, Any]:
-        """Train ``mode`` from the start checkpoint, then evaluate it."""
-        if mode.name in self.results:
-            return self.results[mode.name]
-        self.echo(f"Phase {mode.name!r}: training {self.config.schedule.total_steps} steps from the start checkpoint...")
+    def train_phase(self, phase: Phase) -> dict[str, Any]:
+        """Train ``phase`` from the start checkpoint, then evaluate it."""
+        if phase.name in self.results:
+            return self.results[phase.name]
+        self.echo(f"Phase {phase.name!r}: training {self.config.schedule.total_steps} steps from the start checkpoint...")
         if self.skeleton is None:
             student = trainable.student_from_start(self.backend, self.start_model())
         else:
@@ -196,9 +196,9 @@ class Experiment:
         trainer = Trainer(
             components,
             student,
-            self.run_dir.phase_dir(mode.name),
+            self.run_dir.phase_dir(phase.name),
             self.run_dir.metrics,
-            mode,
+            phase,
             self.ranks,
             skeleton=self.skeleton,
             loggers=self.loggers,
@@ -226,10 +226,10 @@ class Experiment:
             start = self.start_model()
             with sharding.gathered(start):
                 record |= self.kl("kl_t0", student, start, student)
-                record["media"] = self.media(mode.name, self.config.schedule.total_steps, student, start)
-        record |= {"train_s": train_s, "sampler_tokens_per_s": self._sampler_throughput(mode.name)}
+                record["media"] = self.media(phase.name, self.config.schedule.total_steps, student, start)
+        record |= {"train_s": train_s, "sampler_tokens_per_s": self._sampler_throughput(phase.name)}
         record["eval_s"] = time.perf_counter() - started
-        self.results[mode.name] = record
+        self.results[phase.name] = record
         self._save()
         del trainer, student, start
         self.park_start()
@@ -250,14 +250,14 @@ class Experiment:
 
         started = time.perf_counter()
         start = self.diagnose_start()
-        accuracies = {f"{mode}_accuracy": result["accuracy"] for mode, result in start["eval"].items()}
+        accuracies = {f"{context}_accuracy": result["accuracy"] for context, result in start["eval"].items()}
         self.loggers.log_results("start", 0, accuracies | {"kl": start["kl"], "kl_noise": start["kl_noise"]})
-        for mode in phases(self.config):
-            record = self.train_phase(mode)
+        for phase in phases(self.config):
+            record = self.train_phase(phase)
             record["gap_closure"] = gap_closure(start["kl"], record["kl_t0"])
             if "kl_samples" in start and "kl_t0_samples" in record:
                 record["gap_closure_se"] = gap_closure_standard_error(start["kl_samples"], record["kl_t0_samples"])
-            self.loggers.log_results(mode.name, self.config.schedule.total_steps, {
+            self.loggers.log_results(phase.name, self.config.schedule.total_steps, {
                 "student_accuracy": record["eval"]["student"]["accuracy"],
                 "teacher_accuracy": record["eval"]["teacher"]["accuracy"],
                 "ema_teacher_accuracy": record["teacher_eval"]["teacher"]["accuracy"],

@@ -48,7 +48,7 @@ from opsd_core.types import (
 
 
 @dataclass(frozen=True)
-class Mode:
+class Phase:
     """What a training phase optimises.
 
     Attributes:
@@ -75,7 +75,7 @@ class Trainer:
         phase_dir: where this phase writes ``checkpoints/``.
         metrics: the run's metric lines (shared by phases; lines carry the phase): resume cuts
             them back to the checkpoint, and non-finite steps are recorded there.
-        mode: OPSD, or the noise, shuffled-VT or SFT control.
+        phase: OPSD, or the noise, shuffled-VT or SFT control.
         ranks: this process among the training processes (default: a single process). With
             more than one, ``student`` and its teacher are sharded by ``backend.parallelize``.
         skeleton: with several processes, the weightless unsharded model of an already sharded
@@ -91,14 +91,14 @@ class Trainer:
         student: torch.nn.Module,
         phase_dir: Path,
         metrics: MetricsLog,
-        mode: Mode = Mode("opsd"),
+        phase: Phase = Phase("opsd"),
         ranks: runtime.Ranks | None = None,
         skeleton: torch.nn.Module | None = None,
         loggers: Loggers | None = None,
     ):
         config = components.config
         self.config, self.backend, self.task = config, components.backend, components.task
-        self.divergence, self.teacher_update, self.mode = components.divergence, components.teacher_update, mode
+        self.divergence, self.teacher_update, self.phase = components.divergence, components.teacher_update, phase
         self.builder, self.sampler = components.context, components.sampler
         # Decided once: a divergence on hidden states never sees the (B, T, V) logits.
         self.hidden_states = components.divergence.uses_hidden_states
@@ -159,7 +159,7 @@ class Trainer:
         loss_total, kl_total, tokens, finished = 0.0, 0.0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches = self._step_problems()
-        whole_step = self.config.sampling.whole_step and not self.mode.sft and train.grad_accum > 1
+        whole_step = self.config.sampling.whole_step and not self.phase.sft and train.grad_accum > 1
         prepared = [self._prepare_micro_batch(*part, timings) for part in micro_batches] if whole_step else []
         drawn = self._sample_together(prepared, timings) if whole_step else []
         for index in range(train.grad_accum):
@@ -168,7 +168,7 @@ class Trainer:
                 completions = drawn[index]
             else:
                 problems, students, teachers, seeds = self._prepare_micro_batch(*micro_batches[index], timings)
-            if self.mode.sft:
+            if self.phase.sft:
                 started = time.perf_counter()
                 loss = self._sft_loss(students, problems, samples_per_step)
                 timings["student_s"] += time.perf_counter() - started
@@ -217,7 +217,7 @@ class Trainer:
         grad_norm = self._clip_gradients()
         lr = self.scheduler.get_last_lr()[0]
         metrics = {"loss": loss_total, "grad_norm": grad_norm, "lr": lr}
-        if not self.mode.sft:
+        if not self.phase.sft:
             metrics["kl"] = kl_total
             metrics["completion_tokens"] = tokens / samples_per_step
             metrics["finished"] = finished / samples_per_step
@@ -246,13 +246,13 @@ class Trainer:
         step = self.step + 1
         if self.ranks.is_main:
             self.metrics.append(
-                {"phase": self.mode.name, "step": step, "event": "non-finite", "action": action,
+                {"phase": self.phase.name, "step": step, "event": "non-finite", "action": action,
                  "loss_value": repr(metrics["loss"]), "grad_norm_value": repr(metrics["grad_norm"])}
             )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         if action == "stop":
             raise NonFiniteError(
-                f"phase {self.mode.name!r}, step {step}: loss {metrics['loss']!r}, gradient norm "
+                f"phase {self.phase.name!r}, step {step}: loss {metrics['loss']!r}, gradient norm "
                 f"{metrics['grad_norm']!r}; the run stopped before applying it (its last checkpoint is kept). "
                 "Lower optim.lr or raise optim.eps, or set train.on_non_finite = 'skip' to drop such steps"
             )
@@ -264,7 +264,7 @@ class Trainer:
         derangement of the whole step's problems keyed by the run seed and the step."""
         per_micro_batch, first = self.config.train.samples_per_step, self.position
         problems = self._next_problems(per_micro_batch * self.config.train.grad_accum)
-        sources = donors(problems, self.config.run.seed, self.step) if self.mode.shuffled_vt else problems
+        sources = donors(problems, self.config.run.seed, self.step) if self.phase.shuffled_vt else problems
         return [
             (first + start, problems[start : start + per_micro_batch], sources[start : start + per_micro_batch])
             for start in range(0, len(problems), per_micro_batch)
@@ -286,7 +286,7 @@ class Trainer:
         seeds = self.ranks.local_slice([sample_seed(self.config.run.seed, first + i) for i in range(len(everyone))])
         pairs = self._context_pairs(problems, self.ranks.local_slice(sources), timings)
         students = [pair.student for pair in pairs]
-        teachers = None if self.mode.sft else [self._teacher_context(pair.teacher) for pair in pairs]
+        teachers = None if self.phase.sft else [self._teacher_context(pair.teacher) for pair in pairs]
         return problems, students, teachers, seeds
 
     def _sample_together(self, micro_batches, timings: dict[str, float]) -> list[CompletionBatch]:
@@ -316,7 +316,7 @@ class Trainer:
         self.resume()
         total = self.config.schedule.total_steps
         shown_here = progress and self.ranks.is_main
-        bar = tqdm(total=total, initial=self.step, desc=self.mode.name, disable=not shown_here, dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.step, desc=self.phase.name, disable=not shown_here, dynamic_ncols=True)
         with bar:
             while self.step < total:
                 started = time.perf_counter()
@@ -363,7 +363,7 @@ class Trainer:
             )
         wanted = [i for i, problem in enumerate(sources) if policy == "generate" or problem.visual_thought is None]
         drawn: dict[int, Any] = {}
-        if wanted and (self.mode.sft or self.mode.noise_vt):
+        if wanted and (self.phase.sft or self.phase.noise_vt):
             drawn = {i: _stand_in(sources[i]) for i in wanted}
         elif wanted:
             started = time.perf_counter()
@@ -377,7 +377,7 @@ class Trainer:
         return [self.builder.build(problem, drawn.get(i, sources[i].visual_thought)) for i, problem in enumerate(problems)]
 
     def _teacher_context(self, context: Context) -> Context:
-        if self.mode.noise_vt:
+        if self.phase.noise_vt:
             return with_noise_visual_thought(context, self.backend, self.generator)
         return context
 
@@ -465,7 +465,7 @@ class Trainer:
             samples = train.samples_per_step * train.grad_accum
             scalars["tokens_per_s"] = scalars["completion_tokens"] * samples / scalars["step_s"]
         scalars["peak_memory_gb"] = runtime.peak_memory_gb(self.device)
-        self.loggers.log_scalars(self.mode.name, self.step, scalars)
+        self.loggers.log_scalars(self.phase.name, self.step, scalars)
 
     def log_media(self) -> None:
         """The media problems' greedy completions by the current student, with the per-token KL
@@ -479,8 +479,8 @@ class Trainer:
         with sharding.gathered(self.student), sharding.gathered(self.teacher), self._precision():
             samples = media_samples(self.backend, self.task, self.student, self.teacher, problems, max_tokens)
         if self.ranks.is_main:
-            title = f"{self.mode.name}, step {self.step}: student completions, KL(teacher || student) per token"
-            self.loggers.log_media(self.mode.name, self.step, samples, render_html(title, samples))
+            title = f"{self.phase.name}, step {self.step}: student completions, KL(teacher || student) per token"
+            self.loggers.log_media(self.phase.name, self.step, samples, render_html(title, samples))
 
     def _rng_states(self) -> dict[str, Any]:
         states = {
@@ -569,7 +569,7 @@ class Trainer:
         directory = self.ranks.broadcast(checkpoint.latest_checkpoint(self.checkpoints_dir) if main else None)
         if directory is None:
             if main:  # steps logged by a run killed before its first checkpoint are taken again
-                self.metrics.truncate(self.mode.name, 0)
+                self.metrics.truncate(self.phase.name, 0)
             return False
         state = checkpoint.load_trainer_state(directory, verify=main, mmap=self.ranks.distributed)
         if checkpoint.is_sharded(directory):
@@ -608,7 +608,7 @@ class Trainer:
         self.step, self.position = int(state["step"]), int(state["position"])
         self._problems = None
         if main:
-            self.metrics.truncate(self.mode.name, self.step)
+            self.metrics.truncate(self.phase.name, self.step)
         return True
 
 

@@ -12,7 +12,7 @@ from opsd_core.config import load_config
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.errors import CheckpointError, ConfigError, NonFiniteError
 from opsd_core.trainer.checkpoint import list_checkpoints
-from opsd_core.trainer.trainer import Mode, Trainer
+from opsd_core.trainer.trainer import Phase, Trainer
 from opsd_core.types import VISUAL_THOUGHT, ImageSegment
 from opsd_core.rundir import MetricsLog
 
@@ -28,12 +28,12 @@ SMALL = [
 ]
 
 
-def _setup(tmp_path, *overrides, mode=Mode("opsd"), name="run"):
+def _setup(tmp_path, *overrides, phase=Phase("opsd"), name="run"):
     config = load_config(QUICKSTART, [*SMALL, *overrides])
     components = build_components(config)
     torch.manual_seed(0)
     student = components.backend.build_model()
-    trainer = Trainer(components, student, tmp_path / name, MetricsLog(tmp_path / f"{name}-metrics.jsonl"), mode)
+    trainer = Trainer(components, student, tmp_path / name, MetricsLog(tmp_path / f"{name}-metrics.jsonl"), phase)
     return trainer
 
 
@@ -85,18 +85,18 @@ def test_sampling_a_whole_step_at_once_gives_the_micro_batch_results(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("mode", [Mode("opsd"), Mode("shuffled", shuffled_vt=True)], ids=["opsd", "shuffled-vt"])
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, mode):
-    straight = _setup(tmp_path, mode=mode, name="straight")
+@pytest.mark.parametrize("phase", [Phase("opsd"), Phase("shuffled", shuffled_vt=True)], ids=["opsd", "shuffled-vt"])
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, phase):
+    straight = _setup(tmp_path, phase=phase, name="straight")
     straight.fit(progress=False)
 
-    interrupted = _setup(tmp_path, mode=mode, name="interrupted")
+    interrupted = _setup(tmp_path, phase=phase, name="interrupted")
     interrupted.resume()
     while interrupted.step < 3:  # past the step-2 checkpoint, then "crash"
         interrupted._log(interrupted.train_step())
         if interrupted.step == 2:
             interrupted.save()
-    resumed = _setup(tmp_path, mode=mode, name="interrupted")
+    resumed = _setup(tmp_path, phase=phase, name="interrupted")
     resumed.fit(progress=False)
     assert resumed.step == 4
     for left, right in ((straight.student, resumed.student), (straight.teacher, resumed.teacher)):
@@ -133,7 +133,7 @@ def test_corrupt_checkpoint_is_refused_on_resume(tmp_path):
 
 
 def test_noise_control_touches_only_the_visual_thought(tmp_path):
-    trainer = _setup(tmp_path, mode=Mode("noise", noise_vt=True))
+    trainer = _setup(tmp_path, phase=Phase("noise", noise_vt=True))
     problem = next(trainer.task.train_problems(0))
     teacher = trainer.builder.build(problem).teacher
     noisy = trainer._teacher_context(teacher)
@@ -153,7 +153,7 @@ def test_noise_control_touches_only_the_visual_thought(tmp_path):
 
 
 def test_shuffled_control_shows_each_teacher_another_problems_visual_thought(tmp_path):
-    trainer = _setup(tmp_path, "train.grad_accum=2", mode=Mode("shuffled", shuffled_vt=True))
+    trainer = _setup(tmp_path, "train.grad_accum=2", phase=Phase("shuffled", shuffled_vt=True))
     built = []
     build = trainer.builder.build
     trainer.builder.build = lambda problem, thought=None: built.append((problem, thought)) or build(problem, thought)
@@ -165,14 +165,14 @@ def test_shuffled_control_shows_each_teacher_another_problems_visual_thought(tmp
         assert thought is not problem.visual_thought
         assert any(thought is other for other in own), "a visual thought of the same step"
     # A trainer at the same step (as a resumed one is) pairs the same problems with the same donors.
-    again = _setup(tmp_path, "train.grad_accum=2", mode=Mode("shuffled", shuffled_vt=True), name="again")
+    again = _setup(tmp_path, "train.grad_accum=2", phase=Phase("shuffled", shuffled_vt=True), name="again")
     pairs = [(problem, donor) for _, problems, donors in again._step_problems() for problem, donor in zip(problems, donors)]
     for (problem, thought), (same_problem, donor) in zip(built, pairs):
         assert problem.id == same_problem.id and torch.equal(thought, donor.visual_thought)
 
 
 def test_sft_control_trains_on_reference_traces(tmp_path):
-    trainer = _setup(tmp_path, mode=Mode("sft", sft=True))
+    trainer = _setup(tmp_path, phase=Phase("sft", sft=True))
     seen = []
     logits = trainer.backend.completion_logits
     trainer.backend.completion_logits = lambda model, contexts, batch: seen.append(batch) or logits(model, contexts, batch)
@@ -184,7 +184,7 @@ def test_sft_control_trains_on_reference_traces(tmp_path):
 
 
 def test_sft_control_without_traces_is_refused_in_one_line(tmp_path):
-    trainer = _setup(tmp_path, mode=Mode("sft", sft=True))
+    trainer = _setup(tmp_path, phase=Phase("sft", sft=True))
     problems = trainer.task.train_problems
     trainer.task.train_problems = lambda seed, start=0: (replace(p, reference_trace=None) for p in problems(seed, start))
     with pytest.raises(ConfigError) as error:
@@ -194,8 +194,8 @@ def test_sft_control_without_traces_is_refused_in_one_line(tmp_path):
 
 
 def test_sft_control_trains_no_eos_after_a_trace_it_cuts(tmp_path):
-    whole = _setup(tmp_path, "sampling.max_completion_tokens=40", mode=Mode("sft", sft=True), name="whole")
-    cut = _setup(tmp_path, "sampling.max_completion_tokens=2", mode=Mode("sft", sft=True), name="cut")
+    whole = _setup(tmp_path, "sampling.max_completion_tokens=40", phase=Phase("sft", sft=True), name="whole")
+    cut = _setup(tmp_path, "sampling.max_completion_tokens=2", phase=Phase("sft", sft=True), name="cut")
     masks = []
     for trainer in (whole, cut):
         logits = trainer.backend.completion_logits

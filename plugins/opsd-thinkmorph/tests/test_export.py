@@ -60,14 +60,9 @@ def export(*arguments: str):
 
 def trained(run: Path, model: str = "student") -> dict[str, torch.Tensor]:
     """The checkpoint's whole ``model``: its trainable tensors over the run's start model."""
-    from opsd_core.components import build_backend
-    from opsd_core.config import load_config
-    from opsd_core.trainer.checkpoint import load_model
+    from opsd_core.testing.runs import FinishedRun
 
-    backend = build_backend(load_config(run / "config.toml"))
-    module = backend.build_model()
-    load_model(backend, module, run / "opsd" / "checkpoints" / STEP, model)
-    return module.state_dict()
+    return FinishedRun(run, "").checkpoint_model(debug_backend(), name=model).state_dict()
 
 
 def loaded_back(directory: Path) -> dict[str, torch.Tensor]:
