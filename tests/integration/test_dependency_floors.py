@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tomllib
 import venv
 from pathlib import Path
