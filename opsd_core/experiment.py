@@ -133,7 +133,7 @@ class Experiment:
         problems = self.eval_problems[: self.config.logging.media_problems]
         if not problems:
             return []
-        samples = media_samples(self.backend, self.components.task, student, teacher, problems, self._max_tokens())
+        samples = media_samples(self.backend, self.components.task, student, teacher, problems, self.components.evaluation_sampler())
         if self.ranks.is_main:
             title = f"{phase}, step {step}: student completions, KL(start teacher || student) per token"
             self.loggers.log_media(phase, step, samples, render_html(title, samples))

@@ -22,9 +22,8 @@ import torch
 from opsd_core.divergences import kl_divergence
 from opsd_core.evaluation.evaluate import contexts_for
 from opsd_core.images import to_pil
-from opsd_core.interfaces import Backend, Task
+from opsd_core.interfaces import Backend, OnPolicySampler, Task
 from opsd_core.interfaces.logger import MediaSample
-from opsd_core.sampling import BatchedSampler
 from opsd_core.types import Problem
 
 END_OF_COMPLETION = "⏎"
@@ -37,21 +36,21 @@ def media_samples(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     problems: Sequence[Problem],
-    max_tokens: int,
+    sampler: OnPolicySampler,
 ) -> list[MediaSample]:
-    """One record per problem: ``student``'s greedy completion and, at each of its rows, KL(p of
-    ``teacher`` in the teacher context || p of ``student`` in the student context), nats. The
-    last row (the one that predicts the end) is shown as ``END_OF_COMPLETION``."""
+    """One record per problem: ``student``'s completion by the greedy ``sampler`` (the run's
+    evaluation sampler) and, at each of its rows, KL(p of ``teacher`` in the teacher context || p
+    of ``student`` in the student context), nats. The last row (the one that predicts the end)
+    is shown as ``END_OF_COMPLETION``."""
     if not problems:
         return []
     models = (student, teacher)
-    modes = [model.training for model in models]
+    were_training = [model.training for model in models]
     for model in models:
         model.eval()
     try:
         students = contexts_for("student", backend, problems)
         teachers = contexts_for("teacher", backend, problems)
-        sampler = BatchedSampler(backend, temperature=0.0, max_completion_tokens=max_tokens, max_image_skips=0)
         completions = sampler.sample(student, students)
         teacher_rows = backend.completion_logits(teacher, teachers, completions)
         student_rows = backend.completion_logits(student, students, completions)
@@ -59,8 +58,8 @@ def media_samples(
             student_rows.logits, teacher_rows.logits, direction="forward", mask=student_rows.mask, reduction="none"
         )  # (B, N + 1)
     finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
+        for model, training in zip(models, were_training):
+            model.train(training)
     samples = []
     for row, (problem, tokens) in enumerate(zip(problems, completions.token_lists())):
         response = backend.decode(tokens)

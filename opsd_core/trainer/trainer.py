@@ -100,6 +100,7 @@ class Trainer:
         self.config, self.backend, self.task = config, components.backend, components.task
         self.divergence, self.teacher_update, self.phase = components.divergence, components.teacher_update, phase
         self.builder, self.sampler = components.context, components.sampler
+        self.evaluation_sampler = components.evaluation_sampler()
         # Decided once: a divergence on hidden states never sees the (B, T, V) logits.
         self.hidden_states = components.divergence.uses_hidden_states
         backend, teacher_update = self.backend, self.teacher_update
@@ -475,9 +476,8 @@ class Trainer:
         problems = list(self.task.eval_problems(logging.media_problems)) if logging.media_problems else []
         if not problems:
             return
-        max_tokens = self.config.eval.max_completion_tokens or self.config.sampling.max_completion_tokens
         with sharding.gathered(self.student), sharding.gathered(self.teacher), self._precision():
-            samples = media_samples(self.backend, self.task, self.student, self.teacher, problems, max_tokens)
+            samples = media_samples(self.backend, self.task, self.student, self.teacher, problems, self.evaluation_sampler)
         if self.ranks.is_main:
             title = f"{self.phase.name}, step {self.step}: student completions, KL(teacher || student) per token"
             self.loggers.log_media(self.phase.name, self.step, samples, render_html(title, samples))
