@@ -18,6 +18,7 @@ from opsd_core.config.sections import (
     DiagnosticsSection,
     EvalSection,
     ExperimentSection,
+    LoraSection,
     OptimSection,
     PluginSection,
     RunSection,
@@ -90,6 +91,16 @@ class RunConfig(Section):
         return self
 
 
+# Fields the core adds to every backend's section, whatever its plugin: the core applies them
+# to the model the backend builds.
+_BACKEND_FIELDS: dict[str, Any] = {
+    "lora": (
+        LoraSection | None,
+        Field(None, description="LoRA adapters on the student ([backend.lora]; absent: no adapters)."),
+    ),
+}
+
+
 def _section_class_name(section: str, entry_name: str) -> str:
     words = re.split(r"[-_]", entry_name) + [section]
     return "".join(word.capitalize() for word in words)
@@ -110,6 +121,7 @@ def _plugin_union(section: str, registries: Registries) -> Any:
             __base__=params,
             __doc__=f"The {section} {entry.name!r} ({entry.plugin}). {params.__doc__ or ''}".strip(),
             name=(Literal[entry.name], Field(description=f"Selects the {section} {entry.name!r}.")),
+            **(_BACKEND_FIELDS if section == "backend" else {}),
         )
         models.append(model)
         members.append(Annotated[model, Tag(entry.name)])

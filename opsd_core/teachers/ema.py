@@ -1,6 +1,7 @@
 """EMA teacher: an fp32 copy of the student that follows it after every optimizer step.
 
-Owns: the copy and the update rule, applied in fp32 to every trainable parameter.
+Owns: the copy and the update rule, applied in fp32 to every trainable parameter (under LoRA:
+the adapters only; the frozen base is shared with the student, see ``detached_copy``).
 Does not know: losses, data or when steps happen (the trainer calls ``update``).
 """
 
@@ -15,8 +16,11 @@ from opsd_core.teachers.params import EmaParams
 
 
 def detached_copy(student: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``student`` in eval mode whose parameters take no gradient."""
-    teacher = copy.deepcopy(student)
+    """A deep copy of ``student`` in eval mode whose parameters take no gradient. Parameters
+    the student does not train (``requires_grad`` False: under LoRA, the whole base model) are
+    the student's own tensors, shared rather than copied; they never change."""
+    frozen = {id(p): p for p in student.parameters() if not p.requires_grad and not p.is_meta}
+    teacher = copy.deepcopy(student, memo=frozen)
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -33,8 +37,9 @@ class EmaTeacher(TeacherUpdate):
 
     def create(self, student: torch.nn.Module) -> torch.nn.Module:
         teacher = detached_copy(student)
+        shared = {id(parameter) for parameter in student.parameters()}
         for parameter in teacher.parameters():
-            if parameter.is_floating_point():
+            if parameter.is_floating_point() and id(parameter) not in shared:  # shared ones never move
                 parameter.data = parameter.data.float()
         return teacher
 

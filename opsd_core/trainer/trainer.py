@@ -3,7 +3,8 @@
 Owns: one optimizer step, read top to bottom: sample on-policy in the student context ->
 teacher forward in the privileged context under no_grad -> student forward -> divergence ->
 backward; then clipping, AdamW, the schedule and the teacher update. Also the noise and SFT
-controls (flags of the same loop), metrics lines and resumable checkpoints. In a multi-process
+controls (flags of the same loop), metrics lines and resumable checkpoints (of the adapters
+alone when ``[backend.lora]`` puts LoRA adapters on the student, see ``opsd_core.lora``). In a multi-process
 run every rank runs this same loop on its share of each step's problems, with the student and
 teacher sharded by the backend (``opsd_core.runtime`` holds what the ranks exchange, ``sharding.py`` the sharded models).
 Does not know: any model, task or divergence; everything goes through the role interfaces.
@@ -22,8 +23,8 @@ from typing import Any
 
 import torch
 
-from opsd_core import runtime
-from opsd_core.components import Components
+from opsd_core import lora, runtime
+from opsd_core.components import Components, direct_weight_reads
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.divergences import kl_divergence
 from opsd_core.errors import ConfigError, NonFiniteError
@@ -93,6 +94,12 @@ class Trainer:
         self.ranks = ranks or runtime.Ranks()
         self.ranks.share(config.train.samples_per_step, "train.samples_per_step")  # fail now, not at step 1
         self.device = next(student.parameters()).device
+        # [backend.lora]: the student trains adapters only; the teacher copies them and shares
+        # the frozen base weights; checkpoints hold the adapters.
+        self.lora = config.backend.lora
+        if self.lora is not None:
+            lora.check_adapters(student, self.lora, direct_weight_reads(components))
+            lora.attach_adapters(student, self.lora, seed=config.run.seed)
         if self.ranks.distributed and skeleton is not None:
             # Already sharded: the teacher is made from the student's shards, never whole.
             self.student, self._student_skeleton = student, skeleton
@@ -458,8 +465,9 @@ class Trainer:
         if self.ranks.is_main:
 
             def write_weights(directory: Path) -> None:
-                self.backend.save_pretrained(student, directory / "student")
-                self.backend.save_pretrained(teacher, directory / "teacher")
+                write = lora.save_adapters if self.lora is not None else self.backend.save_pretrained
+                write(student, directory / "student")
+                write(teacher, directory / "teacher")
 
             path = checkpoint.save_checkpoint(
                 self.checkpoints_dir, self.step, write_weights, state, keep=self.config.train.keep_checkpoints
@@ -479,7 +487,7 @@ class Trainer:
                 self.metrics.truncate(self.mode.name, 0)
             return False
         state = checkpoint.load_trainer_state(directory, verify=main, mmap=self.ranks.distributed)
-        load = self.backend.load_weights
+        load = lora.load_adapters if self.lora is not None else self.backend.load_weights
         sharding.load_unsharded(
             self.student, self._student_skeleton, self.ranks, lambda full: load(full, directory / "student")
         )

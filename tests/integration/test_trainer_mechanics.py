@@ -84,17 +84,26 @@ def test_sampling_a_whole_step_at_once_gives_the_micro_batch_results(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
-    straight = _setup(tmp_path, name="straight")
+@pytest.mark.parametrize(
+    "adapters",
+    [[], ['backend.lora.target_modules=["qkv", "mlp.0"]', "backend.lora.rank=2", "backend.lora.dropout=0.1"]],
+    ids=["full", "lora"],
+)
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, adapters):
+    if adapters:
+        pytest.importorskip("peft")
+    straight = _setup(tmp_path, *adapters, name="straight")
     straight.fit(progress=False)
 
-    interrupted = _setup(tmp_path, name="interrupted")
+    interrupted = _setup(tmp_path, *adapters, name="interrupted")
     interrupted.resume()
     while interrupted.step < 3:  # past the step-2 checkpoint, then "crash"
         interrupted._log(interrupted.train_step())
         if interrupted.step == 2:
-            interrupted.save()
-    resumed = _setup(tmp_path, name="interrupted")
+            saved = interrupted.save()
+    if adapters:  # a LoRA checkpoint holds the adapters, not the frozen base
+        assert sorted(path.name for path in (saved / "student").iterdir()) == ["adapters.safetensors"]
+    resumed = _setup(tmp_path, *adapters, name="interrupted")
     resumed.fit(progress=False)
     assert resumed.step == 4
     for left, right in ((straight.student, resumed.student), (straight.teacher, resumed.teacher)):

@@ -1,0 +1,146 @@
+"""LoRA through ``[backend.lora]`` on the embedded tiny UMM: only adapters train, the frozen base
+is shared, a LoRA student samples and scores as the same model with its adapters merged, the
+merged state dict is the plain model's layout, and bad targets stop a run before it writes."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from opsd_core import lora
+from opsd_core.cli import cli
+from opsd_core.components import build_components
+from opsd_core.config import load_config
+from opsd_core.errors import ConfigError
+from opsd_core.rundir import MetricsLog
+from opsd_core.trainer.loss import micro_batch_loss
+from opsd_core.trainer.trainer import Trainer
+
+pytest.importorskip("peft")
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
+SMALL = [
+    "train.samples_per_step=4",
+    "train.grad_accum=1",
+    "schedule.total_steps=2",
+    "schedule.warmup_steps=1",
+    "sampling.max_completion_tokens=12",
+]
+LORA = ['backend.lora.target_modules=["qkv", "out", "mlp.2"]', "backend.lora.rank=4", "backend.lora.alpha=8"]
+
+
+def _trainer(tmp_path, *overrides):
+    config = load_config(QUICKSTART, [*SMALL, *LORA, *overrides])
+    components = build_components(config)
+    start = components.backend.build_model().requires_grad_(False)
+    student = lora.base_sharing_copy(start)
+    return Trainer(components, student, tmp_path / "run", MetricsLog(tmp_path / "metrics.jsonl")), start
+
+
+def _randomise_adapters(model: torch.nn.Module) -> None:
+    """Non-zero B matrices (fresh adapters are zero), so that merging changes the weights."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, tensor in lora.adapter_state_dict(model).items():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+
+
+def test_only_adapters_train_and_the_base_is_shared_with_start_and_teacher(tmp_path):
+    trainer, start = _trainer(tmp_path, "optim.lr=1e-2")
+    trainable = [name for name, p in trainer.student.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in name for name in trainable)
+    assert len(trainable) == 2 * 3 * start.config.n_layers  # A and B of qkv, out, mlp.2 per block
+    start_before = {name: p.clone() for name, p in start.named_parameters()}
+    teacher_before = lora.adapter_state_dict(trainer.teacher)
+    teacher_before = {name: t.clone() for name, t in teacher_before.items()}
+    trainer.train_step()
+    for name, parameter in start.named_parameters():
+        assert torch.equal(parameter, start_before[name]), name
+    student, teacher = dict(trainer.student.named_parameters()), dict(trainer.teacher.named_parameters())
+    base = "blocks.0.qkv.base_layer.weight"
+    assert student[base] is teacher[base] is dict(start.named_parameters())["blocks.0.qkv.weight"]
+    decay = trainer.teacher_update.decay
+    for name, old in teacher_before.items():  # the EMA follows the adapters, in fp32
+        expected = decay * old + (1 - decay) * student[name].detach()
+        torch.testing.assert_close(teacher[name], expected, rtol=0, atol=1e-7)
+    assert any(not torch.equal(teacher[name], old) for name, old in teacher_before.items())
+
+
+def test_a_lora_student_samples_and_scores_as_its_merged_model(tmp_path):
+    trainer, _ = _trainer(tmp_path)
+    student = trainer.student.eval()
+    _randomise_adapters(student)
+    merged = lora.merge_adapters(copy.deepcopy(student))
+    assert not lora.has_adapters(merged)
+    task, builder = trainer.task, trainer.builder
+    stream = task.train_problems(0)
+    problems = [next(stream) for _ in range(4)]
+    pairs = [builder.build(problem, problem.visual_thought) for problem in problems]
+    students = [pair.student for pair in pairs]
+    teachers = [pair.teacher for pair in pairs]
+    seeds = [11, 12, 13, 14]
+    completions = trainer.sampler.sample(student, students, seeds=seeds)
+    merged_completions = trainer.sampler.sample(merged, students, seeds=seeds)
+    assert torch.equal(completions.tokens, merged_completions.tokens)
+    assert torch.equal(completions.lengths, merged_completions.lengths)
+
+    backend = trainer.backend
+    with torch.no_grad():
+        teacher_rows = backend.completion_logits(trainer.teacher, teachers, completions)
+
+        def loss(model):
+            rows = backend.completion_logits(model, students, completions)
+            return micro_batch_loss(trainer.divergence.per_token(rows.logits, teacher_rows.logits, rows.mask), rows.mask, 4)
+
+        torch.testing.assert_close(loss(student), loss(merged), rtol=1e-5, atol=1e-7)
+
+
+def test_the_merged_state_dict_is_the_plain_models_layout(tmp_path):
+    trainer, start = _trainer(tmp_path)
+    _randomise_adapters(trainer.student)
+    merged = lora.merged_state_dict(trainer.student)
+    assert merged.keys() == start.state_dict().keys()
+    in_place = lora.merge_adapters(copy.deepcopy(trainer.student)).state_dict()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, in_place[name], rtol=0, atol=1e-6)
+    assert not torch.equal(merged["blocks.0.qkv.weight"], start.blocks[0].qkv.weight)
+    assert torch.equal(merged["lm_head.weight"], start.lm_head.weight)
+    fresh = trainer.backend.build_model()
+    fresh.load_state_dict(merged)  # what export writes loads into the backend's own model
+
+
+def test_a_target_that_matches_nothing_is_one_error_naming_it_and_real_layers(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        _trainer(tmp_path, 'backend.lora.target_modules=["q_proj"]')
+    message = str(raised.value)
+    assert "'q_proj'" in message and "backend.lora.target_modules" in message and "'qkv'" in message
+    assert "\n" not in message
+
+
+def test_lora_on_the_fused_losss_lm_head_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"'lm_head'.*divergence.fused = true"):
+        _trainer(tmp_path, 'backend.lora.target_modules=["lm_head"]', "divergence.fused=true")
+    _trainer(tmp_path, 'backend.lora.target_modules=["lm_head"]')  # logits through the module: adapter-aware
+    _trainer(tmp_path, "divergence.fused=true")  # the fused loss with adapters elsewhere
+
+
+def test_lora_is_refused_in_multi_process_runs():
+    config = load_config(QUICKSTART, LORA)
+    with pytest.raises(ConfigError, match="backend.lora trains adapters in one process"):
+        build_components(config, world_size=2)
+
+
+def test_opsd_run_with_a_bad_target_writes_nothing(tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run", str(QUICKSTART), "--no-progress",
+            "--set", f"run.output_dir='{tmp_path}'",
+            "--set", 'backend.lora.target_modules=["attention"]',
+        ],
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert "'attention' matches no Linear, Embedding or Conv layer" in result.output
+    assert not any(tmp_path.iterdir())
