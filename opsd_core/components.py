@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from opsd_core.config import RunConfig
+from opsd_core.config import RunConfig, lora_settings
 from opsd_core.errors import ConfigError, PluginError
 from opsd_core.interfaces import Backend, Divergence, OnPolicySampler, PrivilegedContextBuilder, Task, TeacherUpdate
 from opsd_core.interfaces.backend import CAPABILITY_METHODS, FUSED_HEAD
@@ -117,7 +117,7 @@ def check_components(components: Components, world_size: int = 1, training: bool
             f"a run in {world_size} processes needs sharding, but backend {name} trains on one device only "
             "(capability sharding); run it in one process"
         )
-    lora = getattr(config.backend, "lora", None)
+    lora = lora_settings(config)
     if lora is not None and world_size > 1:
         problems.append(
             f"backend.lora trains adapters in one process only (got a run in {world_size} processes); "

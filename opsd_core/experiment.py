@@ -20,7 +20,7 @@ import torch
 
 from opsd_core import lora
 from opsd_core.components import Components, build_components, direct_weight_reads
-from opsd_core.config import RunConfig
+from opsd_core.config import RunConfig, lora_settings
 from opsd_core.diagnostics.kl import gap_closure, gap_closure_standard_error, kl_gap
 from opsd_core.evaluation import evaluate
 from opsd_core.rundir import RunDirectory
@@ -64,8 +64,9 @@ class Experiment:
         # waits in host memory, one shard per rank, while phases train (see start_model()).
         self.start, self.skeleton = sharding.build_start(self.backend, config, self.ranks, self.device)
         self._parked_start: dict[str, torch.Tensor] | None = None
-        if config.backend.lora is not None:  # a bad target is refused before anything is written
-            lora.check_adapters(self.start, config.backend.lora, direct_weight_reads(self.components))
+        self.lora = lora_settings(config)
+        if self.lora is not None:  # a bad target is refused before anything is written
+            lora.check_adapters(self.start, self.lora, direct_weight_reads(self.components))
         self.eval_problems = list(self.components.task.eval_problems(config.eval.limit))
         self.results: dict[str, Any] = run_dir.read_results()
 
@@ -152,7 +153,7 @@ class Experiment:
         if mode.name in self.results:
             return self.results[mode.name]
         self.echo(f"Phase {mode.name!r}: training {self.config.schedule.total_steps} steps from the start checkpoint...")
-        if self.config.backend.lora is not None:  # the trainer adds adapters to the frozen start's tensors
+        if self.lora is not None:  # the trainer adds adapters to the frozen start's tensors
             student = lora.base_sharing_copy(self.start_model())
         elif self.skeleton is None:
             student = copy.deepcopy(self.start_model()).requires_grad_(True)

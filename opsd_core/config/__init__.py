@@ -10,7 +10,7 @@ from opsd_core.config.loader import (
     to_toml,
     validate_config,
 )
-from opsd_core.config.model import PLUGIN_SECTIONS, RunConfig, config_model
+from opsd_core.config.model import PLUGIN_SECTIONS, RunConfig, config_model, lora_settings
 from opsd_core.config.sections import (
     DiagnosticsSection,
     EvalSection,
@@ -43,6 +43,7 @@ __all__ = [
     "apply_overrides",
     "config_model",
     "load_config",
+    "lora_settings",
     "parse_override",
     "read_toml",
     "to_toml",

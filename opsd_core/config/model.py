@@ -101,6 +101,13 @@ _BACKEND_FIELDS: dict[str, Any] = {
 }
 
 
+def lora_settings(config: RunConfig) -> LoraSection | None:
+    """The run's ``[backend.lora]`` (None: no LoRA). A ``RunConfig`` validated without the
+    plugin registries keeps the backend's keys as given, so a table there is validated here."""
+    value = getattr(config.backend, "lora", None)
+    return value if value is None or isinstance(value, LoraSection) else LoraSection.model_validate(value)
+
+
 def _section_class_name(section: str, entry_name: str) -> str:
     words = re.split(r"[-_]", entry_name) + [section]
     return "".join(word.capitalize() for word in words)

@@ -25,6 +25,7 @@ import torch
 
 from opsd_core import lora, runtime
 from opsd_core.components import Components, direct_weight_reads
+from opsd_core.config import lora_settings
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.divergences import kl_divergence
 from opsd_core.errors import ConfigError, NonFiniteError
@@ -96,7 +97,7 @@ class Trainer:
         self.device = next(student.parameters()).device
         # [backend.lora]: the student trains adapters only; the teacher copies them and shares
         # the frozen base weights; checkpoints hold the adapters.
-        self.lora = config.backend.lora
+        self.lora = lora_settings(config)
         if self.lora is not None:
             lora.check_adapters(student, self.lora, direct_weight_reads(components))
             lora.attach_adapters(student, self.lora, seed=config.run.seed)

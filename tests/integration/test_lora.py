@@ -15,7 +15,7 @@ from opsd_core.components import build_components
 from opsd_core.config import load_config
 from opsd_core.errors import ConfigError
 from opsd_core.rundir import MetricsLog
-from opsd_core.trainer.loss import micro_batch_loss
+from opsd_core.testing.lora import check_lora_matches_merged, randomise_adapters
 from opsd_core.trainer.trainer import Trainer
 
 pytest.importorskip("peft")
@@ -39,14 +39,6 @@ def _trainer(tmp_path, *overrides):
     return Trainer(components, student, tmp_path / "run", MetricsLog(tmp_path / "metrics.jsonl")), start
 
 
-def _randomise_adapters(model: torch.nn.Module) -> None:
-    """Non-zero B matrices (fresh adapters are zero), so that merging changes the weights."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, tensor in lora.adapter_state_dict(model).items():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
-
-
 def test_only_adapters_train_and_the_base_is_shared_with_start_and_teacher(tmp_path):
     trainer, start = _trainer(tmp_path, "optim.lr=1e-2")
     trainable = [name for name, p in trainer.student.named_parameters() if p.requires_grad]
@@ -68,38 +60,17 @@ def test_only_adapters_train_and_the_base_is_shared_with_start_and_teacher(tmp_p
     assert any(not torch.equal(teacher[name], old) for name, old in teacher_before.items())
 
 
-def test_a_lora_student_samples_and_scores_as_its_merged_model(tmp_path):
-    trainer, _ = _trainer(tmp_path)
-    student = trainer.student.eval()
-    _randomise_adapters(student)
-    merged = lora.merge_adapters(copy.deepcopy(student))
-    assert not lora.has_adapters(merged)
-    task, builder = trainer.task, trainer.builder
-    stream = task.train_problems(0)
+def test_a_lora_student_samples_and_scores_as_its_merged_model():
+    components = build_components(load_config(QUICKSTART, SMALL))
+    stream = components.task.train_problems(0)
     problems = [next(stream) for _ in range(4)]
-    pairs = [builder.build(problem, problem.visual_thought) for problem in problems]
-    students = [pair.student for pair in pairs]
-    teachers = [pair.teacher for pair in pairs]
-    seeds = [11, 12, 13, 14]
-    completions = trainer.sampler.sample(student, students, seeds=seeds)
-    merged_completions = trainer.sampler.sample(merged, students, seeds=seeds)
-    assert torch.equal(completions.tokens, merged_completions.tokens)
-    assert torch.equal(completions.lengths, merged_completions.lengths)
-
-    backend = trainer.backend
-    with torch.no_grad():
-        teacher_rows = backend.completion_logits(trainer.teacher, teachers, completions)
-
-        def loss(model):
-            rows = backend.completion_logits(model, students, completions)
-            return micro_batch_loss(trainer.divergence.per_token(rows.logits, teacher_rows.logits, rows.mask), rows.mask, 4)
-
-        torch.testing.assert_close(loss(student), loss(merged), rtol=1e-5, atol=1e-7)
+    targets = ["qkv", "out", "mlp.0", "mlp.2", "lm_head", "token_embedding", "patch_projection"]
+    check_lora_matches_merged(components.backend, {"target_modules": targets, "rank": 4}, problems, max_tokens=12)
 
 
 def test_the_merged_state_dict_is_the_plain_models_layout(tmp_path):
     trainer, start = _trainer(tmp_path)
-    _randomise_adapters(trainer.student)
+    randomise_adapters(trainer.student)
     merged = lora.merged_state_dict(trainer.student)
     assert merged.keys() == start.state_dict().keys()
     in_place = lora.merge_adapters(copy.deepcopy(trainer.student)).state_dict()

@@ -1,0 +1,60 @@
+"""LoRA on the thinkmorph debug flavour: adapters are exact on every decode path that calls the
+layers (fixed-shape steps, one-row kernels away from the adapted layers), and refused on the
+layers the one-row kernels and the fused loss read directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opsd_thinkmorph.backend import ThinkMorphBackend
+from opsd_thinkmorph.config import ThinkMorphParams
+
+from opsd_core.api import FUSED_HEAD, ConfigError, Problem
+from opsd_core.testing.lora import check_lora_matches_merged
+
+pytest.importorskip("peft")
+
+
+def debug_backend(**overrides) -> ThinkMorphBackend:
+    return ThinkMorphBackend(
+        ThinkMorphParams(flavour="debug", vit_max_size=56, vit_min_size=28, vae_max_size=64, vae_min_size=32, **overrides)
+    )
+
+
+def problems(count: int) -> list[Problem]:
+    generator = torch.Generator().manual_seed(0)
+    sides = [(28, 42), (42, 28)]
+    return [
+        Problem(
+            id=f"p{i}",
+            image=torch.rand(3, *sides[i % 2], generator=generator),
+            question=f"which way to the goal {i}?",
+            visual_thought=torch.rand(3, 42, 42, generator=generator),
+        )
+        for i in range(count)
+    ]
+
+LANGUAGE_MODEL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def test_adapters_on_the_language_model_decode_and_score_as_merged_weights():
+    # Fixed-shape steps through the layers themselves, as written (no one-row kernels).
+    backend = debug_backend(decode_kernels=False)
+    check_lora_matches_merged(backend, {"target_modules": LANGUAGE_MODEL, "rank": 4}, problems(2), max_tokens=6)
+
+
+def test_adapters_away_from_the_kernels_keep_one_row_kernel_decoding_exact():
+    # One row: the one-row kernels decode; the adapters sit on the ViT, its connector and the
+    # generation expert, which those kernels do not read.
+    targets = ["connector.fc1", "mlp.fc2", "q_proj_moe_gen"]
+    check_lora_matches_merged(debug_backend(), {"target_modules": targets, "rank": 4}, problems(1), max_tokens=6)
+
+
+@pytest.mark.parametrize("target", ["q_proj", "down_proj", "lm_head"])
+def test_adapters_on_what_the_decode_kernels_read_are_refused(target):
+    with pytest.raises(ConfigError, match=rf"'{target}'.*backend.decode_kernels = true.*target_modules"):
+        check_lora_matches_merged(debug_backend(), {"target_modules": [target]}, problems(1))
+
+
+def test_the_fused_losss_head_is_declared():
+    assert ("language_model.lm_head", FUSED_HEAD) in debug_backend(decode_kernels=False).weights_read_directly()
