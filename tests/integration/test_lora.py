@@ -3,6 +3,7 @@ is shared, a LoRA student samples and scores as the same model with its adapters
 merged state dict is the plain model's layout, and bad targets stop a run before it writes."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,30 @@ def test_opsd_run_with_a_bad_target_writes_nothing(tmp_path):
     assert result.exit_code != 0
     assert "'attention' matches no Linear, Embedding or Conv layer" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_opsd_run_with_lora_then_eval_of_its_checkpoint(tmp_path):
+    short = [
+        "--set", f"run.output_dir='{tmp_path}'",
+        "--set", "schedule.total_steps=2",
+        "--set", "schedule.warmup_steps=1",
+        "--set", "train.samples_per_step=4",
+        "--set", "train.checkpoint_every=1",
+        "--set", "eval.limit=8",
+        "--set", "diagnostics.kl_samples=4",
+        "--set", "experiment.noise_control=false",
+        "--set", "optim.lr=1e-2",
+        *[argument for override in LORA for argument in ("--set", override)],
+    ]  # fmt: skip
+    result = CliRunner().invoke(cli, ["run", str(QUICKSTART), "--no-progress", *short])
+    assert result.exit_code == 0, result.output
+    directory = tmp_path / "quickstart"
+    checkpoint = directory / "opsd" / "checkpoints" / "step-0000002"
+    assert sorted(path.name for path in (checkpoint / "teacher").iterdir()) == ["adapters.safetensors"]
+    evaluated = CliRunner().invoke(
+        cli, ["eval", str(directory / "config.toml"), "--checkpoint", str(checkpoint), "--contexts", "student"]
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    summary = json.loads(evaluated.output)[0]
+    results = json.loads((directory / "results.json").read_text())
+    assert summary["accuracy"] == results["opsd"]["eval"]["student"]["accuracy"]
