@@ -60,13 +60,22 @@ def targeted_modules(model: nn.Module, lora: LoraSection) -> dict[str, list[str]
     matched = {target: [name for name in adaptable if _matches(name, target)] for target in lora.target_modules}
     for target, names in matched.items():
         if not names:
-            leaves = sorted({name.rsplit(".", 1)[-1] for name in adaptable})
+            leaves = sorted({_short_name(name) for name in adaptable})
             shown = ", ".join(repr(leaf) for leaf in leaves[:12]) + (", ..." if len(leaves) > 12 else "")
             raise ConfigError(
                 f"backend.lora.target_modules: {target!r} matches no Linear, Embedding or Conv layer of the "
                 f"model (got {list(lora.target_modules)}); name layers by their full name or last parts, e.g. {shown}"
             )
     return matched
+
+
+def _short_name(name: str) -> str:
+    """The last part of a module name that names it as a target: ``blocks.0.mlp.2`` -> ``mlp.2``."""
+    parts = name.split(".")
+    short = parts[-1:]
+    while short[0].isdigit() and len(short) < len(parts):
+        short = parts[-len(short) - 1 :]
+    return ".".join(short)
 
 
 def check_adapters(model: nn.Module, lora: LoraSection, direct_reads: Sequence[tuple[str, str]]) -> None:

@@ -58,3 +58,21 @@ def test_adapters_on_what_the_decode_kernels_read_are_refused(target):
 
 def test_the_fused_losss_head_is_declared():
     assert ("language_model.lm_head", FUSED_HEAD) in debug_backend(decode_kernels=False).weights_read_directly()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "kernels, targets, count",
+    [(False, LANGUAGE_MODEL, 2), (True, ["connector.fc1", "mlp.fc2", "q_proj_moe_gen"], 1)],
+    ids=["layers", "one-row-kernels"],
+)
+def test_on_cuda_the_captured_compiled_decode_step_runs_the_adapters(kernels, targets, count):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:  # fixed-shape steps captured in a CUDA graph, each layer through torch.compile
+        backend = debug_backend(device="cuda", decode_kernels=kernels)
+        settings = {"target_modules": targets, "rank": 4}
+        check_lora_matches_merged(backend, settings, problems(count), max_tokens=6, rtol=1e-4, atol=1e-5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
