@@ -4,8 +4,8 @@ Owns: one optimizer step, read top to bottom: sample on-policy in the student co
 teacher forward in the privileged context under no_grad -> student forward -> divergence ->
 backward; then clipping, AdamW, the schedule and the teacher update. Also the noise and SFT
 controls (flags of the same loop), metrics lines and resumable checkpoints (of the adapters
-alone when ``[backend.lora]`` puts LoRA adapters on the student, see ``opsd_core.lora``). In a multi-process
-run every rank runs this same loop on its share of each step's problems, with the student and
+alone when ``[backend.lora]`` puts LoRA adapters on the student, see ``opsd_core.lora``). In a
+multi-process run every rank runs this same loop on its share of each step's problems, with the student and
 teacher sharded by the backend (``opsd_core.runtime`` holds what the ranks exchange, ``sharding.py`` the sharded models).
 Does not know: any model, task or divergence; everything goes through the role interfaces.
 """
@@ -64,7 +64,8 @@ class Trainer:
     Args:
         components: the run's roles, built and checked by
             :func:`~opsd_core.components.build_components` (its config is the resolved run config).
-        student: the model to train (its weights are updated in place).
+        student: the model to train (its weights are updated in place; with ``[backend.lora]``
+            its adapters are added to it here and its other parameters frozen).
         phase_dir: where this phase writes ``checkpoints/``.
         metrics: the run's metric lines (shared by phases; lines carry the phase).
         mode: OPSD, or the noise or SFT control.

@@ -1,6 +1,6 @@
 """LoRA on the thinkmorph debug flavour: adapters are exact on every decode path that calls the
-layers (fixed-shape steps, one-row kernels away from the adapted layers), and refused on the
-layers the one-row kernels and the fused loss read directly."""
+layers (fixed-shape steps, one-row kernels away from the adapted layers), refused on the
+layers the one-row kernels and the fused loss read directly, and a LoRA run resumes bit-exactly."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ import torch
 from opsd_thinkmorph.backend import ThinkMorphBackend
 from opsd_thinkmorph.config import ThinkMorphParams
 
-from opsd_core.api import FUSED_HEAD, ConfigError, Problem
+from opsd_core.api import FUSED_HEAD, ConfigError, Problem, RunConfig
+from opsd_core.testing.fsdp import (
+    assert_identical_runs,
+    comparison_config,
+    train_resumed,
+    train_straight,
+)
 from opsd_core.testing.lora import check_lora_matches_merged
+from opsd_core.testing.trainer import Ranks
 
 pytest.importorskip("peft")
 
@@ -58,6 +65,20 @@ def test_adapters_on_what_the_decode_kernels_read_are_refused(target):
 
 def test_the_fused_losss_head_is_declared():
     assert ("language_model.lm_head", FUSED_HEAD) in debug_backend(decode_kernels=False).weights_read_directly()
+
+
+def test_a_lora_run_resumes_bit_exactly(tmp_path):
+    settings = {"target_modules": ["q_proj", "v_proj", "down_proj", "connector.fc1"], "rank": 4, "dropout": 0.1}
+    config = RunConfig.model_validate(
+        {**comparison_config().model_dump(), "backend": {"name": "thinkmorph", "lora": settings}}
+    )
+
+    def build():
+        return debug_backend(decode_kernels=False)
+
+    train_straight(build, tmp_path / "straight", Ranks(), config)
+    train_resumed(build, tmp_path / "straight", tmp_path / "resumed", Ranks(), config, from_step=2)
+    assert_identical_runs(tmp_path / "straight", tmp_path / "resumed", weights="adapters.safetensors")
 
 
 @pytest.mark.gpu
