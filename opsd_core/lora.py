@@ -45,7 +45,10 @@ def _peft():
 
 
 def _matches(name: str, target: str) -> bool:
-    """peft's rule for a list of targets: the module's full name, or its last dotted parts."""
+    """A target is a pattern over full module names when it holds ``*``, ``?`` or ``[``
+    (``fnmatch``), else the module's full name or its last dotted parts (peft's rule)."""
+    if any(character in target for character in "*?["):
+        return fnmatch(name, target)
     return name == target or name.endswith("." + target)
 
 
@@ -64,7 +67,8 @@ def targeted_modules(model: nn.Module, lora: LoraSection) -> dict[str, list[str]
             shown = ", ".join(repr(leaf) for leaf in leaves[:12]) + (", ..." if len(leaves) > 12 else "")
             raise ConfigError(
                 f"backend.lora.target_modules: {target!r} matches no Linear, Embedding or Conv layer of the "
-                f"model (got {list(lora.target_modules)}); name layers by their full name or last parts, e.g. {shown}"
+                f"model (got {list(lora.target_modules)}); name layers by their full name, last parts or a "
+                f"pattern with *, e.g. {shown}"
             )
     return matched
 
@@ -110,12 +114,12 @@ def attach_adapters(model: nn.Module, lora: LoraSection, seed: int) -> nn.Module
     left as it was), so every phase of a run starts from the same adapters.
     """
     peft = _peft()
-    targeted_modules(model, lora)
+    names = sorted({name for matched in targeted_modules(model, lora).values() for name in matched})
     config = peft.LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=names,  # full names: peft adapts exactly the layers matched here
         bias="none",
     )
     with torch.random.fork_rng(devices=[]):

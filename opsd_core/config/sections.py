@@ -66,9 +66,10 @@ class LoraSection(Section):
         0.0, description="Dropout on each adapter's input while the student trains (0: none).", ge=0, lt=1
     )
     target_modules: list[str] = Field(
-        description="Layers to adapt (Linear, Embedding or Conv), each by its full module name or its last dotted "
-        "parts, e.g. ['q_proj', 'v_proj'] adapts every layer whose name ends in '.q_proj' or '.v_proj'. "
-        "A name that matches no layer is an error.",
+        description="Layers to adapt (Linear, Embedding or Conv), each by its full module name, its last dotted "
+        "parts (['q_proj', 'v_proj'] adapts every layer whose name ends in '.q_proj' or '.v_proj') or a pattern "
+        "over full names with *, ? or [...] (fnmatch; 'language_model.*.mlp.up_proj'). A target that matches no "
+        "layer is an error.",
         min_length=1,
     )
 

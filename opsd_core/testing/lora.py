@@ -3,9 +3,10 @@ score exactly as the same model with its adapters merged into the weights.
 
 Owns: :func:`check_lora_matches_merged`, which attaches ``[backend.lora]`` adapters the way a
 run does (refusing targets the backend reads directly while decoding), gives them non-zero
-values, and compares seeded completions and the JSD loss of the adapted student with those of
-a merged copy; and :func:`randomise_adapters`. It catches a decode path (a one-row kernel, a
-captured graph) or a loss path that reads a weight without its adapter.
+values (:func:`randomise_adapters`), and compares seeded completions and the JSD loss of the
+adapted student with those of a merged copy: it catches a decode path (a one-row kernel, a
+captured graph) or a loss path that reads a weight without its adapter. And
+:func:`adapted_layers`, the layers a target list picks.
 Does not know: any backend; the comparison goes through the Backend interface.
 """
 
@@ -25,7 +26,17 @@ from opsd_core.sampling import BatchedSampler
 from opsd_core.trainer.loss import micro_batch_loss
 from opsd_core.types import Problem
 
-__all__ = ["check_lora_matches_merged", "randomise_adapters"]
+__all__ = ["adapted_layers", "check_lora_matches_merged", "randomise_adapters"]
+
+
+def _section(settings: LoraSection | Mapping[str, Any]) -> LoraSection:
+    return settings if isinstance(settings, LoraSection) else LoraSection.model_validate(dict(settings))
+
+
+def adapted_layers(model: torch.nn.Module, settings: LoraSection | Mapping[str, Any]) -> list[str]:
+    """The names of the layers of ``model`` that ``[backend.lora]`` ``settings`` adapt, sorted
+    (raises ``ConfigError`` for a target that matches none)."""
+    return sorted({name for names in lora.targeted_modules(model, _section(settings)).values() for name in names})
 
 
 def randomise_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.2) -> None:
@@ -58,7 +69,7 @@ def check_lora_matches_merged(
         temperature: sampling temperature (draws are keyed by each row's seed).
         rtol, atol: tolerance of the loss comparison (merging rounds W + (alpha / r) B A once).
     """
-    section = settings if isinstance(settings, LoraSection) else LoraSection.model_validate(dict(settings))
+    section = _section(settings)
     start = backend.build_model().requires_grad_(False).eval()
     student = lora.base_sharing_copy(start)
     decoding_reads = [(pattern, reader) for pattern, reader in backend.weights_read_directly() if reader != FUSED_HEAD]

@@ -16,7 +16,11 @@ from opsd_core.components import build_components
 from opsd_core.config import load_config
 from opsd_core.errors import ConfigError
 from opsd_core.rundir import MetricsLog
-from opsd_core.testing.lora import check_lora_matches_merged, randomise_adapters
+from opsd_core.testing.lora import (
+    adapted_layers,
+    check_lora_matches_merged,
+    randomise_adapters,
+)
 from opsd_core.trainer.trainer import Trainer
 
 pytest.importorskip("peft")
@@ -143,3 +147,13 @@ def test_opsd_run_with_lora_then_eval_of_its_checkpoint(tmp_path):
     summary = json.loads(evaluated.output)[0]
     results = json.loads((directory / "results.json").read_text())
     assert summary["accuracy"] == results["opsd"]["eval"]["student"]["accuracy"]
+
+
+def test_targets_by_last_parts_and_by_pattern(tmp_path):
+    model = build_components(load_config(QUICKSTART, SMALL)).backend.build_model()
+    assert adapted_layers(model, {"target_modules": ["blocks.0.*"]}) == [
+        "blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.0.out", "blocks.0.qkv"
+    ]  # fmt: skip
+    assert adapted_layers(model, {"target_modules": ["mlp.2", "lm_head"]}) == [
+        *(f"blocks.{i}.mlp.2" for i in range(model.config.n_layers)), "lm_head"
+    ]  # fmt: skip

@@ -16,7 +16,7 @@ from opsd_core.testing.fsdp import (
     train_resumed,
     train_straight,
 )
-from opsd_core.testing.lora import check_lora_matches_merged
+from opsd_core.testing.lora import adapted_layers, check_lora_matches_merged
 from opsd_core.testing.trainer import Ranks
 
 pytest.importorskip("peft")
@@ -41,7 +41,15 @@ def problems(count: int) -> list[Problem]:
         for i in range(count)
     ]
 
-LANGUAGE_MODEL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+# The understanding expert's projections and the lm_head (not the ViT's q/k/v, not the generation expert's MLP).
+LANGUAGE_MODEL = ["language_model.*.self_attn.[qkvo]_proj", "language_model.*.mlp.*_proj", "lm_head"]
+
+
+def test_patterns_pick_the_understanding_experts_layers():
+    names = adapted_layers(debug_backend().build_model(), {"target_modules": LANGUAGE_MODEL})
+    layers = debug_backend().config.llm.num_layers
+    assert len(names) == 7 * layers + 1
+    assert not [name for name in names if "moe_gen" in name or name.startswith("vit_model")]
 
 
 def test_adapters_on_the_language_model_decode_and_score_as_merged_weights():
