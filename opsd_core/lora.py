@@ -186,6 +186,15 @@ def load_adapters(model: nn.Module, directory: Path) -> None:
             parameter.copy_(saved[name])
 
 
+def load_merged(model: nn.Module, lora: LoraSection, directory: Path) -> nn.Module:
+    """``model`` (the start model, as the backend builds it) with the adapters saved in
+    ``directory`` (a LoRA checkpoint's ``student/`` or ``teacher/``) attached, loaded and merged
+    in place: the trained model, with the plain model's modules and names; returns it."""
+    attach_adapters(model, lora, seed=0)  # every adapter tensor is overwritten by the saved one
+    load_adapters(model, directory)
+    return merge_adapters(model)
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict of ``model`` with its adapters merged, under the names the model has
     without adapters (``q_proj.base_layer.weight`` -> ``q_proj.weight``; adapter tensors dropped):

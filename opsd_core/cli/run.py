@@ -197,10 +197,7 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
 
         settings = lora_settings(experiment_config)
         if settings is not None and (directory / lora.ADAPTERS_FILE).is_file():
-            # A LoRA run's checkpoint holds adapters: they go onto the start model, merged.
-            lora.attach_adapters(model, settings, seed=experiment_config.run.seed)
-            lora.load_adapters(model, directory)
-            lora.merge_adapters(model)
+            lora.load_merged(model, settings, directory)  # a LoRA run's checkpoint holds adapters
         else:
             backend.load_weights(model, directory)
     return components, model.to(resolve_device(experiment_config.run.device)).eval()

@@ -85,6 +85,10 @@ def test_the_merged_state_dict_is_the_plain_models_layout(tmp_path):
     assert torch.equal(merged["lm_head.weight"], start.lm_head.weight)
     fresh = trainer.backend.build_model()
     fresh.load_state_dict(merged)  # what export writes loads into the backend's own model
+    lora.save_adapters(trainer.student, tmp_path / "adapters")
+    reloaded = lora.load_merged(trainer.backend.build_model(), trainer.lora, tmp_path / "adapters")
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, merged[name], rtol=0, atol=1e-6)
 
 
 def test_a_target_that_matches_nothing_is_one_error_naming_it_and_real_layers(tmp_path):
