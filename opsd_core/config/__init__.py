@@ -10,7 +10,12 @@ from opsd_core.config.loader import (
     to_toml,
     validate_config,
 )
-from opsd_core.config.model import PLUGIN_SECTIONS, RunConfig, config_model, lora_settings
+from opsd_core.config.model import (
+    PLUGIN_SECTIONS,
+    RunConfig,
+    config_model,
+    lora_settings,
+)
 from opsd_core.config.sections import (
     DiagnosticsSection,
     EvalSection,
