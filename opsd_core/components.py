@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from opsd_core.config import RunConfig
+from opsd_core.config import RunConfig, lora_settings
 from opsd_core.errors import ConfigError, PluginError
 from opsd_core.interfaces import Backend, Divergence, OnPolicySampler, PrivilegedContextBuilder, Task, TeacherUpdate
-from opsd_core.interfaces.backend import CAPABILITY_METHODS
+from opsd_core.interfaces.backend import CAPABILITY_METHODS, FUSED_HEAD
 from opsd_core import plugins, runtime
 
 
@@ -139,6 +139,29 @@ def check_components(components: Components, world_size: int = 1, training: bool
             f"train.optimizer_offload = true keeps AdamW states of one process in host memory, but this run has "
             f"{world_size} processes, whose FSDP shards already divide them; set it to false or run in one process"
         )
+    lora = lora_settings(config)
+    if lora is not None and world_size > 1:
+        problems.append(
+            f"backend.lora trains adapters in one process only (got a run in {world_size} processes); "
+            "run it in one process or remove [backend.lora]"
+        )
+    if lora is not None and components.divergence.uses_hidden_states:
+        if FUSED_HEAD not in [reader for _, reader in backend.weights_read_directly()]:
+            problems.append(
+                f"backend.lora with divergence.fused = true: backend {name} does not name the module whose weight "
+                "completion_hidden returns, so an adapter on it could not be refused; set divergence.fused = false"
+            )
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "; ".join(problems))
     backend.check_run(config)
+
+
+def direct_weight_reads(components: Components) -> list[tuple[str, str]]:
+    """``(module-name pattern, the setting that reads its weight without calling the module)``
+    pairs of this run (see ``Backend.weights_read_directly``): where a LoRA adapter must not sit."""
+    fused = components.divergence.uses_hidden_states
+    return [
+        (pattern, "divergence.fused = true" if reader == FUSED_HEAD else reader)
+        for pattern, reader in components.backend.weights_read_directly()
+        if reader != FUSED_HEAD or fused
+    ]

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from opsd_core import runtime
-from opsd_core.components import Components, build_components
-from opsd_core.config import RunConfig
+from opsd_core import lora, runtime
+from opsd_core.components import Components, build_components, direct_weight_reads
+from opsd_core.config import RunConfig, lora_settings
 from opsd_core.diagnostics.kl import gap_closure, gap_closure_standard_error, kl_gap
 from opsd_core.diagnostics.media import media_samples, render_html
 from opsd_core.evaluation import evaluate
@@ -84,6 +84,9 @@ class Experiment:
             # Refused before the first phase writes anything, not when its trainer is built.
             frozen = trainable.frozen_names(self.backend, self.start)
             offload.check_host_memory(p for name, p in self.start.named_parameters() if name not in frozen)
+        self.lora = lora_settings(config)
+        if self.lora is not None:  # a bad target is refused before anything is written
+            lora.check_adapters(self.start, self.lora, direct_weight_reads(self.components))
         self.eval_problems = list(self.components.task.eval_problems(config.eval.limit))
         self.results: dict[str, Any] = run_dir.read_results()
 
@@ -186,7 +189,9 @@ class Experiment:
         if phase.name in self.results:
             return self.results[phase.name]
         self.echo(f"Phase {phase.name!r}: training {self.config.schedule.total_steps} steps from the start checkpoint...")
-        if self.skeleton is None:
+        if self.lora is not None:  # the trainer adds adapters to the frozen start's tensors
+            student = lora.base_sharing_copy(self.start_model())
+        elif self.skeleton is None:
             student = trainable.student_from_start(self.backend, self.start_model())
         else:
             self.park_start()

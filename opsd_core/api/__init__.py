@@ -30,6 +30,7 @@ from opsd_core.errors import (
 )
 from opsd_core.hookspecs import hookimpl
 from opsd_core.interfaces import (
+    FUSED_HEAD,
     Backend,
     Capabilities,
     DecodeState,
@@ -74,6 +75,7 @@ __all__ = [
     "TeacherUpdate",
     "OnPolicySampler",
     "Capabilities",
+    "FUSED_HEAD",
     "PrivilegedContextBuilder",
     "PaperContextBuilder",
     "Logger",

@@ -321,7 +321,15 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
     if checkpoint is not None:
         from opsd_core.trainer.checkpoint import load_model
 
-        load_model(backend, model, Path(checkpoint))
+        from opsd_core import lora
+        from opsd_core.config import lora_settings
+
+        directory, settings = Path(checkpoint), lora_settings(experiment_config)
+        if settings is not None and (directory / "student" / lora.ADAPTERS_FILE).is_file():
+            verify_checkpoint(directory)
+            lora.load_merged(model, settings, directory / "student")  # a LoRA run's checkpoint holds adapters
+        else:
+            load_model(backend, model, directory)
     return components, model.to(backend.device).eval()
 
 

@@ -10,11 +10,17 @@ from opsd_core.config.loader import (
     to_toml,
     validate_config,
 )
-from opsd_core.config.model import PLUGIN_SECTIONS, RunConfig, config_model
+from opsd_core.config.model import (
+    PLUGIN_SECTIONS,
+    RunConfig,
+    config_model,
+    lora_settings,
+)
 from opsd_core.config.sections import (
     DiagnosticsSection,
     EvalSection,
     ExperimentSection,
+    LoraSection,
     OptimSection,
     PluginSection,
     RunSection,
@@ -29,6 +35,7 @@ __all__ = [
     "DiagnosticsSection",
     "EvalSection",
     "ExperimentSection",
+    "LoraSection",
     "OptimSection",
     "PluginParams",
     "PluginSection",
@@ -41,6 +48,7 @@ __all__ = [
     "apply_overrides",
     "config_model",
     "load_config",
+    "lora_settings",
     "parse_override",
     "read_toml",
     "to_toml",

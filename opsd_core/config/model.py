@@ -26,6 +26,7 @@ from opsd_core.config.sections import (
     EvalSection,
     ExperimentSection,
     LoggingSection,
+    LoraSection,
     OptimSection,
     PluginSection,
     RunSection,
@@ -125,6 +126,23 @@ class RunConfig(Section):
         return self
 
 
+# Fields the core adds to every backend's section, whatever its plugin: the core applies them
+# to the model the backend builds.
+_BACKEND_FIELDS: dict[str, Any] = {
+    "lora": (
+        LoraSection | None,
+        Field(None, description="LoRA adapters on the student ([backend.lora]; absent: no adapters)."),
+    ),
+}
+
+
+def lora_settings(config: RunConfig) -> LoraSection | None:
+    """The run's ``[backend.lora]`` (None: no LoRA). A ``RunConfig`` validated without the
+    plugin registries keeps the backend's keys as given, so a table there is validated here."""
+    value = getattr(config.backend, "lora", None)
+    return value if value is None or isinstance(value, LoraSection) else LoraSection.model_validate(value)
+
+
 def _section_class_name(section: str, entry_name: str) -> str:
     words = re.split(r"[-_]", entry_name) + [section]
     return "".join(word.capitalize() for word in words)
@@ -145,6 +163,7 @@ def _plugin_union(section: str, registries: Registries) -> Any:
             __base__=params,
             __doc__=f"The {section} {entry.name!r} ({entry.plugin}). {params.__doc__ or ''}".strip(),
             name=(Literal[entry.name], Field(description=f"Selects the {section} {entry.name!r}.")),
+            **(_BACKEND_FIELDS if section == "backend" else {}),
         )
         models.append(model)
         members.append(Annotated[model, Tag(entry.name)])

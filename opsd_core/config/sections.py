@@ -60,6 +60,26 @@ class PluginSection(Section):
     name: str = Field(description="Registered name of the plugin entry (see `opsd list`).")
 
 
+class LoraSection(Section):
+    """``[backend.lora]``: train LoRA adapters (peft) instead of the model's weights. The base
+    weights stay frozen and are shared by the start model, the student and the teacher; the
+    EMA teacher follows the adapters; checkpoints hold the adapters and their optimizer state.
+    Absent: no adapters, the trainable weights themselves train."""
+
+    rank: int = Field(16, description="Rank r of each adapter: A is (r, in), B is (out, r).", ge=1, le=65536)
+    alpha: float = Field(32.0, description="Scale numerator: an adapter adds (alpha / rank) B A to its weight.", gt=0)
+    dropout: float = Field(
+        0.0, description="Dropout on each adapter's input while the student trains (0: none).", ge=0, lt=1
+    )
+    target_modules: list[str] = Field(
+        description="Layers to adapt (Linear, Embedding or Conv), each by its full module name, its last dotted "
+        "parts (['q_proj', 'v_proj'] adapts every layer whose name ends in '.q_proj' or '.v_proj') or a pattern "
+        "over full names with *, ? or [...] (fnmatch; 'language_model.*.mlp.up_proj'). A target that matches no "
+        "layer is an error.",
+        min_length=1,
+    )
+
+
 class SamplingSection(Section):
     """On-policy sampling of student completions."""
 

@@ -97,6 +97,11 @@ CAPABILITY_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 
+# What :meth:`Backend.weights_read_directly` names for the module whose weight
+# :meth:`Backend.completion_hidden` returns.
+FUSED_HEAD = "completion_hidden"
+
+
 class Backend(ABC):
     """One UMM family behind the interface the trainer, sampler and evaluator use.
 
@@ -321,6 +326,20 @@ class Backend(ABC):
         refuses a start whose hash differs. The default is None.
         """
         return None
+
+    def weights_read_directly(self) -> list[tuple[str, str]]:
+        """Modules whose weights this backend, as configured, reads without calling the module
+        (a one-row kernel, a fused product): ``(module-name pattern (fnmatch), reader)`` pairs,
+        the reader being a setting of this backend (e.g. ``"backend.decode_kernels = true"``),
+        or :data:`FUSED_HEAD` for the module whose weight :meth:`completion_hidden` returns.
+
+        A LoRA adapter on such a module would be skipped there, so the core refuses a
+        ``[backend.lora]`` target that adapts one, naming the setting to turn off (the
+        :data:`FUSED_HEAD` module only when the divergence uses hidden states). A backend
+        declaring ``hidden_states`` names its :data:`FUSED_HEAD` module here, or LoRA runs with
+        such a divergence are refused. The default: nothing is read directly.
+        """
+        return []
 
     @abstractmethod
     def save_pretrained(self, model: torch.nn.Module, directory: Path) -> None:

@@ -1,7 +1,8 @@
 """EMA teacher: an fp32 copy of the student that follows it after every optimizer step.
 
 Owns: the copy and the update rule, applied in fp32 to every trainable parameter (frozen fp32
-parameters are the student's own tensors, not copies: they are equal anyway).
+parameters, the whole base model under LoRA, are the student's own tensors, not copies: they
+are equal anyway).
 Does not know: losses, data or when steps happen (the trainer calls ``update``).
 """
 
@@ -24,7 +25,7 @@ def detached_copy(student: torch.nn.Module, share_frozen_dtype: torch.dtype | No
     shared = {
         id(parameter): parameter
         for parameter in student.parameters()
-        if not parameter.requires_grad and share_frozen_dtype in (None, parameter.dtype)
+        if not parameter.requires_grad and not parameter.is_meta and share_frozen_dtype in (None, parameter.dtype)
     }
     teacher = copy.deepcopy(student, shared)
     teacher.requires_grad_(False)

@@ -4,7 +4,8 @@ Owns: one optimizer step, read top to bottom: sample on-policy in the student co
 teacher forward in the privileged context under no_grad -> student forward -> divergence ->
 backward; then clipping, AdamW, the schedule and the teacher update. Also the noise, shuffled-VT
 and SFT controls (flags of the same loop), the step's scalars and periodic media for the
-loggers, and resumable checkpoints. In a multi-process
+loggers, and resumable checkpoints (of the adapters alone when ``[backend.lora]`` puts LoRA
+adapters on the student, see ``opsd_core.lora``). In a multi-process
 run every rank runs this same loop on its share of each step's problems, with the student and
 teacher sharded by the backend (``opsd_core.runtime`` holds what the ranks exchange, ``sharding.py`` the sharded models).
 Does not know: any model, task or divergence; everything goes through the role interfaces.
@@ -24,8 +25,9 @@ from typing import Any
 
 import torch
 
-from opsd_core import runtime
-from opsd_core.components import Components
+from opsd_core import lora, runtime
+from opsd_core.components import Components, direct_weight_reads
+from opsd_core.config import lora_settings
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.contexts.shuffled import donors
 from opsd_core.diagnostics.media import media_samples, render_html
@@ -71,7 +73,8 @@ class Trainer:
     Args:
         components: the run's roles, built and checked by
             :func:`~opsd_core.components.build_components` (its config is the resolved run config).
-        student: the model to train (its weights are updated in place).
+        student: the model to train (its weights are updated in place; with ``[backend.lora]``
+            its adapters are added to it here and its other parameters frozen).
         phase_dir: where this phase writes ``checkpoints/``.
         metrics: the run's metric lines (shared by phases; lines carry the phase): resume cuts
             them back to the checkpoint, and non-finite steps are recorded there.
@@ -108,12 +111,19 @@ class Trainer:
         self.ranks.share(config.train.samples_per_step, "train.samples_per_step")  # fail now, not at step 1
         self.device = next(student.parameters()).device
         # The backend's frozen parameters take no gradient, no optimizer state and no EMA.
-        self.parameter_counts = trainable.freeze(backend, student)
+        trainable.freeze(backend, student)
         # Checkpoints leave these out (see checkpoint.py); the start checkpoint supplies them.
         self._frozen = {name for name, parameter in student.named_parameters() if not parameter.requires_grad}
         self._start_record: dict[str, Any] | None = None
         if skeleton is not None:
             trainable.freeze(backend, skeleton)
+        # [backend.lora]: the student trains adapters only; the teacher copies them and shares
+        # the frozen base weights; checkpoints hold the adapters.
+        self.lora = lora_settings(config)
+        if self.lora is not None:
+            lora.check_adapters(student, self.lora, direct_weight_reads(components))
+            lora.attach_adapters(student, self.lora, seed=config.run.seed)
+        self.parameter_counts = trainable.parameter_counts(student)
         if self.ranks.distributed and skeleton is not None:
             # Already sharded: the teacher is made from the student's shards, never whole.
             self.student, self._student_skeleton = student, skeleton
@@ -542,6 +552,9 @@ class Trainer:
         def write_weights(directory: Path) -> None:
             if self.ranks.distributed:  # complete models, every rank its own shards
                 sharded_state.save_sharded(directory, self.student, self.teacher, self.optimizer)
+            elif self.lora is not None:  # the adapters; the base is the start model's
+                lora.save_adapters(self.student, directory / "student")
+                lora.save_adapters(self.teacher, directory / "teacher")
             elif not self._frozen:
                 self.backend.save_pretrained(self.student, directory / "student")
                 self.backend.save_pretrained(self.teacher, directory / "teacher")
@@ -577,7 +590,11 @@ class Trainer:
             sharded_state.load_sharded(directory, self.student, self.teacher, self.optimizer, groups)
         else:
             partial = (directory / checkpoint.START_RECORD).is_file()
-            if partial:  # trainable tensors only: the frozen ones must be the start checkpoint's
+            if self.lora is not None:
+
+                def load(full: torch.nn.Module, name: str) -> None:
+                    lora.load_adapters(full, directory / name)
+            elif partial:  # trainable tensors only: the frozen ones must be the start checkpoint's
                 problem = None
                 if main:
                     try:

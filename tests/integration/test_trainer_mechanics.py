@@ -85,18 +85,30 @@ def test_sampling_a_whole_step_at_once_gives_the_micro_batch_results(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("phase", [Phase("opsd"), Phase("shuffled", shuffled_vt=True)], ids=["opsd", "shuffled-vt"])
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, phase):
-    straight = _setup(tmp_path, phase=phase, name="straight")
+@pytest.mark.parametrize(
+    ("phase", "adapters"),
+    [
+        (Phase("opsd"), []),
+        (Phase("shuffled", shuffled_vt=True), []),
+        (Phase("opsd"), ['backend.lora.target_modules=["qkv", "mlp.0"]', "backend.lora.rank=2", "backend.lora.dropout=0.1"]),
+    ],
+    ids=["opsd", "shuffled-vt", "lora"],
+)
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, phase, adapters):
+    if adapters:
+        pytest.importorskip("peft")
+    straight = _setup(tmp_path, *adapters, phase=phase, name="straight")
     straight.fit(progress=False)
 
-    interrupted = _setup(tmp_path, phase=phase, name="interrupted")
+    interrupted = _setup(tmp_path, *adapters, phase=phase, name="interrupted")
     interrupted.resume()
     while interrupted.step < 3:  # past the step-2 checkpoint, then "crash"
         interrupted._log(interrupted.train_step())
         if interrupted.step == 2:
-            interrupted.save()
-    resumed = _setup(tmp_path, phase=phase, name="interrupted")
+            saved = interrupted.save()
+    if adapters:  # a LoRA checkpoint holds the adapters, not the frozen base
+        assert sorted(path.name for path in (saved / "student").iterdir()) == ["adapters.safetensors"]
+    resumed = _setup(tmp_path, *adapters, phase=phase, name="interrupted")
     resumed.fit(progress=False)
     assert resumed.step == 4
     for left, right in ((straight.student, resumed.student), (straight.teacher, resumed.teacher)):

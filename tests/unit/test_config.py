@@ -105,6 +105,29 @@ def test_bad_config_gives_one_readable_message(registries, data, expected):
     assert "Traceback" not in message and "pydantic" not in message.lower()
 
 
+def test_every_backend_section_takes_a_lora_table(registries, tmp_path):
+    assert validate_config({}, registries).backend.lora is None
+    for backend in ("tiny-umm", "janus-pro"):  # with and without a params model of its own
+        data = {"backend": {"name": backend, "lora": {"rank": 8, "target_modules": ["q_proj"]}}}
+        lora = validate_config(data, registries).backend.lora
+        assert (lora.rank, lora.alpha, lora.dropout, lora.target_modules) == (8, 32.0, 0.0, ["q_proj"])
+    config = validate_config({"backend": {"name": "tiny-umm", "lora": {"target_modules": ["qkv"]}}}, registries)
+    path = tmp_path / "lora.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path, registries=registries) == config
+    for bad, fragments in [
+        ({"rank": 8}, ["backend.lora.target_modules", "Field required"]),
+        ({"target_modules": []}, ["backend.lora.target_modules", "at least 1"]),
+        ({"target_modules": ["q"], "rank": 0}, ["backend.lora.rank", "greater than or equal to 1"]),
+        ({"target_modules": ["q"], "dropout": 1.0}, ["backend.lora.dropout", "less than 1"]),
+        ({"target_modules": ["q"], "r": 8}, ["backend.lora.r", "unknown key 'r'"]),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            validate_config({"backend": {"name": "tiny-umm", "lora": bad}}, registries)
+        for fragment in fragments:
+            assert fragment in str(info.value), (fragment, str(info.value))
+
+
 def test_several_problems_are_all_reported(registries):
     with pytest.raises(ConfigError, match=r"\(2 problems\)"):
         validate_config({"optim": {"lr": -1}, "train": {"grad_accum": 0}}, registries)

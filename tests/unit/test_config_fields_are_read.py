@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from opsd_core.config import RunConfig
+from opsd_core.config import LoraSection, RunConfig
 from opsd_core.contexts.params import PaperContextParams
 from opsd_core.divergences.params import JsdParams, KlParams
 from opsd_core.sampling.params import BatchedSamplerParams
@@ -26,7 +26,7 @@ SECTIONS = [
     for field in RunConfig.model_fields.values()
     if isinstance(annotation := field.annotation, type) and issubclass(annotation, BaseModel)
 ]
-MODELS = [*SECTIONS, PaperContextParams, JsdParams, KlParams, BatchedSamplerParams, EmaParams, FrozenParams]
+MODELS = [*SECTIONS, LoraSection, PaperContextParams, JsdParams, KlParams, BatchedSamplerParams, EmaParams, FrozenParams]
 
 
 def _reading_files() -> list[Path]:

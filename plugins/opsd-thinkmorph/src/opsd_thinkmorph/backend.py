@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from opsd_core.api import (
+    FUSED_HEAD,
     Backend,
     Capabilities,
     CompletionBatch,
@@ -40,6 +41,17 @@ from opsd_thinkmorph.model import Bagel, KVCache, SiglipAttention
 from opsd_thinkmorph.packing import TextItem, ViTItem, lay_out, pack_rows
 from opsd_thinkmorph.runtime import FixedShapeDecoder, forward_rows, is_shard, is_sharded
 from opsd_thinkmorph.tokenizer import load_tokenizer
+
+# The projections one-row decode steps with kernels multiply by directly (one_row_layer).
+ONE_ROW_PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 # ThinkMorph asks for a visual thought with this plain-text tag, then closes its turn.
 IMAGE_REQUEST = "<image_start>"
@@ -252,6 +264,17 @@ class ThinkMorphBackend(Backend):
         weight = whole_parameter(model.language_model.lm_head.weight)
         hidden = self._completion_hidden_rows(model, contexts, completions)
         return CompletionHidden(hidden, completions.row_mask().to(hidden.device), weight)
+
+    def weights_read_directly(self) -> list[tuple[str, str]]:
+        """The fused loss multiplies by the lm_head weight; one-row decode steps with kernels
+        (:func:`~opsd_thinkmorph.model.one_row_layer`) read the understanding expert's projections
+        and the lm_head weight."""
+        reads = [("language_model.lm_head", FUSED_HEAD)]
+        if self.params.fixed_shape_decoding and self.params.decode_kernels:
+            kernels = "backend.decode_kernels = true"
+            reads += [(f"language_model.model.layers.*.{name}", kernels) for name in ONE_ROW_PROJECTIONS]
+            reads.append(("language_model.lm_head", kernels))
+        return reads
 
     @torch.no_grad()
     def start_decoding(self, model: Bagel, contexts: Sequence[Context], max_new_tokens: int) -> ThinkMorphDecodeState:

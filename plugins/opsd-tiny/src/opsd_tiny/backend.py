@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from opsd_core.api import (
+    FUSED_HEAD,
     SYSTEM,
     Backend,
     Capabilities,
@@ -271,6 +272,10 @@ class TinyBackend(Backend):
         hidden = model.final_hidden(inputs)  # (B, W + N, D)
         rows = hidden[:, width - 1 : width + completions.tokens.shape[1]]  # (B, N + 1, D)
         return CompletionHidden(rows, completions.row_mask().to(parameter.device), model.lm_head.weight)
+
+    def weights_read_directly(self) -> list[tuple[str, str]]:
+        """The fused loss multiplies by ``lm_head.weight`` (see :meth:`completion_hidden`)."""
+        return [("lm_head", FUSED_HEAD)]
 
     def start_decoding(self, model: TinyUMM, contexts: Sequence[Context], max_new_tokens: int) -> TinyDecodeState:
         parameter = next(model.parameters())
