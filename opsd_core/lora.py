@@ -17,15 +17,12 @@ import copy
 from collections.abc import Sequence
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from opsd_core.config.sections import LoraSection
 from opsd_core.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from opsd_core.config.sections import LoraSection
 
 ADAPTERS_FILE = "adapters.safetensors"
 ADAPTER_NAME = "default"
@@ -44,14 +41,6 @@ def _peft():
     return peft
 
 
-def _matches(name: str, target: str) -> bool:
-    """A target is a pattern over full module names when it holds ``*``, ``?`` or ``[``
-    (``fnmatch``), else the module's full name or its last dotted parts (peft's rule)."""
-    if any(character in target for character in "*?["):
-        return fnmatch(name, target)
-    return name == target or name.endswith("." + target)
-
-
 def targeted_modules(model: nn.Module, lora: LoraSection) -> dict[str, list[str]]:
     """Each target of ``lora.target_modules`` -> the names of the layers it adapts.
 
@@ -60,7 +49,7 @@ def targeted_modules(model: nn.Module, lora: LoraSection) -> dict[str, list[str]
             message names the target and layer names that exist.
     """
     adaptable = [name for name, module in model.named_modules() if isinstance(module, _ADAPTABLE)]
-    matched = {target: [name for name in adaptable if _matches(name, target)] for target in lora.target_modules}
+    matched = {target: [name for name in adaptable if LoraSection.matches(name, target)] for target in lora.target_modules}
     for target, names in matched.items():
         if not names:
             leaves = sorted({_short_name(name) for name in adaptable})

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from opsd_core.config.model import lora_settings
+from opsd_core.config.sections import LoraSection
 from opsd_core.types import MemoryShape
 
 if TYPE_CHECKING:
@@ -63,12 +65,12 @@ class ParameterCensus:
         return self.total - self.trainable
 
     def lora_parameters(self, rank: int, targets: tuple[str, ...]) -> int:
-        """Adapter elements of rank ``rank`` on every linear layer whose name is, or ends with
-        ``.`` plus, one of ``targets`` (as peft matches target modules): r x (in + out) each."""
+        """Adapter elements of rank ``rank`` on every linear layer one of ``targets`` adapts
+        (:meth:`LoraSection.matches`): r x (in + out) each."""
         return sum(
             rank * (inputs + outputs)
             for name, inputs, outputs in self.linear_shapes
-            if any(name == target or name.endswith("." + target) for target in targets)
+            if any(LoraSection.matches(name, target) for target in targets)
         )
 
 
@@ -158,7 +160,7 @@ def inputs_from_config(
     positions = sampling.max_forward_tokens
     if shape is not None and shape.max_positions is not None:
         positions = min(positions, shape.max_positions)
-    return MemoryInputs(
+    inputs = MemoryInputs(
         total_parameters=census.total,
         trainable_parameters=census.trainable,
         master_bytes=census.bytes_per_element,
@@ -183,6 +185,10 @@ def inputs_from_config(
         draws_visual_thoughts=sampling.visual_thoughts != "stored" and shape is not None and shape.visual_thought_tokens > 0,
         shape=shape,
     )
+    lora = lora_settings(config)
+    if lora is not None:
+        inputs = with_lora(inputs, census, lora.rank, tuple(lora.target_modules))
+    return inputs
 
 
 def with_lora(inputs: MemoryInputs, census: ParameterCensus, rank: int, targets: tuple[str, ...]) -> MemoryInputs:

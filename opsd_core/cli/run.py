@@ -319,7 +319,7 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
     backend = components if backend_only else components.backend
     model = backend.build_model()
     if checkpoint is not None:
-        from opsd_core.trainer.checkpoint import load_model
+        from opsd_core.trainer.checkpoint import load_model, verify_checkpoint
 
         from opsd_core import lora
         from opsd_core.config import lora_settings

@@ -8,6 +8,7 @@ Does not know: torch, plugins, or how the values are used.
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -78,6 +79,15 @@ class LoraSection(Section):
         "layer is an error.",
         min_length=1,
     )
+
+    @staticmethod
+    def matches(name: str, target: str) -> bool:
+        """Whether the layer ``name`` is adapted by ``target``: a pattern over full module names
+        when it holds ``*``, ``?`` or ``[`` (fnmatch), else the full name or its last dotted
+        parts (peft's rule)."""
+        if any(character in target for character in "*?["):
+            return fnmatch(name, target)
+        return name == target or name.endswith("." + target)
 
 
 class SamplingSection(Section):
