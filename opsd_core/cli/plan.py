@@ -91,7 +91,9 @@ def plan_command(
     if gpu_bytes is None and torch.cuda.is_available():
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory
     host = int(host_memory * GIB) if host_memory is not None else host_bytes()
-    built = build_backend(config)
+    # The plan counts the model on its meta-device skeleton (or a CPU copy): a machine without
+    # the run's GPU plans it as well.
+    built = build_backend(config.model_copy(update={"run": config.run.model_copy(update={"device": "cpu"})}))
     if gpus > 1 and not built.capabilities.sharding:
         raise click.BadParameter(
             f"backend {config.backend.name!r} trains on one device only (got {gpus})", param_hint="--gpus"
