@@ -39,7 +39,10 @@ class Components:
         the diagnostics decode with the run's own sampler, whichever plugin that is."""
         registries = self.registries or plugins.get_registries()
         policy = self.config.sampling.model_copy(update=sampling)
-        return registries.of("sampler").create(self.config.sampler.name, self.config.sampler, self.backend, policy)
+        params, entry = self.config.sampler, registries.of("sampler").get(self.config.sampler.name)
+        if entry.params is not None and not isinstance(params, entry.params):  # a config validated without plugins
+            params = entry.params.model_validate(params.model_dump(exclude={"name"}))
+        return entry.resolve()(params, self.backend, policy)
 
     def evaluation_sampler(self) -> OnPolicySampler:
         """Greedy, up to ``eval.max_completion_tokens`` (else the sampling cap), no image skips."""

@@ -15,15 +15,16 @@ def _student(dtype=torch.float32):
     return model
 
 
-def test_ema_teacher_is_an_fp32_copy_without_grad_that_shares_the_frozen_tensors():
-    student = _student(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ema_teacher_is_an_fp32_copy_without_grad_that_shares_the_frozen_fp32_tensors(dtype):
+    student = _student(dtype)
     teacher = EmaTeacher(EmaParams(decay=0.9)).create(student)
     for (name, s), (_, t) in zip(student.named_parameters(), teacher.named_parameters()):
-        assert not t.requires_grad
-        if s.requires_grad:
-            assert t.dtype == torch.float32 and t is not s
-            assert torch.equal(t, s.float()), name
-        else:  # never updated: one tensor for both (under LoRA, the whole base model)
+        assert not t.requires_grad and t.dtype == torch.float32
+        assert torch.equal(t, s.float()), name
+        if s.requires_grad or dtype != torch.float32:
+            assert t is not s, name
+        else:  # never updated, already fp32: one tensor for both (under LoRA, the whole base model)
             assert t is s, name
     assert not teacher.training
 
