@@ -68,12 +68,15 @@ def main() -> None:
         print(f"{name:<{width}}  {seconds:7.1f} s")
     start = results["start"]
     print(f"\nstart: student {start['eval']['student']['accuracy']:.1%}, teacher context "
-          f"{start['eval']['teacher']['accuracy']:.1%}, KL {start['kl']:.3f} ± {start['kl_se']:.3f}")
+          f"{start['eval']['teacher']['accuracy']:.1%}, KL {start['kl']:.3f} ± {start['kl_se']:.3f} "
+          f"(noise VT: {start['kl_noise']:.3f} ± {start['kl_noise_se']:.3f})")
     for phase, record in results.items():
         if phase != "start" and isinstance(record, dict) and "eval" in record:
             gain = record["eval"]["student"]["accuracy"] - start["eval"]["student"]["accuracy"]
             print(f"{phase}: student {record['eval']['student']['accuracy']:.1%} ({gain * 100:+.1f} points), "
-                  f"gap closure {record['gap_closure']:.1%} ± {record['gap_closure_se']:.1%}")
+                  f"teacher context {record['eval']['teacher']['accuracy']:.1%}, KL to the start teacher "
+                  f"{record['kl_t0']:.3f} ± {record['kl_t0_se']:.3f}, gap closure {record['gap_closure']:.1%} "
+                  f"± {record['gap_closure_se']:.1%}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The paper's effects on the shipped tiny UMM in a shortened quickstart, for the default suite.
 
-The quickstart recipe with a quarter of the optimizer steps (100 of 64 problems, 5 warm-up) at
-1.5 times the learning rate (4.5e-4), 400 evaluation problems and 64 KL samples; the
-full-length run is test_embedded_effects.py (``-m slow``). One experiment (KL diagnostic ->
+The quickstart recipe with 100 of its 120 optimizer steps (64 problems each, 5 warm-up, lr
+4.5e-4), 400 evaluation problems and 64 KL samples; the full-length run is
+test_embedded_effects.py (``-m slow``). One experiment (KL diagnostic ->
 OPSD -> eval -> noise control -> eval) runs once for the module. Measured with training seeds 0
 and 1 (run.threads=1), from 66.8 %: Visual-OPSD gained 9.5 and 11.0 points, the noise control
 lost 10.3 and 9.8. Other shortenings measured the same way: at the quickstart's 3e-4, 40 steps
