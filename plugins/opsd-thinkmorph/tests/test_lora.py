@@ -22,10 +22,10 @@ from opsd_core.testing.trainer import Ranks
 pytest.importorskip("peft")
 
 
-def debug_backend(**overrides) -> ThinkMorphBackend:
+def debug_backend(device: str = "cpu", **overrides) -> ThinkMorphBackend:
     return ThinkMorphBackend(
         ThinkMorphParams(flavour="debug", vit_max_size=56, vit_min_size=28, vae_max_size=64, vae_min_size=32, **overrides)
-    )
+    ).place(device)
 
 
 def problems(count: int) -> list[Problem]:
