@@ -36,7 +36,7 @@ from opsd_thinkmorph.config import ThinkMorphParams
 SAMPLES = 2
 COMPLETIONS = [[11, 12, 13, 14, 15], [21, 22, 23]]
 # device -> (master weights' dtype, run.precision, mixed precision of FSDP)
-SETTINGS = {"cpu": (torch.float64, "fp32", "none"), "cuda": (torch.float32, "bf16", "bf16")}
+SETTINGS = {"cpu": (torch.float64, "fp32"), "cuda": (torch.float32, "bf16")}
 
 
 def debug_backend() -> ThinkMorphBackend:
@@ -95,8 +95,8 @@ def worker(out: Path, device: torch.device) -> None:
     with process_group(config, device) as ranks:
         backend = debug_backend()
         student, teacher = models(backend, ranks.device)
-        mixed_precision = SETTINGS[device.type][2]
-        settings = SimpleNamespace(train=SimpleNamespace(mixed_precision=mixed_precision, activation_checkpointing=False))
+        precision = SETTINGS[device.type][1]
+        settings = SimpleNamespace(run=SimpleNamespace(precision=precision), train=SimpleNamespace(activation_checkpointing=False))
         for model in (student, teacher):
             backend.parallelize(model, ranks.mesh, settings)
         assert type(student.language_model.lm_head.weight).__name__ == "DTensor"
@@ -152,7 +152,7 @@ def test_fused_loss_and_gradients_on_a_sharded_lm_head_equal_the_unsharded_ones(
 @pytest.mark.parametrize("variant", ["fused-fsdp", "fused-hsdp"])
 def test_training_with_the_fused_loss_in_two_processes_equals_one(on_cpu, variant):
     out, _, _ = on_cpu
-    fsdp.assert_same_run(out / "fused-single", out / variant)
+    fsdp.assert_same_run(out / "fused-single", out / variant, build_backend=debug_backend)
 
 
 @pytest.mark.gpu
