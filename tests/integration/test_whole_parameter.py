@@ -61,6 +61,7 @@ def worker(out: Path) -> None:
         weights = {name: value.full_tensor() for name, value in network.state_dict().items()}
         if rank == 0:
             torch.save(weights, out / "sharded.pt")
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 
