@@ -50,6 +50,7 @@ def test_a_missing_tracker_package_is_one_line_naming_it_and_the_pip_command():
 
 
 def test_tensorboard_event_file_holds_the_scalars_config_and_media(tmp_path):
+    pytest.importorskip("tensorboard", reason="the opsd-core[trackers] extra (the dev install has it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from opsd_core.loggers.tensorboard_logger import TensorBoardLogger
@@ -71,6 +72,7 @@ def test_tensorboard_event_file_holds_the_scalars_config_and_media(tmp_path):
 
 
 def test_wandb_runs_offline_in_the_run_directory_and_records_the_scalars(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the opsd-core[trackers] extra (the dev install has it)")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     from opsd_core.loggers.wandb_logger import WandbLogger
 
