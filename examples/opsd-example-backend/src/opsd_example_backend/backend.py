@@ -87,11 +87,12 @@ class ByteBackend(Backend):
         return self._vocabulary
 
     def build_model(self) -> ByteUMM:
-        """A :class:`ByteUMM` on the CPU: seeded random weights, or the checkpoint's."""
+        """A :class:`ByteUMM` with seeded random weights, or the checkpoint's, on the run's device
+        in the run's weight dtype (``self.device``, ``self.dtype``: set by the core)."""
         model = ByteUMM(self.config, seed=self.params.seed)
         if self.directory is not None:
             self.load_weights(model, self.directory)
-        return model
+        return model.to(self.device, self.dtype)
 
     def context_builder(self) -> PrivilegedContextBuilder:
         return prompts.context_builder()
