@@ -3,8 +3,8 @@
 Owns: checking the request before anything is written (a checkpoint whose manifest verifies, a
 known model and dtype, an output directory that is absent or empty, a backend that declares
 ``export``), finding the run config of a checkpoint, building the model on the CPU with the
-checkpoint's weights (through :func:`~opsd_core.trainer.checkpoint.read_model_state`, whatever
-the checkpoint's format), and writing through a temporary directory renamed into place at the
+checkpoint's weights (a LoRA run's adapters merged into the start model; otherwise through
+:func:`~opsd_core.trainer.checkpoint.read_model_state`, whatever the checkpoint's format), and writing through a temporary directory renamed into place at the
 end, so that a failure leaves nothing behind.
 Does not know: any family's layout (the backend's ``export_model`` writes it) or how
 checkpoints are written.
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from opsd_core import lora
 from opsd_core.components import build_backend
-from opsd_core.config import load_config
+from opsd_core.config import load_config, lora_settings
 from opsd_core.errors import CapabilityError, ConfigError
 from opsd_core.rundir import CONFIG
 from opsd_core.state_dicts import load_into
@@ -69,7 +70,11 @@ def export_checkpoint(
             f"backend {type(backend).__name__} cannot export a model in its family's released layout "
             "(capability export); the checkpoint's student/ and teacher/ directories load with the backend itself"
         )
-    if (checkpoint / START_RECORD).is_file():
+    adapters = lora_settings(config)
+    if adapters is not None and (checkpoint / model / lora.ADAPTERS_FILE).is_file():
+        # A LoRA run's adapters, merged into the start model: the export is a complete model.
+        module = lora.load_merged(backend.build_model(), adapters, checkpoint / model)
+    elif (checkpoint / START_RECORD).is_file():
         # Trainable tensors only: they go over the start model, whose frozen weights they keep.
         module = backend.build_model()
         load_model(backend, module, checkpoint, model)

@@ -26,7 +26,10 @@ from opsd_core.sampling import BatchedSampler
 from opsd_core.trainer.loss import micro_batch_loss
 from opsd_core.types import Problem
 
-__all__ = ["adapted_layers", "check_lora_matches_merged", "randomise_adapters"]
+__all__ = ["adapted_layers", "check_lora_matches_merged", "merged_state_dict", "randomise_adapters"]
+
+#: The full state dict of a model with its adapters merged, as export writes it.
+merged_state_dict = lora.merged_state_dict
 
 
 def _section(settings: LoraSection | Mapping[str, Any]) -> LoraSection:

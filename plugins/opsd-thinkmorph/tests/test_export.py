@@ -187,3 +187,40 @@ def test_a_sharded_checkpoint_exports_the_same(run, tmp_path):
     expected = trained(run)
     for key, value in loaded_back(out).items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_a_lora_run_exports_its_adapters_merged(tmp_path):
+    """A LoRA checkpoint holds adapters only; the export is the start model with them merged."""
+    from opsd_core.api import RunConfig
+
+    settings = {"target_modules": ["q_proj", "v_proj", "connector.fc1"], "rank": 4}
+    config = RunConfig.model_validate(
+        {**fsdp.comparison_config(steps=2).model_dump(), "backend": {"name": "thinkmorph", "lora": settings}}
+    )
+    run = tmp_path / "run"
+    backend = "\n".join(f"{key} = {value}" for key, value in SIZES.items())
+    run.mkdir()
+    (run / "config.toml").write_text(
+        f'[backend]\nname = "thinkmorph"\nflavour = "debug"\ndecode_kernels = false\n{backend}\n'
+        '[backend.lora]\ntarget_modules = ["q_proj", "v_proj", "connector.fc1"]\nrank = 4\n'
+    )
+
+    def build() -> ThinkMorphBackend:
+        return ThinkMorphBackend(ThinkMorphParams(flavour="debug", decode_kernels=False, **SIZES))
+
+    fsdp.train_straight(build, run / "opsd", Ranks(), config)
+    checkpoint = run / "opsd" / "checkpoints" / STEP
+    assert (checkpoint / "student" / "adapters.safetensors").is_file()
+    out = tmp_path / "exported"
+    result = export(str(checkpoint), "--out", str(out), "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    trainer = fsdp.make_trainer(build, tmp_path / "resumed", Ranks(), config)
+    shutil.copytree(run / "opsd" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    assert trainer.resume()
+    from opsd_core.testing.lora import merged_state_dict
+
+    expected = merged_state_dict(trainer.student)
+    exported = loaded_back(out)
+    assert any(not torch.equal(exported[key], build().build_model().state_dict()[key]) for key in exported)
+    for key, value in exported.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
