@@ -16,7 +16,7 @@ Variants (beta 0.5; top-K 256 and per-entry clip 0.05, the paper's, where the lo
 - ``fused-auto`` / ``fused-torch``: ``fused_topk_jsd`` (Triton student pass when it imports /
   the pure-torch one). The student's (N, V) logits never exist.
 - ``unfused``: full bf16 logits ``h @ W.T`` of both, then ``generalized_jsd`` (automatic path).
-- ``paper``: the paper code's loss as reference/official-repo.md describes it: full bf16 logits
+- ``paper``: the paper code's loss (its public repository, TiezMind/Visual-OPSD): full bf16 logits
   of both (teacher's under no_grad), the teacher's top-256 indices, both gathered there in
   bf16, divided by tau, float32 log-softmax over the K entries, the mixture in log space, the
   per-entry terms clamped at 0.05, summed over K, mean over tokens, times tau^2; autograd
