@@ -32,6 +32,8 @@ def _gib(output: str, term: str) -> float:
 
 
 def test_plan_counts_the_full_thinkmorph_on_its_skeleton_and_shards_it_over_several_gpus():
+    pytest.importorskip("opsd_thinkmorph", reason="the thinkmorph plugin")
+
     def planned(gpus: int) -> str:
         arguments = ["plan", str(EXAMPLES / "thinkmorph-debug.toml"), "--set", "backend.flavour='7b-random'",
                      "--set", "train.samples_per_step=8", "--gpus", str(gpus), "--gpu-memory", "80",

@@ -191,6 +191,7 @@ def test_a_sharded_checkpoint_exports_the_same(run, tmp_path):
 
 def test_a_lora_run_exports_its_adapters_merged(tmp_path):
     """A LoRA checkpoint holds adapters only; the export is the start model with them merged."""
+    pytest.importorskip("peft", reason="the opsd-core[lora] extra (the dev install has it)")
     from opsd_core.api import RunConfig
 
     settings = {"target_modules": ["q_proj", "v_proj", "connector.fc1"], "rank": 4}
