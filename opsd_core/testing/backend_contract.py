@@ -4,7 +4,8 @@ Owns: the equivalences the trainer relies on, checked on a backend and a few pro
 KV-cached decoding gives the same logits as the full forward at every completion row;
 batched sampling with fixed seeds equals sampling each row alone; batched scoring equals
 scoring each row alone; N + 1 aligned rows with the sampler's mask;
-preprocessed pixels given on a segment are used as is; save -> load is exact.
+preprocessed pixels given on a segment are used as is; save -> load is exact; a transformers
+backend's export loads back with its own ``from_pretrained``.
 Does not know: any particular model family.
 
 Use from a plugin's tests::
@@ -107,3 +108,21 @@ def check_backend_contract(
     backend.load_weights(fresh, saved)
     for (name, expected), (_, loaded) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(expected, loaded), f"save -> load changed {name}"
+
+
+def check_transformers_export(backend: Backend, model_class: type, directory: Path, max_shard_bytes: int | None) -> None:
+    """A backend built on transformers exports its model (capability ``export``) so that
+    ``model_class.from_pretrained(directory)`` loads every tensor back, bf16-rounded, with the
+    config, tokenizer and image processor files beside it and, with ``max_shard_bytes``, an index."""
+    model = backend.build_model()
+    expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    backend.export_model(model, directory, torch.bfloat16, max_shard_bytes)
+    names = {path.name for path in directory.iterdir()}
+    assert {"config.json", "tokenizer.json", "preprocessor_config.json"} <= names, names
+    assert ("model.safetensors.index.json" in names) == (max_shard_bytes is not None), names
+    loaded = model_class.from_pretrained(str(directory)).state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        if tensor.is_floating_point():
+            assert loaded[name].dtype == torch.bfloat16, name
+            assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name

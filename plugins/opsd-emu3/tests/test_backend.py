@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opsd_core.api import CapabilityError, ConfigError, Problem
-from opsd_core.testing.backend_contract import check_backend_contract
+from opsd_core.testing.backend_contract import check_backend_contract, check_transformers_export
 from opsd_emu3.backend import Emu3Backend
 from opsd_emu3.config import Emu3Params
 
@@ -210,16 +210,4 @@ def test_drawing_checkpoints_that_cannot_serve_are_refused(tmp_path):
 def test_the_export_loads_with_transformers_in_bf16(tmp_path, max_shard_bytes):
     from transformers import Emu3ForConditionalGeneration
 
-    backend = debug_backend()
-    model = backend.build_model()
-    expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    backend.export_model(model, tmp_path, torch.bfloat16, max_shard_bytes)
-    names = {path.name for path in tmp_path.iterdir()}
-    assert {"config.json", "tokenizer.json", "preprocessor_config.json"} <= names
-    assert ("model.safetensors.index.json" in names) == (max_shard_bytes is not None)
-    loaded = Emu3ForConditionalGeneration.from_pretrained(str(tmp_path)).state_dict()
-    assert loaded.keys() == expected.keys()
-    for name, tensor in expected.items():
-        if tensor.is_floating_point():
-            assert loaded[name].dtype == torch.bfloat16, name
-            assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name
+    check_transformers_export(debug_backend(), Emu3ForConditionalGeneration, tmp_path, max_shard_bytes)

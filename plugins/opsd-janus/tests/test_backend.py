@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from opsd_core.api import Problem
 from opsd_core.api.backend import BatchedSampler
-from opsd_core.testing.backend_contract import check_backend_contract
+from opsd_core.testing.backend_contract import check_backend_contract, check_transformers_export
 
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -181,15 +181,4 @@ def test_a_forward_cap_beyond_the_positions_is_refused_when_the_run_starts(backe
 def test_the_export_loads_with_transformers_in_bf16(backend, tmp_path, max_shard_bytes):
     from transformers import JanusForConditionalGeneration
 
-    model = backend.build_model()
-    expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    backend.export_model(model, tmp_path, torch.bfloat16, max_shard_bytes)
-    names = {path.name for path in tmp_path.iterdir()}
-    assert {"config.json", "tokenizer.json", "preprocessor_config.json"} <= names
-    assert ("model.safetensors.index.json" in names) == (max_shard_bytes is not None)
-    loaded = JanusForConditionalGeneration.from_pretrained(str(tmp_path)).state_dict()
-    assert loaded.keys() == expected.keys()
-    for name, tensor in expected.items():
-        if tensor.is_floating_point():
-            assert loaded[name].dtype == torch.bfloat16, name
-            assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name
+    check_transformers_export(backend, JanusForConditionalGeneration, tmp_path, max_shard_bytes)
