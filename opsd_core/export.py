@@ -71,13 +71,11 @@ def export_checkpoint(
             "(capability export); the checkpoint's student/ and teacher/ directories load with the backend itself"
         )
     adapters = lora_settings(config)
-    if adapters is not None and (checkpoint / model / lora.ADAPTERS_FILE).is_file():
-        # A LoRA run's adapters, merged into the start model: the export is a complete model.
-        module = lora.load_merged(backend.build_model(), adapters, checkpoint / model)
-    elif (checkpoint / START_RECORD).is_file():
-        # Trainable tensors only: they go over the start model, whose frozen weights they keep.
+    if (checkpoint / START_RECORD).is_file() or (adapters is not None and (checkpoint / model / lora.ADAPTERS_FILE).is_file()):
+        # Trainable tensors or LoRA adapters only: they go over (are merged into) the start
+        # model, whose hash the checkpoint records; the export is a complete model.
         module = backend.build_model()
-        load_model(backend, module, checkpoint, model)
+        load_model(backend, module, checkpoint, model, adapters)
     else:
         module = _model_on_cpu(backend)
         load_into(module, read_model_state(checkpoint, model), checkpoint / model)

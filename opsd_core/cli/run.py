@@ -319,17 +319,11 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
     backend = components if backend_only else components.backend
     model = backend.build_model()
     if checkpoint is not None:
-        from opsd_core.trainer.checkpoint import load_model, verify_checkpoint
+        from opsd_core.trainer.checkpoint import load_model
 
-        from opsd_core import lora
         from opsd_core.config import lora_settings
 
-        directory, settings = Path(checkpoint), lora_settings(experiment_config)
-        if settings is not None and (directory / "student" / lora.ADAPTERS_FILE).is_file():
-            verify_checkpoint(directory)
-            lora.load_merged(model, settings, directory / "student")  # a LoRA run's checkpoint holds adapters
-        else:
-            load_model(backend, model, directory)
+        load_model(backend, model, Path(checkpoint), adapters=lora_settings(experiment_config))
     return components, model.to(backend.device).eval()
 
 

@@ -12,6 +12,8 @@ Owns: the checkpoint directory layout, ``step-NNNNNNN/`` holding ``trainer_state
   drawn from a seed), "sha256": its hash (a directory's: over its files' relative paths and
   hashes, sorted), "backend": the run's backend section}``; a complete model is that start with
   ``trainable.safetensors`` loaded over it;
+* ``student/adapters.safetensors`` and ``teacher/adapters.safetensors`` (LoRA runs): the
+  adapter tensors, with ``start.json`` naming the start model they go over, as above;
 * ``sharded/``, a ``torch.distributed.checkpoint`` directory where every process of a
   multi-process run writes its own shards of the complete student, teacher and optimizer state
   (:func:`is_sharded`).
@@ -403,11 +405,23 @@ def read_trainable(model: torch.nn.Module, frozen: set[str], directory: Path) ->
                 tensor.copy_(tensors[name])
 
 
-def load_model(backend: Any, model: torch.nn.Module, directory: Path, name: str = "student") -> None:
+def load_model(
+    backend: Any, model: torch.nn.Module, directory: Path, name: str = "student", adapters: Any | None = None
+) -> None:
     """Fill ``model`` (as ``backend.build_model`` made it: the start weights) from a model
     directory, or from a training checkpoint's ``name`` (student or teacher): complete (whole or
-    sharded), or its trainable tensors over the start weights after checking the start's hash."""
+    sharded), its trainable tensors over the start weights, or (``adapters``, the run's
+    ``[backend.lora]`` section) its LoRA adapters merged into the start weights; the last two
+    after checking the start's hash where the checkpoint records it."""
+    from opsd_core import lora
+
     directory = Path(directory)
+    if adapters is not None and (directory / name / lora.ADAPTERS_FILE).is_file():
+        verify_checkpoint(directory)
+        if (directory / START_RECORD).is_file():
+            check_start(directory, backend.start_checkpoint())
+        lora.load_merged(model, adapters, directory / name)
+        return
     if is_sharded(directory):
         model.load_state_dict(read_sharded_weights(directory, name))
         return
@@ -417,6 +431,11 @@ def load_model(backend: Any, model: torch.nn.Module, directory: Path, name: str 
     verify_checkpoint(directory)
     if (directory / START_RECORD).is_file():
         record = check_start(directory, backend.start_checkpoint())
+        if (directory / name / lora.ADAPTERS_FILE).is_file():
+            raise CheckpointError(
+                f"checkpoint {str(directory)!r} holds LoRA adapters; load it with the run's config, whose "
+                "[backend.lora] section says where they go (--config RUN_DIR/config.toml)"
+            )
         read_trainable(model, set(record["frozen"]), directory / name)
     else:
         backend.load_weights(model, directory / name)

@@ -552,15 +552,16 @@ class Trainer:
         def write_weights(directory: Path) -> None:
             if self.ranks.distributed:  # complete models, every rank its own shards
                 sharded_state.save_sharded(directory, self.student, self.teacher, self.optimizer)
-            elif self.lora is not None:  # the adapters; the base is the start model's
-                lora.save_adapters(self.student, directory / "student")
-                lora.save_adapters(self.teacher, directory / "teacher")
             elif not self._frozen:
                 self.backend.save_pretrained(self.student, directory / "student")
                 self.backend.save_pretrained(self.teacher, directory / "teacher")
             else:
-                checkpoint.write_trainable(self.student, self._frozen, directory / "student")
-                checkpoint.write_trainable(self.teacher, self._frozen, directory / "teacher")
+                if self.lora is not None:  # the adapters; the base is the start model's
+                    lora.save_adapters(self.student, directory / "student")
+                    lora.save_adapters(self.teacher, directory / "teacher")
+                else:
+                    checkpoint.write_trainable(self.student, self._frozen, directory / "student")
+                    checkpoint.write_trainable(self.teacher, self._frozen, directory / "teacher")
                 if self._start_record is None:  # hashing a large start checkpoint takes a while: once
                     backend_section = self.config.backend.model_dump(mode="json")
                     start = self.backend.start_checkpoint()
@@ -590,11 +591,7 @@ class Trainer:
             sharded_state.load_sharded(directory, self.student, self.teacher, self.optimizer, groups)
         else:
             partial = (directory / checkpoint.START_RECORD).is_file()
-            if self.lora is not None:
-
-                def load(full: torch.nn.Module, name: str) -> None:
-                    lora.load_adapters(full, directory / name)
-            elif partial:  # trainable tensors only: the frozen ones must be the start checkpoint's
+            if partial:  # trainable tensors or adapters: the frozen ones must be the start checkpoint's
                 problem = None
                 if main:
                     try:
@@ -604,6 +601,11 @@ class Trainer:
                 problem = self.ranks.broadcast(problem)  # every rank stops, not rank 0 alone
                 if problem:
                     raise CheckpointError(problem)
+            if self.lora is not None:
+
+                def load(full: torch.nn.Module, name: str) -> None:
+                    lora.load_adapters(full, directory / name)
+            elif partial:
 
                 def load(full: torch.nn.Module, name: str) -> None:
                     checkpoint.read_trainable(full, self._frozen, directory / name)

@@ -161,3 +161,38 @@ def test_targets_by_last_parts_and_by_pattern(tmp_path):
     assert adapted_layers(model, {"target_modules": ["mlp.2", "lm_head"]}) == [
         *(f"blocks.{i}.mlp.2" for i in range(model.config.n_layers)), "lm_head"
     ]  # fmt: skip
+
+
+def test_a_lora_checkpoint_names_its_start_and_refuses_another(tmp_path, monkeypatch):
+    from opsd_core.config import lora_settings
+    from opsd_core.errors import CheckpointError
+    from opsd_core.trainer.checkpoint import START_RECORD, load_model, path_sha256
+
+    trainer, start_model = _trainer(tmp_path, "optim.lr=1e-2")
+    trainer.train_step()
+    directory = trainer.save()
+    record = json.loads((directory / START_RECORD).read_text())
+    start = trainer.backend.start_checkpoint()
+    assert record["path"] == str(start.resolve()) and record["sha256"] == path_sha256(start)
+    assert record["frozen"] == sorted(name for name, _ in start_model.named_parameters())  # the whole base
+
+    # What `opsd eval --checkpoint` and `opsd export` load: the start model, adapters merged.
+    adapters = lora_settings(trainer.config)
+    model = trainer.backend.build_model()
+    load_model(trainer.backend, model, directory, adapters=adapters)
+    merged = lora.merged_state_dict(trainer.student)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, merged[name], rtol=0, atol=1e-6)
+
+    # Without the run's LoRA settings the adapters cannot be placed: said, not a key mismatch.
+    with pytest.raises(CheckpointError, match="holds LoRA adapters"):
+        load_model(trainer.backend, trainer.backend.build_model(), directory)
+
+    # Another start model: refused in one line, on loading and on resuming.
+    other = trainer.backend.build_model()
+    monkeypatch.setattr(type(trainer.backend), "start_checkpoint", lambda self: directory / "student")
+    with pytest.raises(CheckpointError, match="keeps only trainable tensors; its frozen ones are those of the start"):
+        load_model(trainer.backend, other, directory, adapters=adapters)
+    resumed, _ = _trainer(tmp_path, "optim.lr=1e-2")
+    with pytest.raises(CheckpointError, match="keeps only trainable tensors; its frozen ones are those of the start"):
+        resumed.resume()
