@@ -27,7 +27,6 @@ A thinkmorph-data case whose ``task.root`` does not exist trains on the syntheti
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import shlex
@@ -37,12 +36,14 @@ from pathlib import Path
 
 import torch
 
+from opsd_core import lora
 from opsd_core.components import build_components
-from opsd_core.config import load_config
+from opsd_core.config import load_config, lora_settings
 from opsd_core.memory_census import run_plan
 from opsd_core.memory_plan import GIB
 from opsd_core.rundir import MetricsLog
 from opsd_core.runtime import apply_threads, resolve_device
+from opsd_core.trainer import trainable
 from opsd_core.trainer.trainer import Trainer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -98,10 +99,14 @@ def measure(case: str, steps: int, workdir: Path) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     start = components.backend.build_model().to(device).requires_grad_(False)
-    student = copy.deepcopy(start).requires_grad_(True)
+    # The student as `opsd run` builds it in one process: adapters over the shared frozen start
+    # (LoRA), or a copy sharing the start's frozen tensors (the backend's trainable set).
+    if lora_settings(config) is not None:
+        student = lora.base_sharing_copy(start)
+    else:
+        student = trainable.student_from_start(components.backend, start)
     trainer = Trainer(components, student, workdir / "phase", MetricsLog(workdir / "metrics.jsonl"))
-    for _ in range(steps):
-        trainer.train_step()
+    step_metrics = [trainer.train_step() for _ in range(steps)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     measured = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -125,6 +130,9 @@ def measure(case: str, steps: int, workdir: Path) -> dict:
         "planned_host_bytes": planned.estimate.host_peak,
         "host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "seconds": time.perf_counter() - started,
+        # The last step's split (the first compiles and warms up).
+        "last_step_s": {key: round(value, 2) for key, value in step_metrics[-1].items() if key.endswith("_s")},
+        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
     }
     del trainer, student, start, components
     if device.type == "cuda":

@@ -42,3 +42,27 @@ def test_memory_shape_is_the_llm_config():
     assert shape.visual_thought_tokens == 4900 + 2 * 4096 + 512 and shape.visual_thought_passes == 3
     understanding_only = ThinkMorphBackend(ThinkMorphParams(flavour="7b-random", generation=False))
     assert understanding_only.memory_shape().visual_thought_tokens == 0
+
+
+def test_random_layers_builds_the_full_width_with_fewer_decoder_layers():
+    import pytest
+    from pydantic import ValidationError
+
+    full = groups(*_skeleton(ThinkMorphParams(flavour="7b-random")))
+    four = groups(*_skeleton(ThinkMorphParams(flavour="7b-random", random_layers=4)))
+    # Only the decoder's layers go: embeddings, lm_head, norms, ViT and connectors stay.
+    for group in ("language_model", GENERATION_EXPERT):
+        per_layer, rest = divmod(full[group] - four[group], 24)
+        assert rest == 0 and per_layer > 0  # 24 identical layers fewer
+    assert four[GENERATION_EXPERT] == 4 * (full[GENERATION_EXPERT] - four[GENERATION_EXPERT]) // 24 + 3584  # + final norm
+    assert {k: v for k, v in four.items() if k not in ("language_model", GENERATION_EXPERT)} == {
+        k: v for k, v in full.items() if k not in ("language_model", GENERATION_EXPERT)
+    }
+    assert ThinkMorphBackend(ThinkMorphParams(flavour="7b-random", random_layers=4)).memory_shape().num_layers == 4
+    with pytest.raises(ValidationError, match="random_layers applies to flavour '7b-random' only"):
+        ThinkMorphParams(flavour="debug", random_layers=4)
+
+
+def _skeleton(params: ThinkMorphParams):
+    backend = ThinkMorphBackend(params)
+    return backend, backend.model_skeleton()

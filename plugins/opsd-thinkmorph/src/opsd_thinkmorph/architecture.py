@@ -199,9 +199,11 @@ def _required(directory: Path, name: str, what: str) -> Path:
     return path
 
 
-def seven_b() -> BagelConfig:
-    """The full-size BAGEL-7B-MoT architecture (for random-weight benchmarks)."""
-    return BagelConfig()
+def seven_b(num_layers: int | None = None) -> BagelConfig:
+    """The full-size BAGEL-7B-MoT architecture (for random-weight benchmarks), with
+    ``num_layers`` decoder layers instead of 28 when given (every width unchanged)."""
+    config = BagelConfig()
+    return config if num_layers is None else replace(config, llm=replace(config.llm, num_layers=num_layers))
 
 
 # Debug vocabulary: 256 byte tokens, then the special tokens, padded to a multiple of 16 as Qwen pads.

@@ -96,7 +96,7 @@ class ThinkMorphBackend(Backend):
         elif p.flavour == DEBUG:
             config = architecture.debug().with_visual_gen(p.generation)
         else:
-            config = architecture.seven_b().with_visual_gen(p.generation)
+            config = architecture.seven_b(p.random_layers).with_visual_gen(p.generation)
         self.tokenizer = load_tokenizer(self.directory, config.special)
         if self.directory is not None and hasattr(self.tokenizer, "special"):
             config = replace(config, special=self.tokenizer.special)

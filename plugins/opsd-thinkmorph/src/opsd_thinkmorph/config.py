@@ -54,6 +54,14 @@ class ThinkMorphParams(PluginParams):
         "for them.",
     )
     seed: int = Field(0, description="Seed of the random-weight flavours.", ge=0)
+    random_layers: int | None = Field(
+        None,
+        description="'7b-random' only: decoder layers to build instead of the architecture's 28 (every "
+        "other size stays full): a model of the full width that fits one GPU with full fine-tuning, for "
+        "the memory and timing scripts. None builds all 28.",
+        ge=1,
+        le=28,
+    )
     fixed_shape_decoding: bool = Field(
         True,
         description="Decode with fixed-shape steps (each attends over the whole preallocated cache with a "
@@ -101,6 +109,8 @@ class ThinkMorphParams(PluginParams):
 
     @model_validator(mode="after")
     def _checkpoint_for_flavour(self) -> ThinkMorphParams:
+        if self.random_layers is not None and self.flavour != RANDOM_7B:
+            raise ValueError(f"random_layers applies to flavour '{RANDOM_7B}' only (flavour is {self.flavour!r})")
         if self.flavour == CHECKPOINT and self.checkpoint is None:
             raise ValueError(
                 "backend.checkpoint is required with flavour 'checkpoint': the local ThinkMorph-7B "
