@@ -30,6 +30,8 @@ import argparse
 import json
 import resource
 import shlex
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -140,6 +142,36 @@ def measure(case: str, steps: int, workdir: Path) -> dict:
     return record
 
 
+def isolated(case: str, steps: int, workdir: Path) -> dict:
+    """``measure`` in a child process; a case that fails (out of memory, say) gives a record
+    holding the planner's figures and the failure's last line."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    output = workdir / "record.json"
+    command = [sys.executable, __file__, "--case", case, "--steps", str(steps), "--workdir", str(workdir), "--json", str(output)]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode == 0:
+        return json.loads(output.read_text())[0]
+    config = case_config(case, workdir)
+    components = build_components(config)
+    planned, census = run_plan(config, components.backend, components.divergence.uses_hidden_states, 1, None, None)
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    return {
+        "case": case,
+        "device": "failed",
+        "parameters": census.total,
+        "planned_gpu_bytes": planned.estimate.gpu_peak,
+        "planned_stage": planned.estimate.peak_stage,
+        "student_positions": 0,
+        "planned_at_length_gpu_bytes": None,
+        "measured_gpu_bytes": None,
+        "ratio": None,
+        "ratio_at_length": None,
+        "planned_host_bytes": planned.estimate.host_peak,
+        "host_max_rss_bytes": None,
+        "error": lines[-1] if lines else f"exit status {finished.returncode}",
+    }
+
+
 def table(records: list[dict]) -> str:
     """A markdown table of the records."""
 
@@ -162,6 +194,8 @@ def table(records: list[dict]) -> str:
             f"| {ratio(r['ratio'])}, {ratio(r['ratio_at_length'])} | {gib(r['planned_host_bytes'])} "
             f"| {gib(r['host_max_rss_bytes'])} |"
         )
+        if "error" in r:
+            lines[-1] += f" failed: {r['error'][:300]}"
     return "\n".join(lines)
 
 
@@ -181,10 +215,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1:
         raise SystemExit("--steps must be at least 1")
-    records = []
-    for number, case in enumerate(args.cases or DEFAULT_CASES):
-        records.append(measure(case, args.steps, args.workdir / f"case-{number}"))
-        print(json.dumps(records[-1]), flush=True)
+    cases = args.cases or DEFAULT_CASES
+    if len(cases) == 1:
+        records = [measure(cases[0], args.steps, args.workdir)]
+    else:  # one process per case: nothing a case leaves allocated (caches, graphs) counts in the next
+        records = [isolated(case, args.steps, args.workdir / f"case-{number}") for number, case in enumerate(cases)]
+    for record in records:
+        print(json.dumps(record), flush=True)
     print(table(records))
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
