@@ -391,8 +391,8 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
               "$OPSD_JUDGE_API_KEY. Default: exact matching, no network.")
 @click.option("--judge-model", metavar="NAME", help="With --judge: the model name sent in each request.")
 @click.option("--judge-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-              help="With --judge: seconds one request may take.")
-@click.option("--judge-retries", type=click.IntRange(min=0), default=4, show_default=True,
+              metavar="SECONDS", help="With --judge: seconds one request may take.")
+@click.option("--judge-retries", type=click.IntRange(min=0), default=4, show_default=True, metavar="N",
               help="With --judge: further tries after a connection error, a timeout, HTTP 5xx or 429 (back-off 1 s, doubling).")
 def eval_command(
     config_path: str | None,
@@ -478,12 +478,20 @@ def eval_command(
                                       max_visual_thoughts=max_visual_thoughts)
         records = harness.read_predictions(target / harness.PREDICTIONS)
     records = [r for r in records if r.get("mode", "text") in chosen]
+    from opsd_core.evaluation.judge import CACHE_FILE, JudgeClient, JudgeError
+
     judge = None
     if judge_url is not None:
-        from opsd_core.evaluation.judge import CACHE_FILE, JudgeClient
-
         judge = JudgeClient(judge_url, judge_model, target / CACHE_FILE, judge_timeout, judge_retries)
-    results, items = harness.score_predictions(records, names, Path(data_root), chartqa_gold_relative, limit, judge)
+    try:
+        results, items = harness.score_predictions(records, names, Path(data_root), chartqa_gold_relative, limit, judge)
+    except JudgeError as error:
+        if predictions is not None:
+            raise
+        raise JudgeError(
+            f"{error}. The answers are kept: score them later with --predictions {target / harness.PREDICTIONS} "
+            f"--out {target} --force --judge URL --judge-model NAME"
+        ) from None
     paths = harness.write_results(results, items, target)
     click.echo(harness.results_markdown(results))
     if judge is not None:

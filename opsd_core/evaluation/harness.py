@@ -253,7 +253,8 @@ def score_predictions(
         accuracies = [figures["accuracy"] for figures in table.values() if not math.isnan(figures["accuracy"])]
         table["average"] = {"accuracy": sum(accuracies) / len(accuracies) if accuracies else math.nan}
         if judge is not None:
-            exact = [figures["accuracy_exact"] for figures in table.values() if not math.isnan(figures.get("accuracy_exact", math.nan))]
+            exact = [figures.get("accuracy_exact", math.nan) for figures in table.values()]
+            exact = [accuracy for accuracy in exact if not math.isnan(accuracy)]
             table["average"]["accuracy_exact"] = sum(exact) / len(exact) if exact else math.nan
             table["average"]["judged"] = sum(figures.get("judged", 0.0) for figures in table.values())
         results[mode] = table

@@ -369,3 +369,16 @@ def test_opsd_eval_with_an_unreachable_judge_fails_in_one_line(root, tmp_path):
 def test_opsd_eval_judge_flags_go_together(root, tmp_path):
     result = CliRunner().invoke(cli, ["eval", "--benchmarks", "vsp", "--data-root", str(root), "--judge", "http://x"])
     assert result.exit_code != 0 and "--judge-model" in result.output
+
+
+def test_answering_with_an_unreachable_judge_keeps_the_answers_and_says_how_to_score_them(root, tmp_path):
+    port = free_port()
+    arguments = ["eval", "--benchmarks", "vispuzzle,chartqa", "--data-root", str(root), "--limit", "1", "--out",
+                 str(tmp_path), "--set", "backend.free_text=skip", "--judge", f"http://127.0.0.1:{port}",
+                 "--judge-model", "j", "--judge-retries", "0"]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code != 0
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 2
+    last = result.output.strip().splitlines()[-1]  # after the progress bars
+    assert last.startswith("Error: LLM judge") and result.output.count("Error:") == 1
+    assert f"The answers are kept: score them later with --predictions {tmp_path / 'predictions.jsonl'}" in last
