@@ -116,6 +116,7 @@ class JudgeClient:
         timeout_s: seconds one request may take.
         retries: further tries after a connection error, a timeout, HTTP 5xx or 429.
         backoff_s: the wait before the first retry; it doubles with each one.
+        endpoint: where requests go (:func:`chat_completions_url` of ``url``).
         sent: requests answered by the endpoint so far.
         cached: answers served from the cache so far.
     """
@@ -126,8 +127,9 @@ class JudgeClient:
     timeout_s: float = DEFAULT_TIMEOUT_S
     retries: int = DEFAULT_RETRIES
     backoff_s: float = DEFAULT_BACKOFF_S
-    sent: int = 0
-    cached: int = 0
+    endpoint: str = field(init=False)
+    sent: int = field(default=0, init=False)
+    cached: int = field(default=0, init=False)
     cache: JudgeCache = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
