@@ -379,6 +379,15 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
 @click.option("--force", is_flag=True, help="With --predictions: replace results already in --out.")
 @click.option("--max-visual-thoughts", type=click.IntRange(min=1), default=3, show_default=True,
               help="vt mode, backends with interleaved inference: images drawn per answer at most (the paper's harness: 3).")
+@click.option("--judge", "judge_url", metavar="URL",
+              help="Benchmarks: ask this OpenAI-compatible chat endpoint (base URL, with or without /v1) wherever the "
+              "paper's harness asks its LLM judge; answers are cached in OUT/judge-cache.jsonl. Key, if any: "
+              "$OPSD_JUDGE_API_KEY. Default: exact matching, no network.")
+@click.option("--judge-model", metavar="NAME", help="With --judge: the model name sent in each request.")
+@click.option("--judge-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              metavar="SECONDS", help="With --judge: seconds one request may take.")
+@click.option("--judge-retries", type=click.IntRange(min=0), default=4, show_default=True, metavar="N",
+              help="With --judge: further tries after a connection error, a timeout, HTTP 5xx or 429 (back-off 1 s, doubling).")
 def eval_command(
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -395,6 +404,10 @@ def eval_command(
     chartqa_gold_relative: bool,
     force: bool,
     max_visual_thoughts: int,
+    judge_url: str | None,
+    judge_model: str | None,
+    judge_timeout: float,
+    judge_retries: int,
 ) -> None:
     """Greedy accuracy: of the task's student/teacher/noise contexts, or on the paper's benchmarks.
 
@@ -403,11 +416,15 @@ def eval_command(
     each mode and OUT/items.jsonl how each item was scored (extracted answer, deciding rule, hit).
     With --predictions, recorded answers are scored and no model is loaded; the results go to
     --out (default: a new directory under the current one), never over earlier results unless
-    --force is given.
+    --force is given. With --judge, the items the paper's harness sends to its LLM judge are
+    decided by the endpoint named (cached in OUT/judge-cache.jsonl) and counted apart.
     """
     if benchmarks is None:
-        if predictions or data_root:
-            raise click.BadParameter("--predictions and --data-root go with --benchmarks", param_hint="--benchmarks")
+        if predictions or data_root or judge_url:
+            raise click.BadParameter("--predictions, --data-root and --judge go with --benchmarks", param_hint="--benchmarks")
+    if (judge_url is None) != (judge_model is None):
+        raise click.BadParameter("--judge URL and --judge-model NAME go together", param_hint="--judge")
+    if benchmarks is None:
         _task_eval(config_path, overrides, checkpoint, contexts)
         return
     from opsd_core.evaluation import harness
@@ -455,9 +472,26 @@ def eval_command(
                                       max_visual_thoughts=max_visual_thoughts)
         records = harness.read_predictions(target / harness.PREDICTIONS)
     records = [r for r in records if r.get("mode", "text") in chosen]
-    results, items = harness.score_predictions(records, names, Path(data_root), chartqa_gold_relative, limit)
+    from opsd_core.evaluation.judge import CACHE_FILE, JudgeClient, JudgeError
+
+    judge = None
+    if judge_url is not None:
+        judge = JudgeClient(judge_url, judge_model, target / CACHE_FILE, judge_timeout, judge_retries)
+    try:
+        results, items = harness.score_predictions(records, names, Path(data_root), chartqa_gold_relative, limit, judge)
+    except JudgeError as error:
+        if predictions is not None:
+            raise
+        raise JudgeError(
+            f"{error}. The answers are kept: score them later with --predictions {target / harness.PREDICTIONS} "
+            f"--out {target} --force --judge URL --judge-model NAME"
+        ) from None
     paths = harness.write_results(results, items, target)
     click.echo(harness.results_markdown(results))
+    if judge is not None:
+        decided = sum(item["judge"] is not None for item in items)
+        click.echo(f"Judge {judge_model}: {decided} items on the judge path; {judge.sent} requests sent, "
+                   f"{judge.cached} answers from {target / CACHE_FILE}")
     click.echo("Results: " + ", ".join(str(p) for p in paths))
 
 

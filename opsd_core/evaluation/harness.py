@@ -29,6 +29,8 @@ from opsd_core.evaluation.benchmarks import (
     score,
 )
 from opsd_core.evaluation.items import BenchmarkDataError
+from opsd_core.evaluation.judge import JudgeClient
+from opsd_core.evaluation.judge_rules import judge_items
 from opsd_core.evaluation.scorers import CIRCULAR_OFFSET
 
 MODES = ("text", "vt")
@@ -177,6 +179,7 @@ def score_predictions(
     data_root: Path,
     chartqa_gold_relative: bool = False,
     limit: int | None = None,
+    judge: JudgeClient | None = None,
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], list[dict]]:
     """(results, item records) for the records of ``names``.
 
@@ -189,8 +192,13 @@ def score_predictions(
 
     Each item record extends the prediction record (``response`` None when unanswered) with
     ``part``, ``category``, ``gold``, ``extracted``, ``rule`` (see
-    :class:`~opsd_core.evaluation.rules.Verdict`), ``hit``, ``judge`` (None: exact matching) and,
-    for circular benchmarks, ``question_hit`` (every rotated copy right).
+    :class:`~opsd_core.evaluation.rules.Verdict`), ``hit``, ``judge`` (None: exact matching
+    decided) and, for circular benchmarks, ``question_hit`` (every rotated copy right).
+
+    With a ``judge``, the items the harness would send to its LLM judge are decided by it
+    (:func:`~opsd_core.evaluation.judge_rules.judge_items`): their ``judge`` is
+    ``{"model", "replies"}``, and each benchmark's figures add ``judged`` (those items) and
+    ``accuracy_exact`` (the accuracy exact matching alone gives).
     """
     by_mode: dict[str, dict[tuple[str, int], dict]] = {}
     for record in records:
@@ -208,10 +216,20 @@ def score_predictions(
                 record = answered.get((name, item.index))
                 found.append(record)
                 verdicts.append(score(item, record["response"], chartqa_gold_relative) if record else None)
+            judged: list[dict | None] = [None] * len(items)
+            exact_hits = [verdict is not None and verdict.hit for verdict in verdicts]
+            if judge is not None:
+                responses = [record["response"] if record else None for record in found]
+                verdicts, judged = judge_items(
+                    judge, BENCHMARKS[name].scoring, items, responses, verdicts, chartqa_gold_relative
+                )
             hits = [verdict is not None and verdict.hit for verdict in verdicts]
             figures = aggregate(BENCHMARKS[name], items, hits)
+            if judge is not None:
+                figures["judged"] = float(sum(record is not None for record in judged))
+                figures["accuracy_exact"] = aggregate(BENCHMARKS[name], items, exact_hits)["accuracy"]
             groups = circular_groups(items, hits) if BENCHMARKS[name].aggregate == "circular" else None
-            for item, record, verdict, hit in zip(items, found, verdicts, hits):
+            for item, record, verdict, hit, judge_record in zip(items, found, verdicts, hits, judged):
                 entry = dict(record) if record else {"benchmark": name, "index": item.index, "mode": mode, "response": None}
                 entry |= {
                     "part": item.release_part,
@@ -220,7 +238,7 @@ def score_predictions(
                     "extracted": verdict.extracted if verdict else None,
                     "rule": verdict.rule if verdict else "unanswered",
                     "hit": hit,
-                    "judge": None,
+                    "judge": judge_record,
                 }
                 if groups is not None:
                     entry["question_hit"] = groups.get(item.index % CIRCULAR_OFFSET, False)
@@ -234,16 +252,24 @@ def score_predictions(
             table[name] = figures
         accuracies = [figures["accuracy"] for figures in table.values() if not math.isnan(figures["accuracy"])]
         table["average"] = {"accuracy": sum(accuracies) / len(accuracies) if accuracies else math.nan}
+        if judge is not None:
+            exact = [figures.get("accuracy_exact", math.nan) for figures in table.values()]
+            exact = [accuracy for accuracy in exact if not math.isnan(accuracy)]
+            table["average"]["accuracy_exact"] = sum(exact) / len(exact) if exact else math.nan
+            table["average"]["judged"] = sum(figures.get("judged", 0.0) for figures in table.values())
         results[mode] = table
     return results, item_records
 
 
 # ---------------------------------------------------------------------------------------------- output
 def results_markdown(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """One row per benchmark, per mode: accuracy, tokens and seconds per sample."""
+    """One row per benchmark, per mode: accuracy, tokens and seconds per sample; with a judge, also
+    the items it decided and the accuracy of exact matching alone."""
     modes = [mode for mode in MODES if mode in results] + [m for m in results if m not in MODES]
-    header = "| benchmark | " + " | ".join(f"{m} acc | {m} tokens/sample | {m} s/sample" for m in modes) + " |"
-    lines = [header, "|---|" + "---|---|---|" * len(modes)]
+    judged = any("judged" in figures for table in results.values() for figures in table.values())
+    columns = ("acc", "tokens/sample", "s/sample") + (("judged", "acc exact") if judged else ())
+    header = "| benchmark | " + " | ".join(f"{m} {column}" for m in modes for column in columns) + " |"
+    lines = [header, "|---|" + "---|" * len(columns) * len(modes)]
     names = [n for n in next(iter(results.values())) if n != "average"] if results else []
     for name in [*names, "average"]:
         cells = []
@@ -252,6 +278,9 @@ def results_markdown(results: dict[str, dict[str, dict[str, float]]]) -> str:
             cells.append(_cell(figures.get("accuracy"), "{:.1f}"))
             cells.append(_cell(figures.get("tokens"), "{:.0f}"))
             cells.append(_cell(figures.get("seconds"), "{:.2f}"))
+            if judged:
+                cells.append(_cell(figures.get("judged"), "{:.0f}"))
+                cells.append(_cell(figures.get("accuracy_exact"), "{:.1f}"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
