@@ -5,7 +5,8 @@ refusing bad input before any run starts (a key that is no config field, a value
 rejects at any grid point, duplicate keys or values, empty values), naming each run's
 directory after its grid point and seed, the sweep directory's manifest ``sweep.json`` (the
 grid, the command, each run's status), launching up to ``jobs`` runs at a time with
-``run.threads`` set so that jobs x threads never exceeds the cores, and resuming an
+``run.threads`` set so that jobs x threads never exceeds the cores (nor a ``--set run.threads``
+cap), and resuming an
 interrupted sweep: a finished run is skipped, a started one continues with
 ``opsd run --resume``.
 Does not know: torch, what a run computes, or how the comparison report is built
@@ -38,7 +39,7 @@ _SWEEP_OWNED = {
     "run.name": "the sweep names each run after its grid point and seed",
     "run.output_dir": "the runs go under the sweep directory (--out)",
     "run.seed": "use --seeds",
-    "run.threads": "the sweep sets it from --jobs and the cores",
+    "run.threads": "the sweep sets it from --jobs and the cores (--set run.threads=N caps it)",
 }
 _NAME_LIMIT = 150
 
@@ -182,7 +183,7 @@ def plan_sweep(
     base = load_config(config_path, overrides)
     set_keys = [".".join(parse_override(override)[0]) for override in overrides]
     for key in set_keys:
-        if key in _SWEEP_OWNED:
+        if key in _SWEEP_OWNED and key != "run.threads":  # --set run.threads caps each run's threads
             raise ConfigError(f"--set {key}: the sweep sets it; {_SWEEP_OWNED[key]}")
     for axis in axes:
         if axis.key in set_keys:
@@ -279,14 +280,14 @@ class Sweep:
 
     def run_command(self, run: PlannedRun, threads: int) -> list[str]:
         """The ``opsd run`` process of ``run``: a new run, or ``--resume`` of a started one."""
-        opsd = [sys.executable, "-m", "opsd_core", "run"]
-        launch = ["--no-progress", "--set", f"run.threads={threads}"]
+        opsd = [sys.executable, "-m", "opsd_core", "run", "--no-progress"]
+        launch = ["--set", f"run.threads={threads}"]  # last: it wins over a --set of the sweep
         directory = self.directory / run.name
         if (directory / CONFIG).is_file():
             return [*opsd, "--resume", str(directory), *launch]
         located = [f"run.output_dir={json.dumps(str(self.directory))}", f"run.name={json.dumps(run.name)}"]
         sets = [part for override in [*located, *run.overrides()] for part in ("--set", override)]
-        return [*opsd, str(self.config_path), *launch, *sets]
+        return [*opsd, str(self.config_path), *sets, *launch]
 
     def execute(self, jobs: int, threads: int, echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
         """Run every run not finished yet, ``jobs`` at a time; each run's status (finished,

@@ -36,7 +36,8 @@ def _check_jobs(jobs: int, cores: int) -> None:
               help="Override a config value of every run (before the grid's values). Repeatable.")
 @click.option("--seeds", metavar="S1,S2,...", help="Seeds (run.seed) of every grid point. Default: the config's run.seed.")
 @click.option("--jobs", type=int, default=1, show_default=True,
-              help="Runs at the same time, each an `opsd run` process with run.threads = cores // jobs.")
+              help="Runs at the same time, each an `opsd run` process with run.threads = cores // jobs "
+              "(or less: --set run.threads=N caps it).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="The sweep directory. Default: run.output_dir/<run.name>-sweep of CONFIG.")
 def sweep_command(
@@ -56,7 +57,13 @@ def sweep_command(
     from opsd_core.config import load_config
     from opsd_core.diagnostics.comparison import read_runs, summarise, write_comparison
     from opsd_core.rundir import RunDirectory
-    from opsd_core.sweep import finished_runs, hold_sweep, open_sweep, parse_seeds, usable_cores
+    from opsd_core.sweep import (
+        finished_runs,
+        hold_sweep,
+        open_sweep,
+        parse_seeds,
+        usable_cores,
+    )
 
     config = load_config(config_path, overrides)
     chosen_seeds = parse_seeds(seeds) if seeds is not None else (config.run.seed,)
