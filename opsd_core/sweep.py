@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -301,6 +302,8 @@ class Sweep:
             echo(f"{skipped} of {len(self.runs)} runs already finished; skipping them.")
         running: dict[str, tuple[subprocess.Popen, Any]] = {}
         self.write_manifest(statuses)
+        # SIGTERM ends the sweep as Ctrl-C does: through the cleanup below, which stops its runs.
+        previous = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
         try:
             while waiting or running:
                 while waiting and len(running) < jobs:
@@ -334,6 +337,7 @@ class Sweep:
                 log.close()
                 statuses[name] = {"status": "interrupted"}
             self.write_manifest(statuses)
+            signal.signal(signal.SIGTERM, previous)
         return statuses
 
 

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from opsd_core.cli import cli
-from opsd_core.rundir import MetricsLog
+from opsd_core.rundir import MetricsLog, RunDirectory
 
 QUICKSTART = str(Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml")
 SHORT = [
@@ -129,3 +129,19 @@ def test_a_two_by_two_grid_with_two_seeds_and_the_noise_control(tmp_path):
     assert "## Visual-OPSD" in markdown and "## Noise-VT control" in markdown
     for key in report["keys"]:
         assert (tmp_path / f"sweep-vs-{key}.png").is_file()
+
+
+def test_sigterm_stops_the_sweep_and_its_running_run(tmp_path):
+    out = tmp_path / "sweep"
+    process = subprocess.Popen(_sweep(out, "--grid", "divergence.top_k=4"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = out / "divergence.top_k=4_seed=0"
+    deadline = time.monotonic() + 120
+    while not (run / "config.toml").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    (record,) = json.loads((out / "sweep.json").read_text())["runs"]
+    assert record["status"] == "interrupted"
+    with RunDirectory(run).lock():  # no process holds the run any more
+        pass
