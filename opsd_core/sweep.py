@@ -108,6 +108,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         if not part.strip().isdigit():
             raise ConfigError(f"--seeds {text!r}: write distinct non-negative integers separated by commas, e.g. 0,1,2")
         seeds.append(int(part))
+    if any(seed > 2**63 - 1 for seed in seeds):
+        raise ConfigError(f"--seeds {text!r}: a seed must be below 2**63")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r}: a seed is given twice")
     return tuple(seeds)

@@ -40,6 +40,7 @@ QUICKSTART = str(Path(__file__).resolve().parents[2] / "examples" / "quickstart.
         (["--seeds", "0,x"], "--seeds '0,x': write distinct non-negative integers"),
         (["--seeds", "-1"], "--seeds '-1': write distinct non-negative integers"),
         (["--seeds", "0,1,0"], "a seed is given twice"),
+        (["--seeds", str(2**63)], "a seed must be below 2**63"),
         (["--jobs", "0"], "--jobs 0: run at least 1 job at a time"),
         (["--jobs", "100000"], "--jobs 100000: this machine gives the sweep"),
     ],
@@ -75,6 +76,7 @@ def test_values_are_toml_literals_and_commas_inside_brackets_or_quotes_stay():
 def test_run_names_follow_the_grid_point_and_seed_and_stay_distinct():
     names = run_names([{"divergence.top_k": "4", "optim.lr": "1e-3"}], [0, 1])
     assert names == ["divergence.top_k=4_optim.lr=1e-3_seed=0", "divergence.top_k=4_optim.lr=1e-3_seed=1"]
+    assert run_names([{}], [0, 1]) == ["seed=0", "seed=1"]  # no grid: the seeds alone
     alike = run_names([{"task.root": "'a/b'"}, {"task.root": "'a b'"}], [0])
     assert len(set(alike)) == 2 and all(name.startswith("task.root=-a-b-_seed=0-") for name in alike)
     assert all("/" not in name for name in alike)
@@ -162,3 +164,15 @@ def test_jobs_times_threads_fit_the_cores(tmp_path, monkeypatch, arguments, thre
     assert run_threads == threads and jobs * run_threads <= 4
     assert command[-2:] == ["--set", f"run.threads={threads}"]  # after the sweep's own --set
     assert "--set" in command and "run.name=\"divergence.top_k=4_seed=0\"" in command
+
+
+def test_runs_that_differ_only_in_their_seed_make_one_point(tmp_path):
+    for seed, accuracy in ((0, 0.25), (1, 0.75)):
+        _write_run(tmp_path / f"s{seed}", [f"run.seed={seed}"], accuracy, 0.2, 10.0)
+    runs, keys = read_runs([tmp_path / "s0", tmp_path / "s1"])
+    assert keys == []
+    (point,) = summarise(runs, keys)["points"]
+    assert point["point"] == {} and point["metrics"]["opsd"]["student_accuracy"] == {"mean": 0.5, "se": 0.25, "n": 2}
+    result = CliRunner().invoke(cli, ["compare", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "grid keys: none (the runs differ only in their seed)" in (tmp_path / "c" / "sweep.md").read_text()
