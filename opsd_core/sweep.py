@@ -237,6 +237,7 @@ class Sweep:
         overrides: the ``--set`` assignments of every run.
         runs: the planned runs, grid order then seed.
         command: the command line that started the sweep, as recorded in the manifest.
+        wall_s: seconds the sweep has run, over every command that worked on it.
     """
 
     directory: Path
@@ -246,6 +247,7 @@ class Sweep:
     overrides: tuple[str, ...]
     runs: list[PlannedRun]
     command: str
+    wall_s: float = 0.0
 
     def manifest(self, statuses: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -255,6 +257,7 @@ class Sweep:
             "set": list(self.overrides),
             "grid": {axis.key: list(axis.values) for axis in self.axes},
             "seeds": list(self.seeds),
+            "wall_s": self.wall_s,
             "runs": [
                 {"name": run.name, "point": run.point, "seed": run.seed, **statuses.get(run.name, {"status": "pending"})}
                 for run in self.runs
@@ -274,6 +277,7 @@ class Sweep:
                 f"--out {self.directory}: it holds a sweep with another {' and '.join(f.split('_')[0] for f in differing)} "
                 f"(started with: {recorded.get('command')}); repeat that command to resume it, or choose another --out"
             )
+        self.wall_s = recorded.get("wall_s", 0.0)
 
     def write_manifest(self, statuses: dict[str, dict[str, Any]], report: dict[str, Any] | None = None) -> None:
         manifest = self.manifest(statuses)
@@ -303,6 +307,7 @@ class Sweep:
         if skipped:
             echo(f"{skipped} of {len(self.runs)} runs already finished; skipping them.")
         running: dict[str, tuple[subprocess.Popen, Any]] = {}
+        earlier_s, started = self.wall_s, time.monotonic()
         self.write_manifest(statuses)
         # SIGTERM ends the sweep as Ctrl-C does: through the cleanup below, which stops its runs.
         previous = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
@@ -319,6 +324,7 @@ class Sweep:
                     echo(f"{'resuming' if resumed else 'starting'} {run.name}")
                     self.write_manifest(statuses)
                 time.sleep(0.2)
+                self.wall_s = earlier_s + time.monotonic() - started
                 for name, (process, log) in list(running.items()):
                     code = process.poll()
                     if code is None:
@@ -338,6 +344,7 @@ class Sweep:
                 process.wait()
                 log.close()
                 statuses[name] = {"status": "interrupted"}
+            self.wall_s = earlier_s + time.monotonic() - started
             self.write_manifest(statuses)
             signal.signal(signal.SIGTERM, previous)
         return statuses

@@ -89,7 +89,7 @@ def sweep_command(
         notes = [f"Not finished (see logs/): {', '.join(f'`{name}`' for name in failed)}."] if failed else []
         path = write_comparison(directory, report, notes)
         sweep.write_manifest(statuses, report)
-    click.echo(f"Report: {path}")
+    click.echo(f"Report: {path} (the sweep has run {sweep.wall_s:.0f} s)")
     if failed:
         raise click.ClickException(
             f"{len(failed)} of {len(sweep.runs)} runs did not finish ({', '.join(failed)}); their output is in "

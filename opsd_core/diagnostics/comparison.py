@@ -151,7 +151,8 @@ def summarise(runs: Sequence[ComparedRun], keys: Sequence[str]) -> dict[str, Any
             "runs": [run.name for run in members],
             "metrics": summary,
         })  # fmt: skip
-    return {"keys": keys, "main_metric": MAIN_METRIC, "points": points}
+    run_wall_s = sum(run.results.get("total_wall_s", 0.0) for run in runs)
+    return {"keys": keys, "main_metric": MAIN_METRIC, "run_wall_s": run_wall_s, "points": points}
 
 
 def _label(point: dict[str, Any]) -> str:
@@ -189,7 +190,8 @@ def comparison_markdown(report: dict[str, Any], plots: Sequence[str], notes: Seq
     lines = [
         "# Sweep comparison",
         "",
-        f"{runs} finished runs in {len(report['points'])} grid points; grid keys: {keys}.",
+        f"{runs} finished runs in {len(report['points'])} grid points; grid keys: {keys}. The runs' own wall "
+        f"times add up to {report['run_wall_s']:.0f} s (runs in parallel overlap).",
         "Each cell is the mean ± one standard error over the seeds of its grid point (sample standard "
         "deviation / sqrt(n); no ± for a single seed). Accuracies and gains are in percent points of greedy "
         "accuracy; KL in nats per completion token; gap closure is 1 - KL(start teacher || trained student) "

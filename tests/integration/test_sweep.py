@@ -81,6 +81,7 @@ def test_a_killed_sweep_skips_finished_runs_and_resumes_the_interrupted_one(resu
     assert all(run["status"] == "finished" for run in manifest["runs"])
     assert manifest["grid"] == {"divergence.top_k": [4, 8]} and manifest["seeds"] == [0, 1]
     assert "--grid divergence.top_k=4,8" in manifest["command"]
+    assert manifest["wall_s"] > 0 and manifest["report"]["run_wall_s"] > 0
     threads = [tomllib.loads((out / run / "config.toml").read_text())["run"]["threads"] for run in RUNS]
     assert threads == [1, 1, 1, 1]  # --set run.threads=1 caps cores // jobs
 

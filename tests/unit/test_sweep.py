@@ -134,6 +134,7 @@ def test_compare_groups_by_differing_fields_and_matches_a_hand_computed_standard
     markdown = (tmp_path / "cmp" / "sweep.md").read_text()
     assert "| 4 | 3 | 50.0 ± 14.4 | 0.0 ± 14.4 | 50.0% ± 14.4% |" in markdown
     assert "| 8 | 1 | 60.0 | 10.0 | 0.0% |" in markdown  # one seed: no standard error
+    assert "The runs' own wall times add up to 4 s" in markdown
     assert json.loads((tmp_path / "cmp" / "sweep.json").read_text())["report"] == json.loads(json.dumps(report))
     for plot in ("sweep-accuracy.png", "sweep-gap-closure.png", "sweep-vs-divergence.top_k.png"):
         assert (tmp_path / "cmp" / plot).is_file()
