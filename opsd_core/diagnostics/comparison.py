@@ -223,7 +223,8 @@ def _errorbar_values(points: list[dict[str, Any]], phase: str, name: str, scale:
 
 def write_plots(directory: Path, report: dict[str, Any]) -> list[str]:
     """Per-metric bars over the grid points (every phase, ± standard error) and the main
-    metric against each grid key; returns the files' names."""
+    metric against each grid key (colour: the phase; line style: the other keys' setting);
+    returns the files' names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,14 +258,14 @@ def write_plots(directory: Path, report: dict[str, Any]) -> list[str]:
         figure, axis = plt.subplots(figsize=(7, 4))
         for index, phase in enumerate(phases):
             settings = sorted({json.dumps([p["point"][o] for o in others]) for p in points})
-            for setting in settings:
+            for number, setting in enumerate(settings):
                 line = [p for p in points if json.dumps([p["point"][o] for o in others]) == setting]
                 line.sort(key=lambda p: values.index(json.dumps(p["point"][key])))
                 means, errors = _errorbar_values(line, phase, MAIN_METRIC, scale)
                 where = [values.index(json.dumps(p["point"][key])) for p in line]
                 title = PHASE_TITLES[phase] + (f" ({_label(dict(zip(others, json.loads(setting))))})" if others else "")
-                axis.errorbar(where, means, yerr=errors, marker="o", capsize=3, label=title,
-                              color=PHASE_COLOURS[index % len(PHASE_COLOURS)])
+                axis.errorbar(where, means, yerr=errors, marker="os^Dv"[number % 5], capsize=3, label=title,
+                              linestyle=("-", "--", ":", "-.")[number % 4], color=PHASE_COLOURS[index % len(PHASE_COLOURS)])
         axis.set_xticks(range(len(values)), values)
         axis.set_xlabel(key)
         axis.set_ylabel("gap closure (%)")
