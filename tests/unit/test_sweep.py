@@ -177,3 +177,13 @@ def test_runs_that_differ_only_in_their_seed_make_one_point(tmp_path):
     result = CliRunner().invoke(cli, ["compare", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
     assert "grid keys: none (the runs differ only in their seed)" in (tmp_path / "c" / "sweep.md").read_text()
+
+
+def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path):
+    from opsd_core.sweep import hold_sweep
+
+    with hold_sweep(tmp_path):
+        result = CliRunner().invoke(cli, ["sweep", QUICKSTART, "--out", str(tmp_path), "--grid", "divergence.top_k=4,8"])
+    assert result.exit_code != 0 and "is in use by pid" in result.output
+    assert "wait for that sweep to end or choose another --out" in result.output
+    assert not list(tmp_path.glob("divergence*"))
