@@ -5,7 +5,7 @@ Owns: where each file of a run lives (``config.toml``, ``metrics.jsonl``, ``resu
 tracker files under ``trackers/``), creating the directory for a
 new run and refusing to reuse another run's, writing the resolved config and the results atomically,
 appending and reading metric lines (:class:`MetricsLog`), and the lock that makes one process
-the only writer of a run directory at a time.
+the only writer of a run directory (or a sweep directory) at a time.
 Does not know: torch, what the metrics or results mean, or how checkpoints are written
 (``trainer.checkpoint``).
 """
@@ -221,29 +221,32 @@ class RunDirectory:
     def write_results(self, results: dict[str, Any]) -> None:
         write_atomic(self.results_path, json.dumps(results, indent=2))
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the run directory as its only writer for the block.
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the run directory as its only writer for the block (see :func:`exclusive_lock`)."""
+        return exclusive_lock(self.path, "wait for that run to end or choose another run.name")
 
-        An advisory ``flock`` on ``.lock``: the operating system releases it when the holder
-        exits, however it exits, so a crash never leaves the directory locked. A second
-        process is refused with the holder's pid and host.
-        """
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = (self.path / LOCK).open("a+", encoding="utf-8")
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path, advice: str) -> Iterator[None]:
+    """Hold ``directory`` as its only writer for the block.
+
+    An advisory ``flock`` on ``.lock``: the operating system releases it when the holder
+    exits, however it exits, so a crash never leaves the directory locked. A second
+    process is refused with the holder's pid and host, and ``advice``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = (directory / LOCK).open("a+", encoding="utf-8")
+    try:
         try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise RunDirectoryError(
-                    f"{self.path} is in use by {holder}; wait for that run to end or choose another run.name"
-                ) from None
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-            handle.flush()
-            yield
-        finally:
-            handle.close()
+            holder = handle.read().strip() or "another process"
+            raise RunDirectoryError(f"{directory} is in use by {holder}; {advice}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

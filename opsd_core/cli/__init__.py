@@ -17,6 +17,7 @@ import click
 from opsd_core.cli.builtin import add_builtin_commands
 from opsd_core.cli.plan import plan_command
 from opsd_core.cli.run import add_run_commands
+from opsd_core.cli.sweep import add_sweep_commands
 from opsd_core.errors import OpsdError
 
 
@@ -24,6 +25,7 @@ def register_builtin_commands(cli: click.Group) -> None:
     """The built-in commands, added through the ``register_commands`` hook like a plugin's."""
     add_builtin_commands(cli)
     add_run_commands(cli)
+    add_sweep_commands(cli)
     cli.add_command(plan_command)
 
 

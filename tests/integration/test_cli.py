@@ -35,6 +35,8 @@ LIGHT_COMMANDS = [
     ["config", "show"],
     ["plugins"],
     ["plan", "--help"],
+    ["sweep", "--help"],
+    ["compare", "--help"],
 ]
 
 

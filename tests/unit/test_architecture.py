@@ -19,8 +19,9 @@ PLUGIN_PACKAGES = sorted(
     path for pattern in ("plugins/*/src/*", "examples/*/src/*") for path in ROOT.glob(pattern) if (path / "__init__.py").is_file()
 )
 HEAVY = ("torch", "transformers", "diffusers", "safetensors", "numpy", "PIL", "matplotlib", "pyarrow")
-# What `opsd --help`, `opsd list`, `opsd validate`, `opsd config` and `opsd plugins` import.
-LIGHT_MODULES = ("opsd_core.cli.builtin", "opsd_core.config", "opsd_core.plugins")
+# What `opsd --help`, `opsd list`, `opsd validate`, `opsd config` and `opsd plugins` import, and
+# the process of `opsd sweep` that waits beside its runs.
+LIGHT_MODULES = ("opsd_core.cli.builtin", "opsd_core.config", "opsd_core.plugins", "opsd_core.sweep")
 
 
 def package_modules(package_dir: Path) -> dict[str, Path]:
