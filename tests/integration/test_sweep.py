@@ -20,6 +20,9 @@ from click.testing import CliRunner
 from opsd_core.cli import cli
 from opsd_core.rundir import MetricsLog, RunDirectory
 
+# Each test runs several `opsd run` processes (about 30 s of CPU together): the slow tier.
+pytestmark = pytest.mark.slow
+
 QUICKSTART = str(Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml")
 SHORT = [
     "schedule.total_steps=2",
@@ -115,7 +118,6 @@ def test_compare_of_the_finished_runs_writes_the_sweeps_report(resumed_sweep, tm
     assert ours == json.loads((out / "sweep.json").read_text())["report"]
 
 
-@pytest.mark.slow
 def test_a_two_by_two_grid_with_two_seeds_and_the_noise_control(tmp_path):
     command = _sweep(tmp_path, "--grid", "divergence.top_k=4,8", "--grid", "divergence.clip_mode=entry,token",
                      "--seeds", "0,1", "--jobs", "2")  # fmt: skip
