@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from opsd_core.cli.shipped import backend_config_path, default_config_path
-from opsd_core.errors import ConfigError
+from opsd_core.errors import ConfigError, OpsdError
 
 _SET_HELP = "Override a config value: section.field=value (value parsed as a TOML literal). Repeatable."
 # What each torchrun worker runs: the same CLI, with the arguments that follow.
@@ -421,7 +421,7 @@ def eval_command(
 
     try:
         names = benchmark_names(benchmarks)
-    except ValueError as error:
+    except (OpsdError, ValueError) as error:
         raise click.BadParameter(str(error), param_hint="--benchmarks") from None
     if data_root is None:
         raise click.BadParameter("--benchmarks needs --data-root (the directory of the TSV files)", param_hint="--data-root")
