@@ -1,9 +1,7 @@
 """Building the roles a run config names, and checking once that they fit together.
 
 Owns: looking up each plugin section's name in its registry and calling the factory with the
-validated section (an instance of the plugin's params model), the benchmarks a training run
-evaluates every ``eval.every`` steps (their tasks found and their subsets read before any model
-is built), and :func:`check_components`:
+validated section (an instance of the plugin's params model), and :func:`check_components`:
 every capability the run needs is one the backend declares, and every capability a backend
 declares comes with its methods. After that check the trainer and the experiment follow one
 path and never ask a backend what it can do.
@@ -34,7 +32,6 @@ class Components:
     sampler: OnPolicySampler
     context: PrivilegedContextBuilder
     registries: Any = field(default=None, repr=False)
-    benchmarks: Any = field(default=None, repr=False)  # a BenchmarkProbe, or None without eval.benchmarks
 
     def sampler_with(self, **sampling: Any) -> OnPolicySampler:
         """Another sampler of the configured ``[sampler]`` kind, with some ``[sampling]``
@@ -58,9 +55,7 @@ def build_components(
 ) -> Components:
     """The backend, task, divergence, teacher update, sampler and context builder named by
     ``config``, checked by :func:`check_components` for a run in ``world_size`` processes (or,
-    with ``training`` False, for evaluation: an evaluation-only task is then accepted); for
-    training, the ``eval.benchmarks`` probe too (a name that is no benchmark, or a missing or
-    unreadable file, fails here)."""
+    with ``training`` False, for evaluation: an evaluation-only task is then accepted)."""
     registries = registries or plugins.get_registries()
     backend = build_backend(config, registries, training)
 
@@ -79,13 +74,6 @@ def build_components(
         registries,
     )
     check_components(components, world_size, training)
-    evaluation = config.eval
-    if training and evaluation.benchmarks:
-        from opsd_core.evaluation.periodic import BenchmarkProbe
-
-        components.benchmarks = BenchmarkProbe.build(
-            evaluation.benchmarks, evaluation.data_root, evaluation.subset, config.run.seed, evaluation.batch_size, registries
-        )
     return components
 
 

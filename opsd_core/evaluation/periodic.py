@@ -30,6 +30,19 @@ from opsd_core.interfaces import Backend, OnPolicySampler
 SCALAR_PREFIX = "benchmark/"
 
 
+def benchmark_probe(config: Any, registries: Any = None) -> BenchmarkProbe | None:
+    """The probe a run config's ``[eval]`` asks for (None without ``eval.benchmarks``): its
+    benchmark tasks found and their subsets read now, so a name that is no benchmark, or a
+    missing or unreadable file, fails before training starts."""
+    evaluation = config.eval
+    if not evaluation.benchmarks:
+        return None
+    return BenchmarkProbe.build(
+        evaluation.benchmarks, Path(evaluation.data_root), evaluation.subset, config.run.seed, evaluation.batch_size,
+        registries,
+    )
+
+
 def fixed_subset(task: BenchmarkTask, items: list[BenchmarkItem], questions: int, seed: int) -> list[BenchmarkItem]:
     """``questions`` of ``items`` drawn with ``seed`` (all when there are fewer), in file order.
     A circular benchmark's question is drawn with every option-rotated copy (index + k * 1e6)."""

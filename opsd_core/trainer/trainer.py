@@ -27,6 +27,7 @@ import torch
 
 from opsd_core import lora, runtime
 from opsd_core.components import Components, direct_weight_reads
+from opsd_core.evaluation.periodic import BenchmarkProbe, benchmark_probe
 from opsd_core.config import lora_settings
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.contexts.shuffled import donors
@@ -86,6 +87,8 @@ class Trainer:
             then cloned from the student's shards. None: ``student`` is whole and is sharded here.
         loggers: where each logged step's scalars and the media go (rank 0's; empty elsewhere).
             None: only ``metrics`` (the jsonl logger).
+        benchmarks: the ``eval.benchmarks`` subsets answered every ``eval.every`` steps (see
+            :func:`~opsd_core.evaluation.periodic.benchmark_probe`); None: built here from the config.
     """
 
     def __init__(
@@ -98,13 +101,14 @@ class Trainer:
         ranks: runtime.Ranks | None = None,
         skeleton: torch.nn.Module | None = None,
         loggers: Loggers | None = None,
+        benchmarks: BenchmarkProbe | None = None,
     ):
         config = components.config
         self.config, self.backend, self.task = config, components.backend, components.task
         self.divergence, self.teacher_update, self.phase = components.divergence, components.teacher_update, phase
         self.builder, self.sampler = components.context, components.sampler
         self.evaluation_sampler = components.evaluation_sampler()
-        self.benchmarks = components.benchmarks
+        self.benchmarks = benchmarks if benchmarks is not None else benchmark_probe(config, components.registries)
         # Decided once: a divergence on hidden states never sees the (B, T, V) logits.
         self.hidden_states = components.divergence.uses_hidden_states
         backend, teacher_update = self.backend, self.teacher_update

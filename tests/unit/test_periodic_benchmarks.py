@@ -15,7 +15,7 @@ from opsd_core.config import load_config
 from opsd_core.errors import ConfigError
 from opsd_core.evaluation.benchmarks import benchmark_tasks
 from opsd_core.evaluation.miniature import write_miniature_benchmarks
-from opsd_core.evaluation.periodic import fixed_subset
+from opsd_core.evaluation.periodic import benchmark_probe, fixed_subset
 from opsd_core.rundir import MetricsLog
 from opsd_core.trainer.trainer import Trainer
 
@@ -37,16 +37,17 @@ def _config(root, *overrides):
 
 
 def test_the_subsets_are_answered_every_n_steps_and_logged_beside_the_step_metrics(root, tmp_path):
-    components = build_components(_config(root))
-    probe = components.benchmarks
+    config = _config(root)
+    components, probe = build_components(config), benchmark_probe(config)
     vsp = [item.index for item in probe.items["vsp"]]
     assert len(vsp) == 2 and vsp == sorted(vsp)
-    assert vsp == [item.index for item in build_components(_config(root)).benchmarks.items["vsp"]]  # fixed
+    assert vsp == [item.index for item in benchmark_probe(config).items["vsp"]]  # fixed
     sat = {item.index % 1_000_000 for item in probe.items["sat"]}
     assert len(sat) == 2 and len(probe.items["sat"]) == 4  # each question with its rotated copy
     torch.manual_seed(0)
     metrics = MetricsLog(tmp_path / "metrics.jsonl")
     trainer = Trainer(components, components.backend.build_model(), tmp_path / "opsd", metrics)
+    assert trainer.benchmarks.items == probe.items  # a trainer built without one reads the config's
     trainer.fit(progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 3, 4]  # log_every = 3, and every evaluation step
@@ -85,15 +86,33 @@ def test_an_unknown_benchmark_is_refused_with_a_suggestion_before_anything_runs(
     assert "eval: unknown benchmark 'vps' in benchmarks; known tasks: blink" in message and "Did you mean 'vsp'?" in message
     assert "\n" not in message
     with pytest.raises(ConfigError, match="task 'frozen-lake' is not a benchmark; known benchmarks: blink"):
-        build_components(_config(root, "eval.benchmarks=['frozen-lake']"))
+        benchmark_probe(_config(root, "eval.benchmarks=['frozen-lake']"))
     with pytest.raises(ConfigError, match="set eval.every"):
         load_config(QUICKSTART, ["eval.benchmarks=['vsp']", f"eval.data_root='{root}'"])
     with pytest.raises(ConfigError, match="set eval.data_root"):
         load_config(QUICKSTART, ["eval.benchmarks=['vsp']", "eval.every=2"])
     with pytest.raises(FileNotFoundError, match="VSP_maze_task_main_original.tsv"):
-        build_components(_config(root, f"eval.data_root='{root / 'nowhere'}'"))
+        benchmark_probe(_config(root, f"eval.data_root='{root / 'nowhere'}'"))
 
 
 def test_benchmark_tasks_are_found_by_name():
     assert list(benchmark_tasks("vsp,cv-bench")) == ["vsp", "cv-bench"]
     assert {"vsp", "sat", "cv-bench"} <= set(benchmark_tasks("all")) and "frozen-lake" not in benchmark_tasks("all")
+
+
+def test_opsd_run_stops_on_a_missing_benchmark_file_before_any_model_is_built(root, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from opsd_core.cli import cli
+    from opsd_core.trainer import sharding
+
+    def no_model(*arguments, **keywords):
+        raise AssertionError("the start model was built")
+
+    monkeypatch.setattr(sharding, "build_start", no_model)
+    arguments = ["run", str(QUICKSTART), "--no-progress", "--set", f"run.output_dir='{tmp_path}'"]
+    for override in [*SMALL, "eval.benchmarks=['vsp']", "eval.every=2", f"eval.data_root='{tmp_path / 'nowhere'}'"]:
+        arguments += ["--set", override]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert "benchmark 'vsp' needs VSP_maze_task_main_original.tsv" in result.output
