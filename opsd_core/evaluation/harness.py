@@ -20,7 +20,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from opsd_core.evaluation.benchmarks import BenchmarkItem, BenchmarkTask, benchmark_tasks, circular_groups
+from opsd_core.evaluation.benchmarks import (
+    BenchmarkItem,
+    BenchmarkTask,
+    benchmark_tasks,
+    circular_groups,
+    multiple_choice_prompt,
+)
 from opsd_core.evaluation.items import BenchmarkDataError
 from opsd_core.evaluation.scorers import CIRCULAR_OFFSET
 
@@ -33,8 +39,8 @@ RESULTS = ("results.json", "results.md", "categories.csv", "results.png", ITEMS)
 # ---------------------------------------------------------------------------------------------- answering
 def item_context(backend, item: BenchmarkItem, visual_thought: Any | None = None, task: BenchmarkTask | None = None):
     """The context ``item`` is asked in: the backend's system prompt, the item's images, its prompt
-    text (``task``'s prompt; default: that of the installed benchmark the item belongs to), and
-    (VT mode) the visual thought after it."""
+    text (``task``'s prompt; without one, the harness's multiple-choice layout), and (VT mode)
+    the visual thought after it."""
     from opsd_core.types import PROBLEM_IMAGE, QUESTION, SYSTEM, VISUAL_THOUGHT, Context, ImageSegment, TextSegment
 
     builder = backend.context_builder()
@@ -43,8 +49,7 @@ def item_context(backend, item: BenchmarkItem, visual_thought: Any | None = None
     segments += [
         ImageSegment(PROBLEM_IMAGE if i == 0 else f"{PROBLEM_IMAGE}_{i + 1}", image) for i, image in enumerate(item.images)
     ]
-    task = task or benchmark_tasks([item.benchmark])[item.benchmark]
-    segments.append(TextSegment(QUESTION, task.prompt(item)))
+    segments.append(TextSegment(QUESTION, task.prompt(item) if task is not None else multiple_choice_prompt(item)))
     if visual_thought is not None:
         segments.append(ImageSegment(VISUAL_THOUGHT, visual_thought))
     return Context(tuple(segments))
