@@ -359,8 +359,9 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
 @click.option(
     "--benchmarks",
     metavar="NAMES",
-    help="Evaluate on the paper's benchmarks instead of the task: comma-separated names from vsp, vispuzzle, "
-    "blink-jigsaw, sat, blink, chartqa, vstar, mmvp, cv-bench, or 'all'. Needs --data-root.",
+    help="Evaluate on benchmark tasks instead of the task: comma-separated names of installed benchmarks "
+    "(the opsd-benchmarks plugin's vsp, vispuzzle, blink-jigsaw, sat, blink, chartqa, vstar, mmvp, cv-bench; "
+    "`opsd list tasks`), or 'all'. Needs --data-root.",
 )
 @click.option(
     "--data-root",
