@@ -23,6 +23,7 @@ import io
 import math
 import sys
 from collections import defaultdict
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,7 +53,8 @@ class BenchmarkTask(Task):
     training) calls :meth:`items`, :meth:`prompt`, :meth:`verdict` and :meth:`figures`; the
     :class:`~opsd_core.interfaces.Task` methods serve a config whose ``[task]`` names the
     benchmark (``opsd eval`` of the student, teacher and noise contexts), reading the params'
-    ``data_root``.
+    ``data_root``; there a problem carries an item's first image only (the Task role's problems
+    hold one).
 
     Attributes:
         name: the registry name (``vsp``, ``cv-bench``).
@@ -87,10 +89,10 @@ class BenchmarkTask(Task):
         options, else the question as stored (:func:`multiple_choice_prompt`)."""
         return multiple_choice_prompt(item)
 
+    @abstractmethod
     def verdict(self, item: BenchmarkItem, response: str, chartqa_gold_relative: bool = False) -> rules.Verdict:
         """How ``response`` to ``item`` scores under the benchmark's harness rule
         (``chartqa_gold_relative``: the named ChartQA option, see docs/scoring.md)."""
-        raise NotImplementedError(f"benchmark {self.name!r} does not say how it scores (verdict)")
 
     def figures(self, items: Sequence[BenchmarkItem], hits: Sequence[bool]) -> dict[str, Any]:
         """The reported ``accuracy`` (0-100), ``items``, and ``categories`` where rows have one:
@@ -140,18 +142,21 @@ def benchmark_tasks(names: str | Iterable[str], registries: Any = None) -> dict[
 
     registry = (registries or plugins.get_registries()).task
     chosen = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-    if chosen == ["all"]:
-        return {entry.name: entry.resolve()() for entry in benchmark_entries(registry)}
-    known = [entry.name for entry in benchmark_entries(registry)]
+    entries = benchmark_entries(registry)
+    known = [entry.name for entry in entries]
+    if not known:
+        raise ConfigError("no benchmark task is installed; install one, e.g. pip install ./plugins/opsd-benchmarks")
     if not chosen:
-        raise ConfigError(f"no benchmark named; known benchmarks: {', '.join(known) or '(none installed)'} (or 'all')")
+        raise ConfigError(f"no benchmark named; known benchmarks: {', '.join(known)} (or 'all')")
+    if chosen == ["all"]:
+        return {entry.name: entry.resolve()() for entry in entries}
     tasks = {}
     for name in chosen:
         if name not in registry:
             raise UnknownNameError("benchmark", name, known)
         factory = registry.get(name).resolve()
         if not (isinstance(factory, type) and issubclass(factory, BenchmarkTask)):
-            raise ConfigError(f"task {name!r} is not a benchmark; known benchmarks: {', '.join(known) or '(none installed)'}")
+            raise ConfigError(f"task {name!r} is not a benchmark; known benchmarks: {', '.join(known)}")
         tasks[name] = factory()
     return tasks
 

@@ -98,6 +98,11 @@ def test_an_unknown_benchmark_is_refused_with_a_suggestion_before_anything_runs(
 def test_benchmark_tasks_are_found_by_name():
     assert list(benchmark_tasks("vsp,cv-bench")) == ["vsp", "cv-bench"]
     assert {"vsp", "sat", "cv-bench"} <= set(benchmark_tasks("all")) and "frozen-lake" not in benchmark_tasks("all")
+    from opsd_core.plugins import build_plugin_manager, fill_registries
+
+    without_plugins = fill_registries(build_plugin_manager({"OPSD_LOAD_PLUGINS": ""}))
+    with pytest.raises(ConfigError, match="no benchmark task is installed"):
+        benchmark_tasks("all", without_plugins)
 
 
 def test_opsd_run_stops_on_a_missing_benchmark_file_before_any_model_is_built(root, tmp_path, monkeypatch):
