@@ -1,4 +1,4 @@
-"""Benchmark evaluation: answer the nine benchmarks with a model, or re-score recorded answers.
+"""Benchmark evaluation: answer benchmark tasks with a model, or re-score recorded answers.
 
 Owns: the contexts a benchmark item is asked in (``text``: system prompt, the item's images, its
 prompt; ``vt``: the backend's interleaved visual-thought inference where it has one, else the
