@@ -25,6 +25,7 @@ from opsd_core.config import RunConfig, lora_settings
 from opsd_core.diagnostics.kl import gap_closure, gap_closure_standard_error, kl_gap
 from opsd_core.diagnostics.media import media_samples, render_html
 from opsd_core.evaluation import evaluate
+from opsd_core.evaluation.periodic import benchmark_probe
 from opsd_core.images import save_png
 from opsd_core.loggers.group import Loggers
 from opsd_core.memory_census import refuse_unfit
@@ -73,6 +74,9 @@ class Experiment:
         runtime.apply_threads(config.run.threads)
         self.device = resolve_device(config.run.device)
         self.components: Components = build_components(config, world_size=self.ranks.world_size)
+        # The eval.benchmarks subsets are read now: a name that is no benchmark, or a missing
+        # file, stops the run before any weights exist.
+        self.benchmarks = benchmark_probe(config, self.components.registries)
         self.backend = self.components.backend
         if memory_check:  # before any weights exist: a run that cannot fit is refused now
             refuse_unfit(self.components, self.ranks, self.ranks.device if self.ranks.distributed else self.device)
@@ -207,6 +211,7 @@ class Experiment:
             self.ranks,
             skeleton=self.skeleton,
             loggers=self.loggers,
+            benchmarks=self.benchmarks,
         )
         self.echo(f"Student: {trainer.parameter_counts.describe()}.")
         started = time.perf_counter()

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from opsd_core.cli.shipped import backend_config_path, default_config_path
-from opsd_core.errors import ConfigError
+from opsd_core.errors import ConfigError, OpsdError
 
 _SET_HELP = "Override a config value: section.field=value (value parsed as a TOML literal). Repeatable."
 # What each torchrun worker runs: the same CLI, with the arguments that follow.
@@ -353,8 +353,9 @@ def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkp
 @click.option(
     "--benchmarks",
     metavar="NAMES",
-    help="Evaluate on the paper's benchmarks instead of the task: comma-separated names from vsp, vispuzzle, "
-    "blink-jigsaw, sat, blink, chartqa, vstar, mmvp, cv-bench, or 'all'. Needs --data-root.",
+    help="Evaluate on benchmark tasks instead of the task: comma-separated names of installed benchmarks "
+    "(the opsd-benchmarks plugin's vsp, vispuzzle, blink-jigsaw, sat, blink, chartqa, vstar, mmvp, cv-bench; "
+    "`opsd list tasks`), or 'all'. Needs --data-root.",
 )
 @click.option(
     "--data-root",
@@ -432,7 +433,7 @@ def eval_command(
 
     try:
         names = benchmark_names(benchmarks)
-    except ValueError as error:
+    except (OpsdError, ValueError) as error:
         raise click.BadParameter(str(error), param_hint="--benchmarks") from None
     if data_root is None:
         raise click.BadParameter("--benchmarks needs --data-root (the directory of the TSV files)", param_hint="--data-root")

@@ -106,6 +106,19 @@ class RunConfig(Section):
                 raise ValueError(message + (f". Did you mean {close!r}?" if close else ""))
         return logging
 
+    @field_validator("eval")
+    @classmethod
+    def _known_benchmarks(cls, evaluation: EvalSection) -> EvalSection:
+        tasks = cls.plugin_names.get("task")
+        if not tasks:  # a model built without registries
+            return evaluation
+        for name in evaluation.benchmarks:
+            if name not in tasks:
+                message = f"unknown benchmark {name!r} in benchmarks; known tasks: {', '.join(tasks)}"
+                close = closest_match(name, tasks)
+                raise ValueError(message + (f". Did you mean {close!r}?" if close else ""))
+        return evaluation
+
     @model_validator(mode="after")
     def _shuffled_control_has_donors(self) -> RunConfig:
         step_problems = self.train.samples_per_step * self.train.grad_accum

@@ -206,6 +206,37 @@ class EvalSection(Section):
     max_completion_tokens: int | None = Field(
         None, description="Completion cap at evaluation (None: sampling.max_completion_tokens).", ge=1
     )
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="Benchmark tasks (e.g. 'vsp', 'chartqa' of the opsd-benchmarks plugin) answered by the student "
+        "during training every `every` steps, on a fixed subset, greedily in text mode; each one's accuracy is "
+        "logged as `benchmark/<name>` beside the training metrics.",
+    )
+    every: int = Field(
+        0, description="Training steps between evaluations of `benchmarks` (0: none during training).", ge=0
+    )
+    subset: int = Field(
+        32,
+        description="Questions of each benchmark evaluated during training: the same ones every time, drawn once "
+        "with run.seed (a circular question brings all its option-rotated copies).",
+        ge=1,
+    )
+    data_root: str | None = Field(
+        None,
+        description="Directory of the benchmarks' files (their VLMEvalKit TSVs or Hugging Face parquet releases), "
+        "as `opsd eval --data-root` takes it; needed with `benchmarks`.",
+        min_length=1,
+    )
+
+    @model_validator(mode="after")
+    def _benchmarks_complete(self) -> EvalSection:
+        if self.benchmarks and not self.every:
+            raise ValueError("benchmarks are named but every is 0; set eval.every to the steps between evaluations")
+        if self.every and not self.benchmarks:
+            raise ValueError(f"every = {self.every} but no benchmarks are named; set eval.benchmarks (e.g. ['vsp'])")
+        if self.benchmarks and self.data_root is None:
+            raise ValueError("benchmarks are named but data_root is not; set eval.data_root to the benchmarks' files")
+        return self
 
 
 class DiagnosticsSection(Section):

@@ -1,15 +1,16 @@
-"""The paper's nine benchmarks from local files: readers, prompts, scoring and aggregation.
+"""Benchmarks as evaluation-only tasks: the base class a benchmark plugin fills in, and the
+machinery it shares: reading VLMEvalKit TSVs, falling back to a Hugging Face parquet release,
+the harness's multiple-choice prompt, circular groups and per-category accuracies.
 
-Owns: where each benchmark's files live under a data root (their VLMEvalKit TSV names, else the
-Hugging Face parquet release read by :mod:`opsd_core.evaluation.parquet`), reading those TSVs
-(base64 images, list-string multi-image cells, index back-references, option columns rendered
-as the harness's table reader renders them), the prompt each item is asked with (the VLMEvalKit
-multiple-choice layout the paper's harness uses), which harness rule of
-:mod:`opsd_core.evaluation.rules` scores each benchmark, and turning per-item hits into the
-figures the harness reports (circular groups for SAT, per-source means for CV-Bench 2D,
-per-file ChartQA, categories). Unreadable input raises
+Owns: :class:`BenchmarkTask` (what a benchmark declares: its TSV files and columns, its parquet
+release, its prompt, which harness rule of :mod:`opsd_core.evaluation.rules` scores it and the
+figures it reports), reading TSVs (base64 images, list-string multi-image cells, index
+back-references, option columns rendered as the harness's table reader renders them), loading a
+benchmark's items from a data root (TSVs first, else its parquet release, indices unique), and
+finding the benchmark tasks the installed plugins register. Unreadable input raises
 :class:`~opsd_core.evaluation.items.BenchmarkDataError` naming the file, the row and the problem.
-Does not know: models, backends or contexts; images are handed over as PIL images.
+Does not know: any particular benchmark (the paper's nine are the ``opsd-benchmarks`` plugin's),
+models, backends or contexts; images are handed over as PIL images.
 """
 
 from __future__ import annotations
@@ -22,81 +23,180 @@ import io
 import math
 import sys
 from collections import defaultdict
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from opsd_core.evaluation import parquet, rules
+from opsd_core.errors import ConfigError, PluginError, UnknownNameError
+from opsd_core.evaluation import rules
 from opsd_core.evaluation.items import OPTION_LETTERS, BenchmarkDataError, BenchmarkFileMissing, BenchmarkItem
-from opsd_core.evaluation.scorers import CIRCULAR_OFFSET, mean_of_group_accuracies, pair_accuracy
+from opsd_core.evaluation.parquet import ParquetRelease
+from opsd_core.evaluation.scorers import CIRCULAR_OFFSET
+from opsd_core.interfaces import Task
+from opsd_core.types import Problem, Score
 
-__all__ = ["BENCHMARKS", "OPTION_LETTERS", "BenchmarkItem", "BenchmarkSpec", "aggregate", "benchmark_names",
-           "load_benchmark", "prompt", "read_tsv", "score"]
+__all__ = ["OPTION_LETTERS", "BenchmarkItem", "BenchmarkTask", "benchmark_names", "benchmark_tasks",
+           "category_accuracies", "circular_groups", "load_benchmark", "multiple_choice_prompt", "read_tsv"]
 
 # A cell this short in the image column is the index of another row whose image it reuses.
 BACK_REFERENCE_MAX = 64
 TSV_COLUMNS = ("index", "image", "question", "answer")
 
 
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    """One benchmark as the paper reports it.
+class BenchmarkTask(Task):
+    """A benchmark of local files, as a task that only evaluates (``trains`` is False).
+
+    A benchmark plugin subclasses it once per benchmark, sets the class attributes and
+    implements :meth:`verdict`; :meth:`prompt` and :meth:`figures` have the harness's common
+    forms. The evaluation machinery (``opsd eval --benchmarks``, ``[eval] benchmarks`` during
+    training) calls :meth:`items`, :meth:`prompt`, :meth:`verdict` and :meth:`figures`; the
+    :class:`~opsd_core.interfaces.Task` methods serve a config whose ``[task]`` names the
+    benchmark (``opsd eval`` of the student, teacher and noise contexts), reading the params'
+    ``data_root``; there a problem carries an item's first image only (the Task role's problems
+    hold one).
 
     Attributes:
-        name: the command-line name.
-        files: its VLMEvalKit TSV file names under the data root (several are pooled).
-        scoring: ``mcq`` (option letters), ``circular`` (option letters of the whole response,
-            every rotated copy of a question right), ``vsp`` (maze walk) or ``chartqa``
-            (relaxed accuracy).
-        aggregate: ``plain`` (mean hit), ``circular`` (a question counts only if every rotated copy
-            is right) or ``cv-bench`` (2D: mean of per-source accuracies; 3D: plain; the two
-            averaged).
+        name: the registry name (``vsp``, ``cv-bench``).
+        files: its VLMEvalKit TSV file names under the data root (several are pooled, in order).
         columns: TSV columns its rows need besides index, image, question and answer.
+        integer_columns: columns whose cells must be integers, stored as ``int`` in ``extra``.
+        release: its Hugging Face parquet release, read where none of ``files`` is there.
+        circular: whether its rows are option-rotated copies of questions (index + k * 1e6);
+            each scored record then says whether the whole question is right.
+        judged_as: where the paper's harness asks its LLM judge for this benchmark (``opsd eval
+            --judge``): ``mcq``, ``circular``, ``chartqa`` or ``none`` (never asked; see
+            :func:`opsd_core.evaluation.judge_rules.judge_items`).
     """
 
-    name: str
-    files: tuple[str, ...]
-    scoring: str = "mcq"
-    aggregate: str = "plain"
-    columns: tuple[str, ...] = ()
+    trains: ClassVar[bool] = False
+    name: ClassVar[str] = ""
+    files: ClassVar[tuple[str, ...]] = ()
+    columns: ClassVar[tuple[str, ...]] = ()
+    integer_columns: ClassVar[tuple[str, ...]] = ()
+    release: ClassVar[ParquetRelease | None] = None
+    circular: ClassVar[bool] = False
+    judged_as: ClassVar[str] = "none"
+
+    def __init__(self, params: Any = None):
+        root = getattr(params, "data_root", None)
+        self.data_root = Path(root) if root else None
+        self._items: dict[str, BenchmarkItem] = {}
+
+    # ------------------------------------------------------------------ what a benchmark declares
+    def items(self, data_root: Path, limit: int | None = None) -> list[BenchmarkItem]:
+        """The benchmark's items under ``data_root``, the first ``limit`` if given (see :func:`load_items`)."""
+        return load_items(self, Path(data_root), limit)
+
+    def prompt(self, item: BenchmarkItem) -> str:
+        """The text ``item`` is asked with: the harness's multiple-choice layout for rows with
+        options, else the question as stored (:func:`multiple_choice_prompt`)."""
+        return multiple_choice_prompt(item)
+
+    @abstractmethod
+    def verdict(self, item: BenchmarkItem, response: str, chartqa_gold_relative: bool = False) -> rules.Verdict:
+        """How ``response`` to ``item`` scores under the benchmark's harness rule
+        (``chartqa_gold_relative``: the named ChartQA option, see docs/scoring.md)."""
+
+    def figures(self, items: Sequence[BenchmarkItem], hits: Sequence[bool]) -> dict[str, Any]:
+        """The reported ``accuracy`` (0-100), ``items``, and ``categories`` where rows have one:
+        the harness's plain mean hit. A benchmark whose figure is not a mean overrides it."""
+        if not items:
+            return {"items": 0.0, "accuracy": math.nan}
+        result: dict[str, Any] = {"items": float(len(items)), "accuracy": 100 * sum(map(bool, hits)) / len(items)}
+        return result | category_accuracies(zip(items, hits))
+
+    # ------------------------------------------------------------------ the Task role
+    def eval_problems(self, limit: int | None = None) -> Sequence[Problem]:
+        if self.data_root is None:
+            raise ConfigError(f"task.data_root: benchmark {self.name!r} needs the directory of its files")
+        problems = []
+        for item in self.items(self.data_root, limit):
+            self._items[item.id] = item
+            problems.append(Problem(item.id, item.images[0], self.prompt(item)))
+        return problems
+
+    def score(self, problem: Problem, response: str) -> Score:
+        verdict = self.verdict(self._item(problem), response)
+        return Score(verdict.hit, float(verdict.hit), verdict.extracted)
+
+    def aggregate(self, problems: Sequence[Problem], scores: Sequence[Score]) -> dict[str, float]:
+        """The scalar :meth:`figures` as fractions (percentages divided by 100; counts kept)."""
+        figures = self.figures([self._item(problem) for problem in problems], [score.correct for score in scores])
+        return {
+            key: value if key in ("items", "questions") else value / 100
+            for key, value in figures.items()
+            if isinstance(value, float)
+        }
+
+    def _item(self, problem: Problem) -> BenchmarkItem:
+        try:
+            return self._items[problem.id]
+        except KeyError:
+            raise BenchmarkDataError(f"benchmark {self.name!r}: problem {problem.id!r} is not one of its items") from None
 
 
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    spec.name: spec
-    for spec in (
-        BenchmarkSpec("vsp", ("VSP_maze_task_main_original.tsv",), scoring="vsp", columns=("maze_map", "maze_size")),
-        BenchmarkSpec("vispuzzle", ("VisPuzzle.tsv",)),
-        BenchmarkSpec("blink-jigsaw", ("BLINK_Jigsaw.tsv",)),
-        BenchmarkSpec("sat", ("SAT_circular.tsv",), scoring="circular", aggregate="circular"),
-        BenchmarkSpec("blink", ("BLINK.tsv",)),
-        BenchmarkSpec("chartqa", ("ChartQA_h_bar.tsv", "ChartQA_v_bar.tsv"), scoring="chartqa"),
-        BenchmarkSpec("vstar", ("VStarBench.tsv",)),
-        BenchmarkSpec("mmvp", ("MMVP.tsv",)),
-        BenchmarkSpec("cv-bench", ("CV-Bench-2D.tsv", "CV-Bench-3D.tsv"), aggregate="cv-bench"),
-    )
-}
+# ---------------------------------------------------------------------------------------------- finding them
+def benchmark_tasks(names: str | Iterable[str], registries: Any = None) -> dict[str, BenchmarkTask]:
+    """Name -> task of the benchmarks ``vsp,chartqa`` (or ``all``: every one registered), from
+    the installed plugins' tasks. An unknown name raises :class:`~opsd_core.errors.UnknownNameError`
+    (the benchmarks listed, the closest suggested); a task that is not a benchmark, a
+    :class:`~opsd_core.errors.ConfigError` listing the benchmarks."""
+    from opsd_core import plugins
+
+    registry = (registries or plugins.get_registries()).task
+    chosen = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    entries = benchmark_entries(registry)
+    known = [entry.name for entry in entries]
+    if not known:
+        raise ConfigError("no benchmark task is installed; install one, e.g. pip install ./plugins/opsd-benchmarks")
+    if not chosen:
+        raise ConfigError(f"no benchmark named; known benchmarks: {', '.join(known)} (or 'all')")
+    if chosen == ["all"]:
+        return {entry.name: entry.resolve()() for entry in entries}
+    tasks = {}
+    for name in chosen:
+        if name not in registry:
+            raise UnknownNameError("benchmark", name, known)
+        factory = registry.get(name).resolve()
+        if not (isinstance(factory, type) and issubclass(factory, BenchmarkTask)):
+            raise ConfigError(f"task {name!r} is not a benchmark; known benchmarks: {', '.join(known)}")
+        tasks[name] = factory()
+    return tasks
+
+
+def benchmark_names(names: str | Iterable[str], registries: Any = None) -> list[str]:
+    """The benchmark names of ``vsp,chartqa`` (or ``all``), checked as :func:`benchmark_tasks` checks them."""
+    return list(benchmark_tasks(names, registries))
+
+
+def benchmark_entries(registry: Any) -> list[Any]:
+    """The task registry's entries whose factory is a :class:`BenchmarkTask` (a task whose
+    module cannot be imported here is not one)."""
+    found = []
+    for entry in registry:
+        try:
+            factory = entry.resolve()
+        except PluginError:
+            continue
+        if isinstance(factory, type) and issubclass(factory, BenchmarkTask):
+            found.append(entry)
+    return found
+
+
+def load_benchmark(name: str, data_root: Path, limit: int | None = None) -> list[BenchmarkItem]:
+    """The items of the installed benchmark ``name`` under ``data_root``, the first ``limit`` if given."""
+    return benchmark_tasks([name])[name].items(data_root, limit)
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def benchmark_names(text: str | Iterable[str]) -> list[str]:
-    """Benchmark names from ``vsp,chartqa`` (or ``all``), checked against :data:`BENCHMARKS`."""
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    if names == ["all"]:
-        return list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown or not names:
-        raise ValueError(f"unknown benchmark(s) {unknown or names}; known: {', '.join(BENCHMARKS)} (or 'all')")
-    return names
-
-
-def benchmark_files(spec: BenchmarkSpec, data_root: Path) -> list[Path]:
-    """The TSV files of ``spec`` under ``data_root``; a missing one is an error naming what belongs there."""
-    paths = [Path(data_root) / name for name in spec.files]
+def benchmark_files(task: BenchmarkTask, data_root: Path) -> list[Path]:
+    """The TSV files of ``task`` under ``data_root``; a missing one is an error naming what belongs there."""
+    paths = [Path(data_root) / name for name in task.files]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise BenchmarkFileMissing(
-            f"benchmark {spec.name!r} needs {', '.join(spec.files)} in {data_root} (the VLMEvalKit TSV files); "
+            f"benchmark {task.name!r} needs {', '.join(task.files)} in {data_root} (the VLMEvalKit TSV files); "
             f"missing: {', '.join(str(p) for p in missing)}"
         )
     return paths
@@ -155,19 +255,22 @@ def _read_rows(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
     return rows
 
 
-def read_tsv(path: Path, benchmark: str) -> list[BenchmarkItem]:
-    """Every row of a VLMEvalKit TSV as items (images decoded, back-references resolved).
+def read_tsv(
+    path: Path, benchmark: str, columns: Sequence[str] = (), integer_columns: Sequence[str] = ()
+) -> list[BenchmarkItem]:
+    """Every row of a VLMEvalKit TSV as items of ``benchmark`` (images decoded, back-references resolved).
 
-    Option, answer and ``maze_size`` cells are rendered column by column as the harness's table
+    ``columns`` are needed besides index, image, question and answer; each of
+    ``integer_columns`` must hold an integer, stored as ``int`` in ``extra``. Option, answer,
+    integer, hint and category cells are rendered column by column as the harness's table
     reader renders them (:func:`opsd_core.evaluation.rules.render_column`), so a prompt shows and
     the scorer matches ``6.0`` where the harness does.
     """
     path = Path(path)
-    spec = BENCHMARKS.get(benchmark)
-    rows = _read_rows(path, TSV_COLUMNS + (spec.columns if spec else ()))
+    rows = _read_rows(path, (*TSV_COLUMNS, *columns, *integer_columns))
     rendered = {
         column: rules.render_column([row[column] for row in rows])
-        for column in (*OPTION_LETTERS, "answer", "maze_size", "hint", "category")
+        for column in dict.fromkeys((*OPTION_LETTERS, "answer", *integer_columns, "hint", "category"))
         if rows and column in rows[0]
     }
     cells = {row["index"].strip(): row["image"] for row in rows}
@@ -192,11 +295,11 @@ def read_tsv(path: Path, benchmark: str) -> list[BenchmarkItem]:
         if value["answer"] is None:
             raise problem("the answer cell is empty", "answer")
         extra = {k: v for k, v in row.items() if k not in known and v not in rules.MISSING_CELLS}
-        if spec is not None and spec.scoring == "vsp":
-            size = value.get("maze_size")
-            if size is None or not size.isdigit():
-                raise problem(f"expected the maze's side as an integer, got {row['maze_size']!r}", "maze_size")
-            extra["maze_size"] = int(size)
+        for column in integer_columns:
+            cell = value.get(column)
+            if cell is None or not cell.isdigit():
+                raise problem(f"expected an integer, got {row[column]!r}", column)
+            extra[column] = int(cell)
         items.append(
             BenchmarkItem(
                 benchmark=benchmark,
@@ -233,49 +336,49 @@ def _image_cells(cell: str, cells: Mapping[str, str], depth: int = 0) -> list[st
     return [cell]
 
 
-def load_benchmark(name: str, data_root: Path, limit: int | None = None) -> list[BenchmarkItem]:
-    """The items of benchmark ``name``, the first ``limit`` if given.
+def load_items(task: BenchmarkTask, data_root: Path, limit: int | None = None) -> list[BenchmarkItem]:
+    """The items of ``task`` under ``data_root``, the first ``limit`` if given.
 
     The VLMEvalKit TSV files come first (pooled, in file order). Where none of them is under
-    ``data_root`` but the benchmark's Hugging Face parquet release is (see
-    :data:`opsd_core.evaluation.parquet.RELEASES`), the parquet rows are read instead.
+    ``data_root`` but the benchmark's parquet release is (:attr:`BenchmarkTask.release`), the
+    parquet rows are read instead.
     """
-    spec = BENCHMARKS[name]
-    release = parquet.RELEASES.get(name)
-    tsv_absent = not any((Path(data_root) / file).is_file() for file in spec.files)
-    if tsv_absent and release is not None and release.present(Path(data_root)):
-        items = release.read(Path(data_root), name)
+    root = Path(data_root)
+    release = task.release
+    tsv_absent = not any((root / file).is_file() for file in task.files)
+    if tsv_absent and release is not None and release.present(root):
+        items = release.read(root, task.name)
     else:
         try:
-            paths = benchmark_files(spec, data_root)
+            paths = benchmark_files(task, root)
         except BenchmarkFileMissing as error:
             if tsv_absent:
-                raise BenchmarkFileMissing(f"{error}; {parquet.where(name, Path(data_root))}") from None
+                elsewhere = (
+                    f"or its Hugging Face parquet release as {root / release.location()}" if release is not None
+                    else f"{task.name!r} has no parquet release that can stand in for the TSV files"
+                )
+                raise BenchmarkFileMissing(f"{error}; {elsewhere}") from None
             raise
-        items = [item for path in paths for item in read_tsv(path, name)]
+        items = [item for path in paths for item in read_tsv(path, task.name, task.columns, task.integer_columns)]
     first_seen: dict[int, str] = {}
     for item in items:
         if item.index in first_seen:
             raise BenchmarkDataError(
-                f"benchmark {name!r}: index {item.index} appears twice (in {first_seen[item.index]} and "
+                f"benchmark {task.name!r}: index {item.index} appears twice (in {first_seen[item.index]} and "
                 f"{item.source_file}); each row needs its own index"
             )
         first_seen[item.index] = item.source_file
     return items[:limit] if limit is not None else items
 
 
-# ---------------------------------------------------------------------------------------------- prompts
-def prompt(item: BenchmarkItem) -> str:
+# ---------------------------------------------------------------------------------------------- prompts and figures
+def multiple_choice_prompt(item: BenchmarkItem) -> str:
     """The question as the paper's harness asks it.
 
-    CV-Bench rows with a ``prompt`` column: that column (the harness asks the dataset's own
-    prompt). Multiple-choice rows: ``Hint: …`` (if any), ``Question: …``, ``Options:`` one
-    ``X. text`` per line, then ``Please select the correct answer from the options above.``;
-    other rows: the question as stored (VSP's and ChartQA's questions carry their own
-    instructions).
+    Multiple-choice rows: ``Hint: …`` (if any), ``Question: …``, ``Options:`` one ``X. text``
+    per line, then ``Please select the correct answer from the options above.``; other rows:
+    the question as stored (VSP's and ChartQA's questions carry their own instructions).
     """
-    if item.benchmark == "cv-bench" and item.extra.get("prompt"):
-        return str(item.extra["prompt"])
     if not item.options:
         return item.question
     lines = [f"Hint: {item.hint}"] if item.hint else []
@@ -284,24 +387,6 @@ def prompt(item: BenchmarkItem) -> str:
     lines += [f"{letter}. {text}" for letter, text in item.options.items()]
     lines.append("Please select the correct answer from the options above. ")
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------- scoring
-def score(item: BenchmarkItem, response: str, chartqa_gold_relative: bool = False) -> rules.Verdict:
-    """How ``response`` to ``item`` scores under its benchmark's harness rule."""
-    spec = BENCHMARKS[item.benchmark]
-    if spec.scoring == "vsp":
-        maze = item.extra.get("maze_map")
-        if maze is None:
-            raise BenchmarkDataError(f"{item.source_file}, index {item.index}: a VSP row needs its maze_map column")
-        rows = rules.maze_rows(str(maze))
-        return rules.vsp(response, str(maze), int(item.extra.get("maze_size") or len(rows)))
-    if spec.scoring == "chartqa":
-        return rules.chartqa(response, item.answer, gold_relative=chartqa_gold_relative)
-    gold = str(item.answer)
-    if spec.scoring == "circular":
-        return rules.circular_copy(response, item.options, gold)
-    return rules.multiple_choice(response, item.options, gold)
 
 
 def circular_groups(items: Sequence[BenchmarkItem], hits: Sequence[bool]) -> dict[int, bool]:
@@ -315,52 +400,13 @@ def circular_groups(items: Sequence[BenchmarkItem], hits: Sequence[bool]) -> dic
     return groups
 
 
-def aggregate(spec: BenchmarkSpec, items: Sequence[BenchmarkItem], hits: Sequence[bool]) -> dict[str, Any]:
-    """The benchmark's reported accuracy (0-100) plus its breakdown, as the harness reports it.
-
-    ``accuracy`` is what the paper reports; ``items`` the rows scored; extra keys per rule:
-    SAT ``questions`` (circular groups); CV-Bench ``2d`` / ``3d``; MMVP ``pair_accuracy``;
-    ChartQA one accuracy per file; ``categories`` the accuracy within each ``category`` value
-    (SAT: of the questions' groups).
-    """
-    by_index = {item.index: bool(hit) for item, hit in zip(items, hits)}
-    result: dict[str, Any] = {"items": float(len(items))}
-    if not items:
-        return result | {"accuracy": math.nan}
-    scored: list[tuple[BenchmarkItem, bool]] = list(zip(items, map(bool, hits)))
-    if spec.aggregate == "circular":
-        groups = circular_groups(items, hits)
-        result["accuracy"] = 100 * sum(groups.values()) / len(groups) if groups else math.nan
-        result["questions"] = float(len(groups))
-        scored = [(item, groups[item.index]) for item in items if item.index in groups]
-    elif spec.aggregate == "cv-bench":
-        parts = defaultdict(dict)
-        for item, hit in zip(items, hits):
-            parts[item.release_part][item.index] = bool(hit)
-        two_d = {i: h for name, group in parts.items() if "2D" in name for i, h in group.items()}
-        three_d = {i: h for name, group in parts.items() if "3D" in name for i, h in group.items()}
-        sources = {item.index: str(item.extra.get("source") or item.category or "all") for item in items}
-        values = []
-        if two_d:
-            result["2d"] = 100 * mean_of_group_accuracies(two_d, sources)
-            values.append(result["2d"])
-        if three_d:
-            result["3d"] = 100 * sum(three_d.values()) / len(three_d)
-            values.append(result["3d"])
-        result["accuracy"] = sum(values) / len(values)
-    else:
-        result["accuracy"] = 100 * sum(by_index.values()) / len(by_index)
-    if spec.name == "mmvp":
-        result["pair_accuracy"] = 100 * pair_accuracy(by_index)
-    if spec.name == "chartqa":
-        for name in spec.files:
-            group = [hit for item, hit in zip(items, hits) if item.release_part == Path(name).stem]
-            if group:
-                result[Path(name).stem] = 100 * sum(group) / len(group)
+def category_accuracies(scored: Iterable[tuple[BenchmarkItem, bool]]) -> dict[str, Any]:
+    """``{"categories": {category: accuracy (0-100)}}`` over the items that have a category,
+    sorted by name (the harness's per-category report); empty when none has one."""
     categories: dict[str, list[bool]] = defaultdict(list)
     for item, hit in scored:
         if item.category:
-            categories[item.category].append(hit)
-    if categories:
-        result["categories"] = {c: 100 * sum(h) / len(h) for c, h in sorted(categories.items())}
-    return result
+            categories[item.category].append(bool(hit))
+    if not categories:
+        return {}
+    return {"categories": {c: 100 * sum(h) / len(h) for c, h in sorted(categories.items())}}

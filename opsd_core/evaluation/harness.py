@@ -1,4 +1,4 @@
-"""Benchmark evaluation: answer the nine benchmarks with a model, or re-score recorded answers.
+"""Benchmark evaluation: answer benchmark tasks with a model, or re-score recorded answers.
 
 Owns: the contexts a benchmark item is asked in (``text``: system prompt, the item's images, its
 prompt; ``vt``: the backend's interleaved visual-thought inference where it has one, else the
@@ -6,8 +6,9 @@ same context followed by a visual thought the model draws first), batched greedy
 answering with per-item records appended to ``predictions.jsonl`` as they are produced (a
 crashed run resumes from them), scoring every record, and the results: the table (JSON, Markdown,
 a bar chart) and one scored record per item (``items.jsonl``).
-Does not know: any model family (it drives a Backend), or how answers are extracted (that is
-:mod:`opsd_core.evaluation.benchmarks`).
+Does not know: any model family (it drives a Backend), or any benchmark: each is a
+:class:`~opsd_core.evaluation.benchmarks.BenchmarkTask` a plugin registers, which reads its
+items, prompts them, scores a response and reports its figures.
 """
 
 from __future__ import annotations
@@ -20,13 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from opsd_core.evaluation.benchmarks import (
-    BENCHMARKS,
     BenchmarkItem,
-    aggregate,
+    BenchmarkTask,
+    benchmark_tasks,
     circular_groups,
-    load_benchmark,
-    prompt,
-    score,
+    multiple_choice_prompt,
 )
 from opsd_core.evaluation.items import BenchmarkDataError
 from opsd_core.evaluation.judge import JudgeClient
@@ -40,9 +39,10 @@ RESULTS = ("results.json", "results.md", "categories.csv", "results.png", ITEMS)
 
 
 # ---------------------------------------------------------------------------------------------- answering
-def item_context(backend, item: BenchmarkItem, visual_thought: Any | None = None):
+def item_context(backend, item: BenchmarkItem, visual_thought: Any | None = None, task: BenchmarkTask | None = None):
     """The context ``item`` is asked in: the backend's system prompt, the item's images, its prompt
-    text, and (VT mode) the visual thought after it."""
+    text (``task``'s prompt; without one, the harness's multiple-choice layout), and (VT mode)
+    the visual thought after it."""
     from opsd_core.types import PROBLEM_IMAGE, QUESTION, SYSTEM, VISUAL_THOUGHT, Context, ImageSegment, TextSegment
 
     builder = backend.context_builder()
@@ -51,7 +51,7 @@ def item_context(backend, item: BenchmarkItem, visual_thought: Any | None = None
     segments += [
         ImageSegment(PROBLEM_IMAGE if i == 0 else f"{PROBLEM_IMAGE}_{i + 1}", image) for i, image in enumerate(item.images)
     ]
-    segments.append(TextSegment(QUESTION, prompt(item)))
+    segments.append(TextSegment(QUESTION, task.prompt(item) if task is not None else multiple_choice_prompt(item)))
     if visual_thought is not None:
         segments.append(ImageSegment(VISUAL_THOUGHT, visual_thought))
     return Context(tuple(segments))
@@ -97,17 +97,17 @@ def answer_benchmarks(
 
     # The model family's own interleaved loop when it has one; else draw first, then answer.
     interleaved = type(backend).answer_with_visual_thoughts is not Backend.answer_with_visual_thoughts
-    for name in names:
-        items = [i for i in load_benchmark(name, data_root, limit) if (name, i.index, mode) not in done]
+    for name, task in benchmark_tasks(names).items():
+        items = [i for i in task.items(data_root, limit) if (name, i.index, mode) not in done]
         bar = tqdm(total=len(items), desc=f"{name} ({mode})", disable=not progress, dynamic_ncols=True)
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             started = time.perf_counter()
-            problems = [Problem(item.id, item.images[0], prompt(item)) for item in batch]
+            problems = [Problem(item.id, item.images[0], task.prompt(item)) for item in batch]
             drawn = [0] * len(batch)
             if mode == "vt" and interleaved:
                 answers = backend.answer_with_visual_thoughts(
-                    model, [item_context(backend, item) for item in batch], problems, max_tokens, generator,
+                    model, [item_context(backend, item, task=task) for item in batch], problems, max_tokens, generator,
                     max_visual_thoughts=max_visual_thoughts,
                 )
                 completions, drawn = [tokens for tokens, _ in answers], [count for _, count in answers]
@@ -117,7 +117,7 @@ def answer_benchmarks(
                     with torch.no_grad():
                         thoughts = backend.generate_visual_thought(model, problems, generator)
                     drawn = [1] * len(batch)
-                contexts = [item_context(backend, item, thought) for item, thought in zip(batch, thoughts)]
+                contexts = [item_context(backend, item, thought, task) for item, thought in zip(batch, thoughts)]
                 completions = greedy_decode(sampler, model, contexts, len(contexts))
             seconds = (time.perf_counter() - started) / len(batch)
             with open(path, "a", encoding="utf-8") as handle:
@@ -185,7 +185,7 @@ def score_predictions(
 
     ``results`` is ``{mode: {benchmark: figures}}``; figures hold ``accuracy`` (what the paper
     reports, 0-100), ``items``, ``answered``, the benchmark's breakdown (see
-    :func:`~opsd_core.evaluation.benchmarks.aggregate`) and, when recorded, ``tokens`` and
+    :meth:`~opsd_core.evaluation.benchmarks.BenchmarkTask.figures`) and, when recorded, ``tokens`` and
     ``seconds`` per sample. Items without a record count as wrong; ``limit`` scores only each
     benchmark's first ``limit`` items (as answered with the same limit). Each mode also gets an
     ``average`` entry: the mean accuracy over the benchmarks.
@@ -204,31 +204,30 @@ def score_predictions(
     for record in records:
         by_mode.setdefault(record.get("mode", "text"), {})[(record["benchmark"], int(record["index"]))] = record
     # Each benchmark is read (its images decoded) once, whatever the number of modes.
-    items_of = {name: load_benchmark(name, data_root, limit) for name in names} if by_mode else {}
+    tasks = benchmark_tasks(names)
+    items_of = {name: task.items(data_root, limit) for name, task in tasks.items()} if by_mode else {}
     results: dict[str, dict[str, dict[str, Any]]] = {}
     item_records: list[dict] = []
     for mode, answered in by_mode.items():
         table: dict[str, dict[str, Any]] = {}
-        for name in names:
+        for name, task in tasks.items():
             items = items_of[name]
             verdicts, found = [], []
             for item in items:
                 record = answered.get((name, item.index))
                 found.append(record)
-                verdicts.append(score(item, record["response"], chartqa_gold_relative) if record else None)
+                verdicts.append(task.verdict(item, record["response"], chartqa_gold_relative) if record else None)
             judged: list[dict | None] = [None] * len(items)
             exact_hits = [verdict is not None and verdict.hit for verdict in verdicts]
             if judge is not None:
                 responses = [record["response"] if record else None for record in found]
-                verdicts, judged = judge_items(
-                    judge, BENCHMARKS[name].scoring, items, responses, verdicts, chartqa_gold_relative
-                )
+                verdicts, judged = judge_items(judge, task.judged_as, items, responses, verdicts, chartqa_gold_relative)
             hits = [verdict is not None and verdict.hit for verdict in verdicts]
-            figures = aggregate(BENCHMARKS[name], items, hits)
+            figures = task.figures(items, hits)
             if judge is not None:
                 figures["judged"] = float(sum(record is not None for record in judged))
-                figures["accuracy_exact"] = aggregate(BENCHMARKS[name], items, exact_hits)["accuracy"]
-            groups = circular_groups(items, hits) if BENCHMARKS[name].aggregate == "circular" else None
+                figures["accuracy_exact"] = task.figures(items, exact_hits)["accuracy"]
+            groups = circular_groups(items, hits) if task.circular else None
             for item, record, verdict, hit, judge_record in zip(items, found, verdicts, hits, judged):
                 entry = dict(record) if record else {"benchmark": name, "index": item.index, "mode": mode, "response": None}
                 entry |= {

@@ -1,14 +1,15 @@
 """Miniature copies of the nine benchmarks' VLMEvalKit TSV files and of the Hugging Face parquet
 releases, generated locally.
 
-Owns: writing, under one data root, every file :data:`~opsd_core.evaluation.benchmarks.BENCHMARKS`
-names, in the release's format (base64 PNG images, list-string multi-image cells, index
+Owns: writing, under one data root, every file the paper's nine benchmarks (the
+``opsd-benchmarks`` plugin's tasks) read, in the release's format (base64 PNG images, list-string multi-image cells, index
 back-references, option columns, SAT's option-rotated copies at index + 1e6, ChartQA list
 answers, CV-Bench sources, VSP maze maps), with a few synthetic questions each; and the same
 questions as the parquet releases :mod:`opsd_core.evaluation.parquet` reads (image structs,
 option lists, ``(A)`` / ``(a)`` / index answers, BLINK's subtask configs, sharded and flat
 layouts).
-Does not know: what a model answers. The content is meaningless; the format is the point: the
+Does not know: what a model answers, nor how a benchmark reads or scores its files (the plugin's
+tests check that it reads these). The content is meaningless; the format is the point: the
 evaluation harness runs end to end on it in tests and in ``opsd eval --data-root`` dry runs.
 
     python -m opsd_core.evaluation.miniature --out data/benchmarks-mini [--parquet]
@@ -24,8 +25,14 @@ import io
 import random
 from pathlib import Path
 
-from opsd_core.evaluation.parquet import BLINK_SUBTASKS
 from opsd_core.evaluation.scorers import CIRCULAR_OFFSET
+
+# BLINK's subtasks: one row each in BLINK.tsv, one config folder each in the parquet release.
+BLINK_SUBTASKS = (
+    "Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test", "Jigsaw",
+    "Multi-view_Reasoning", "Object_Localization", "Relative_Depth", "Relative_Reflectance",
+    "Semantic_Correspondence", "Spatial_Relation", "Visual_Correspondence", "Visual_Similarity",
+)
 
 # The instruction line the V* parquet release appends after its options (dropped by the reader).
 VSTAR_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -157,7 +164,7 @@ def write_miniature_benchmarks(root: Path, per_benchmark: int = 4, seed: int = 0
 # ---------------------------------------------------------------------------------------------- parquet
 def write_miniature_parquet(root: Path, per_benchmark: int = 4, seed: int = 0) -> Path:
     """Write the Hugging Face parquet releases (BLINK with its subtask configs, CV-Bench, MMVP,
-    SAT, V*) under ``root`` in the layout :mod:`opsd_core.evaluation.parquet` reads, holding
+    SAT, V*) under ``root`` in the layout of the hub repositories, holding
     the same questions, images and answers as :func:`write_miniature_benchmarks` with the same
     arguments. Returns ``root``."""
     import pyarrow as pa

@@ -1,21 +1,21 @@
-"""The benchmarks' Hugging Face parquet releases, read into the items the TSV reader produces.
+"""Hugging Face parquet releases of benchmarks, read into the items the TSV reader produces.
 
-Owns: where each release lives under a data root (its folder, its configs, its split), finding
-the shards (``data/<split>-NNNNN-of-NNNNN.parquet``, or ``<split>*.parquet`` directly in the
-folder), checking that a shard has the columns its release is read from, and mapping those
-columns onto :class:`~opsd_core.evaluation.items.BenchmarkItem`: images from
-``{bytes, path}`` structs, options from list columns or an ``(a) … (b) …`` string, answers
-given as ``(A)``, a letter, an option index or the option's text, indices from an index column
-or the row's position, and SAT's option-rotated copies (the release is not circular; the
-paper's harness scores the circular copies).
-Does not know: scoring, prompts or models; VLMEvalKit TSVs (:mod:`opsd_core.evaluation.benchmarks`).
-Benchmarks without a parquet release (VSP, VisPuzzle, the ChartQA bar subsets) have no entry.
+Owns: :class:`ParquetRelease` (a release's folder under a data root, its configs, its split,
+its columns and the converter of one row), finding the shards
+(``data/<split>-NNNNN-of-NNNNN.parquet``, or ``<split>*.parquet`` directly in the folder),
+checking that a shard has the columns its release is read from, turning the converters' fields
+into :class:`~opsd_core.evaluation.items.BenchmarkItem` (indices from an index column or the
+row's position, option-rotated copies at index + k * 1e6), and the cell readers converters
+share: images from ``{bytes, path}`` structs, integers, texts, options from list columns,
+answers given as ``(A)``, a letter or the option's text. Every unreadable cell names the shard,
+the row and the column.
+Does not know: which benchmark has which release (a benchmark task declares its own), scoring,
+prompts or models; VLMEvalKit TSVs (:mod:`opsd_core.evaluation.benchmarks`).
 """
 
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +23,6 @@ from typing import Any
 
 from opsd_core.evaluation.items import OPTION_LETTERS, BenchmarkDataError, BenchmarkFileMissing, BenchmarkItem
 from opsd_core.evaluation.scorers import CIRCULAR_OFFSET
-
-BLINK_SUBTASKS = (
-    "Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test", "Jigsaw",
-    "Multi-view_Reasoning", "Object_Localization", "Relative_Depth", "Relative_Reflectance",
-    "Semantic_Correspondence", "Spatial_Relation", "Visual_Correspondence", "Visual_Similarity",
-)
-_LETTER_MARK = re.compile(r"\(([A-Za-z])\)\s*")
-_OPTION_LINE = re.compile(r"^\(([A-Z])\)\s*(.*)$")
 
 
 @dataclass(frozen=True)
@@ -136,7 +128,7 @@ class ParquetRelease:
                     )
                 for number, values in enumerate(table.to_pylist()):
                     row = Row(values, relative, number, config)
-                    base = position if self.index_column is None else _integer(row, self.index_column)
+                    base = position if self.index_column is None else cell_integer(row, self.index_column)
                     for fields in self.convert(row):
                         items.append(
                             BenchmarkItem(
@@ -163,7 +155,7 @@ def shards(folder: Path, split: str | None) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- cells
-def _image(row: Row, column: str, value: Any = None) -> Any:
+def cell_image(row: Row, column: str, value: Any = None) -> Any:
     """A PIL RGB image from a ``{bytes, path}`` struct (the ``datasets`` Image feature) or raw bytes."""
     from PIL import Image, UnidentifiedImageError
 
@@ -179,7 +171,8 @@ def _image(row: Row, column: str, value: Any = None) -> Any:
         raise BenchmarkDataError(f"{row.where(column)}: the bytes are not a readable image ({error})") from None
 
 
-def _integer(row: Row, column: str) -> int:
+def cell_integer(row: Row, column: str) -> int:
+    """The integer in ``column`` of ``row``."""
     value = row.values.get(column)
     try:
         return int(value)
@@ -187,23 +180,25 @@ def _integer(row: Row, column: str) -> int:
         raise BenchmarkDataError(f"{row.where(column)}: expected an integer index, got {value!r}") from None
 
 
-def _text(row: Row, column: str) -> str:
+def cell_text(row: Row, column: str) -> str:
+    """The text in ``column`` of ``row`` (an empty value is an error)."""
     value = row.values.get(column)
     if value is None:
         raise BenchmarkDataError(f"{row.where(column)}: the value is empty")
     return str(value)
 
 
-def _options_from_list(row: Row, column: str) -> dict[str, str]:
+def cell_options(row: Row, column: str) -> dict[str, str]:
+    """Option letter -> text of a list column (``["red", "blue"]`` -> ``{"A": "red", "B": "blue"}``)."""
     choices = row.values.get(column)
     if not isinstance(choices, Sequence) or isinstance(choices, str) or not choices:
         raise BenchmarkDataError(f"{row.where(column)}: expected a non-empty list of option texts, got {choices!r}")
     return {letter: str(text).strip() for letter, text in zip(OPTION_LETTERS, choices)}
 
 
-def _answer_letter(row: Row, column: str, options: Mapping[str, str]) -> str:
+def cell_answer_letter(row: Row, column: str, options: Mapping[str, str]) -> str:
     """The option letter of an answer stored as ``(A)``, ``A``, ``(a)`` or the option's text."""
-    raw = _text(row, column).strip()
+    raw = cell_text(row, column).strip()
     letter = raw.strip("()").strip().upper()
     if letter in options:
         return letter
@@ -211,83 +206,3 @@ def _answer_letter(row: Row, column: str, options: Mapping[str, str]) -> str:
     if len(by_text) == 1:
         return by_text[0]
     raise BenchmarkDataError(f"{row.where(column)}: answer {raw!r} is neither an option letter nor one option's text")
-
-
-# ---------------------------------------------------------------------------------------------- releases
-def _blink(row: Row) -> list[ItemFields]:
-    images = tuple(_image(row, f"image_{k}") for k in range(1, 5) if row.values.get(f"image_{k}") is not None)
-    options = _options_from_list(row, "choices")
-    category = row.values.get("sub_task") or row.config or None
-    return [ItemFields(images, _text(row, "question"), options, _answer_letter(row, "answer", options), category)]
-
-
-def _cv_bench(row: Row) -> list[ItemFields]:
-    options = _options_from_list(row, "choices")
-    kind = _text(row, "type").strip().upper()
-    if kind not in ("2D", "3D"):
-        raise BenchmarkDataError(f"{row.where('type')}: expected 2D or 3D, got {kind!r}")
-    return [
-        ItemFields(
-            (_image(row, "image"),), _text(row, "question"), options, _answer_letter(row, "answer", options),
-            category=row.values.get("task") or None, extra={"source": _text(row, "source")}, part=f"CV-Bench-{kind}",
-        )
-    ]
-
-
-def _mmvp(row: Row) -> list[ItemFields]:
-    pieces = _LETTER_MARK.split(_text(row, "Options"))  # ['', 'a', 'text ', 'b', 'text']
-    options = {letter.upper(): text.strip() for letter, text in zip(pieces[1::2], pieces[2::2])}
-    if len(options) < 2 or pieces[0].strip():
-        raise BenchmarkDataError(f"{row.where('Options')}: expected options written '(a) … (b) …'")
-    answer = _answer_letter(row, "Correct Answer", options)
-    return [ItemFields((_image(row, "image"),), _text(row, "Question"), options, answer)]
-
-
-def _sat(row: Row) -> list[ItemFields]:
-    cells = row.values.get("image_bytes")
-    if not isinstance(cells, Sequence) or isinstance(cells, (str, bytes)) or not cells:
-        raise BenchmarkDataError(f"{row.where('image_bytes')}: expected a non-empty list of images")
-    images = tuple(_image(row, "image_bytes", cell) for cell in cells)
-    texts = list(_options_from_list(row, "answers").values())
-    correct = _integer(row, "correct_answer_idx")
-    if not 0 <= correct < len(texts):
-        raise BenchmarkDataError(f"{row.where('correct_answer_idx')}: {correct} is not an index into the {len(texts)} answers")
-    question, count = _text(row, "question"), len(texts)
-    copies = []
-    for shift in range(count):
-        rotated = {OPTION_LETTERS[j]: texts[(j + shift) % count] for j in range(count)}
-        copies.append(ItemFields(images, question, rotated, OPTION_LETTERS[(correct - shift) % count], copy=shift))
-    return copies
-
-
-def _vstar(row: Row) -> list[ItemFields]:
-    lines = _text(row, "text").splitlines()
-    marked = [(i, _OPTION_LINE.match(line.strip())) for i, line in enumerate(lines)]
-    options = {match.group(1): match.group(2).strip() for _, match in marked if match}
-    first = next((i for i, match in marked if match), None)
-    if first is None or len(options) < 2:
-        raise BenchmarkDataError(f"{row.where('text')}: expected the question followed by '(A) …' option lines")
-    question = "\n".join(lines[:first]).strip()
-    answer = _answer_letter(row, "label", options)
-    return [ItemFields((_image(row, "image"),), question, options, answer, category=row.values.get("category") or None)]
-
-
-_BLINK_COLUMNS = ("question", "choices", "answer", "image_1")
-RELEASES: dict[str, ParquetRelease] = {
-    "blink": ParquetRelease("BLINK", "val", _BLINK_COLUMNS, _blink, part="BLINK", configs=BLINK_SUBTASKS),
-    "blink-jigsaw": ParquetRelease("BLINK", "val", _BLINK_COLUMNS, _blink, part="BLINK_Jigsaw", configs=("Jigsaw",)),
-    "cv-bench": ParquetRelease("CV-Bench", "test", ("question", "choices", "answer", "image", "source", "type"), _cv_bench),
-    "mmvp": ParquetRelease(
-        "MMVP", None, ("Index", "Question", "Options", "Correct Answer", "image"), _mmvp, part="MMVP", index_column="Index"
-    ),
-    "sat": ParquetRelease("SAT", "test", ("image_bytes", "question", "answers", "correct_answer_idx"), _sat, part="SAT_circular"),
-    "vstar": ParquetRelease("vstar-bench", None, ("image", "text", "label"), _vstar, part="VStarBench"),
-}
-
-
-def where(name: str, root: Path) -> str:
-    """Where ``name``'s parquet release would be read from, or that it has none (for error messages)."""
-    release = RELEASES.get(name)
-    if release is None:
-        return f"{name!r} has no parquet release that can stand in for the TSV files"
-    return f"or its Hugging Face parquet release as {Path(root) / release.location()}"

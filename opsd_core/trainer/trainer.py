@@ -3,8 +3,8 @@
 Owns: one optimizer step, read top to bottom: sample on-policy in the student context ->
 teacher forward in the privileged context under no_grad -> student forward -> divergence ->
 backward; then clipping, AdamW, the schedule and the teacher update. Also the noise, shuffled-VT
-and SFT controls (flags of the same loop), the step's scalars and periodic media for the
-loggers, and resumable checkpoints (of the adapters alone when ``[backend.lora]`` puts LoRA
+and SFT controls (flags of the same loop), the step's scalars, the student's accuracy on the
+``eval.benchmarks`` subsets every ``eval.every`` steps and periodic media for the loggers, and resumable checkpoints (of the adapters alone when ``[backend.lora]`` puts LoRA
 adapters on the student, see ``opsd_core.lora``). In a multi-process
 run every rank runs this same loop on its share of each step's problems, with the student and
 teacher sharded by the backend (``opsd_core.runtime`` holds what the ranks exchange, ``sharding.py`` the sharded models).
@@ -27,6 +27,7 @@ import torch
 
 from opsd_core import lora, runtime
 from opsd_core.components import Components, direct_weight_reads
+from opsd_core.evaluation.periodic import BenchmarkProbe, benchmark_probe
 from opsd_core.config import lora_settings
 from opsd_core.contexts.noise import with_noise_visual_thought
 from opsd_core.contexts.shuffled import donors
@@ -86,6 +87,8 @@ class Trainer:
             then cloned from the student's shards. None: ``student`` is whole and is sharded here.
         loggers: where each logged step's scalars and the media go (rank 0's; empty elsewhere).
             None: only ``metrics`` (the jsonl logger).
+        benchmarks: the ``eval.benchmarks`` subsets answered every ``eval.every`` steps (see
+            :func:`~opsd_core.evaluation.periodic.benchmark_probe`); None: built here from the config.
     """
 
     def __init__(
@@ -98,12 +101,14 @@ class Trainer:
         ranks: runtime.Ranks | None = None,
         skeleton: torch.nn.Module | None = None,
         loggers: Loggers | None = None,
+        benchmarks: BenchmarkProbe | None = None,
     ):
         config = components.config
         self.config, self.backend, self.task = config, components.backend, components.task
         self.divergence, self.teacher_update, self.phase = components.divergence, components.teacher_update, phase
         self.builder, self.sampler = components.context, components.sampler
         self.evaluation_sampler = components.evaluation_sampler()
+        self.benchmarks = benchmarks if benchmarks is not None else benchmark_probe(config, components.registries)
         # Decided once: a divergence on hidden states never sees the (B, T, V) logits.
         self.hidden_states = components.divergence.uses_hidden_states
         backend, teacher_update = self.backend, self.teacher_update
@@ -333,7 +338,8 @@ class Trainer:
                 started = time.perf_counter()
                 metrics = self.train_step()
                 metrics["step_s"] = time.perf_counter() - started
-                self._log(metrics)
+                benchmarks = self.evaluate_benchmarks()
+                self._log(metrics | benchmarks, always=bool(benchmarks))
                 media_every = self.config.logging.media_every
                 if media_every and self.step % media_every == 0 and self.step != total:
                     self.log_media()
@@ -464,11 +470,13 @@ class Trainer:
         return runtime.autocast(self.device, self.config.run.precision)
 
     # ----------------------------------------------------------------- metrics and checkpoints
-    def _log(self, metrics: dict[str, float]) -> None:
-        """Every ``train.log_every`` steps and at the last, the step's scalars to the loggers, with
-        the step's completion tokens per second (all ranks) and this process's peak memory."""
+    def _log(self, metrics: dict[str, float], always: bool = False) -> None:
+        """Every ``train.log_every`` steps, at the last and when ``always``, the step's scalars to
+        the loggers, with the step's completion tokens per second (all ranks) and this process's
+        peak memory."""
         every = self.config.train.log_every
-        if not self.ranks.is_main or (self.step % every and self.step != self.config.schedule.total_steps):
+        due = always or not self.step % every or self.step == self.config.schedule.total_steps
+        if not self.ranks.is_main or not due:
             return
         scalars = dict(metrics)
         if "completion_tokens" in scalars and scalars.get("step_s"):
@@ -477,6 +485,16 @@ class Trainer:
             scalars["tokens_per_s"] = scalars["completion_tokens"] * samples / scalars["step_s"]
         scalars["peak_memory_gb"] = runtime.peak_memory_gb(self.device)
         self.loggers.log_scalars(self.phase.name, self.step, scalars)
+
+    def evaluate_benchmarks(self) -> dict[str, float]:
+        """Every ``eval.every`` steps, the student's accuracy on each ``eval.benchmarks`` subset
+        (``benchmark/<name>``, and ``benchmark_s``), answered greedily; empty on other steps.
+        Every rank answers (sharded weights are gathered); rank 0 logs."""
+        every, probe = self.config.eval.every, self.benchmarks
+        if probe is None or not every or self.step % every:
+            return {}
+        with sharding.gathered(self.student), self._precision():
+            return probe.run(self.backend, self.student, self.evaluation_sampler)
 
     def log_media(self) -> None:
         """The media problems' greedy completions by the current student, with the per-token KL

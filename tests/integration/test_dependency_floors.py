@@ -12,8 +12,8 @@ A later group pins only its own dependencies: pip may lift what an earlier group
 
 The groups, in order, each adding to the same virtualenv:
 
-- opsd-core (with its ``test`` extra), opsd-tiny and the example plugin: the unit tests, the
-  command-line tests and the short effect run. opsd-tiny is then the
+- opsd-core (with its ``test`` extra), opsd-tiny, opsd-benchmarks and the example plugin: the
+  unit tests, the command-line tests and the short effect run. opsd-tiny is then the
   only backend installed, so the config model's plugin sections are unions of one member:
   the oldest supported pydantic is tested with a single backend (the development install
   tests the newest with all of them).
@@ -49,10 +49,11 @@ CORE_EXTRAS = ("test",)  # the extras installed with the core (the docs build is
 # (distributions installed, editable, with their dependencies at their floors; the tests run), in order.
 GROUPS = {
     "tiny": (
-        [ROOT, ROOT / "plugins" / "opsd-tiny", ROOT / "examples" / "opsd-example-plugin"],
+        [ROOT, ROOT / "plugins" / "opsd-tiny", ROOT / "plugins" / "opsd-benchmarks", ROOT / "examples" / "opsd-example-plugin"],
         [
             "tests/unit", "tests/integration/test_embedded_effects_short.py", "tests/integration/test_cli.py",
-            "tests/integration/test_run_command.py", "plugins/opsd-tiny", "examples/opsd-example-plugin",
+            "tests/integration/test_run_command.py", "plugins/opsd-tiny", "plugins/opsd-benchmarks",
+            "examples/opsd-example-plugin",
         ],  # fmt: skip
     ),
     "thinkmorph": (

@@ -1,4 +1,4 @@
-"""opsd as a user installs it: the wheels of opsd-core and opsd-tiny built from this
+"""opsd as a user installs it: the wheels of opsd-core, opsd-tiny and opsd-benchmarks built from this
 repository, installed with their dependencies into a fresh virtualenv that sees nothing of the
 development install, then run from an empty directory with no checkout in sight."""
 
@@ -26,7 +26,7 @@ def installed(tmp_path_factory):
     """(the virtualenv's bin directory, an empty working directory, a clean environment)."""
     root = tmp_path_factory.mktemp("wheels")
     wheels = root / "wheels"
-    for project in (ROOT, ROOT / "plugins" / "opsd-tiny"):
+    for project in (ROOT, ROOT / "plugins" / "opsd-tiny", ROOT / "plugins" / "opsd-benchmarks"):
         subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(project)],
             check=True,
@@ -57,6 +57,10 @@ def test_the_installed_package_is_the_one_used_and_tiny_is_the_only_backend(inst
     listed = _opsd(installed, "list", "backends", "--json")
     assert listed.returncode == 0, listed.stderr
     assert '"tiny-umm"' in listed.stdout and "thinkmorph" not in listed.stdout
+    tasks = _opsd(installed, "list", "tasks")
+    assert tasks.returncode == 0, tasks.stderr
+    names = {line.split()[0] for line in tasks.stdout.splitlines() if line.strip()}
+    assert {"vsp", "vispuzzle", "blink-jigsaw", "sat", "blink", "chartqa", "vstar", "mmvp", "cv-bench"} <= names
     module = subprocess.run([str(bin_dir / "python"), "-m", "opsd_core", "--help"], cwd=work, env=environment,
                             capture_output=True, text=True)  # fmt: skip
     assert module.returncode == 0 and "opsd" in module.stdout

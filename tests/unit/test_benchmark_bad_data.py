@@ -1,14 +1,18 @@
-"""Unreadable benchmark input gives one line naming the file, the row and the problem; per-item
-results and the re-scoring output directory."""
+"""Reading benchmark files, and unreadable input giving one line naming the file, the row and
+the problem; per-item results and the re-scoring output directory (on the installed benchmark
+tasks and the generated miniature files)."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import random
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from opsd_core.cli import cli
 from opsd_core.errors import OpsdError
@@ -55,11 +59,36 @@ def test_malformed_tsv_rows_name_file_row_and_problem(tmp_path, header, row, mes
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_vsp_needs_an_integer_maze_size(tmp_path):
+def test_integer_columns_must_hold_integers(tmp_path):
     header = ["index", "image", "question", "answer", "maze_map", "maze_size"]
-    path = _tsv(tmp_path / "VSP_maze_task_main_original.tsv", header, [0, IMAGE, "q", "R", "['SG']", "two"])
-    with pytest.raises(BenchmarkDataError, match="column 'maze_size': expected the maze's side"):
-        read_tsv(path, "vsp")
+    path = _tsv(tmp_path / "maze.tsv", header, [0, IMAGE, "q", "R", "['SG']", "two"])
+    with pytest.raises(BenchmarkDataError, match="column 'maze_size': expected an integer, got 'two'"):
+        read_tsv(path, "vsp", columns=("maze_map",), integer_columns=("maze_size",))
+    path = _tsv(tmp_path / "maze.tsv", header, [0, IMAGE, "q", "R", "['SG']", "07"])
+    (item,) = read_tsv(path, "vsp", columns=("maze_map",), integer_columns=("maze_size",))
+    assert item.extra == {"maze_map": "['SG']", "maze_size": 7}
+
+
+def test_a_dangling_back_reference_is_an_error(tmp_path):
+    path = _tsv(tmp_path / "VisPuzzle.tsv", MCQ, [0, "7", "q", "x", "y", "A"])
+    with pytest.raises(ValueError, match="neither base64 nor the index"):
+        read_tsv(path, "vispuzzle")
+
+
+def test_base64_jpeg_images_decode(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(buffer, format="JPEG")
+    header = ["index", "image", "question", "A", "B", "answer", "category"]
+    row = [5, base64.b64encode(buffer.getvalue()).decode(), "q", "x", "y", "B", "relative_position"]
+    (item,) = read_tsv(_tsv(tmp_path / "VStarBench.tsv", header, row), "vstar")
+    assert item.images[0].size == (8, 6) and item.category == "relative_position" and item.options == {"A": "x", "B": "y"}
+
+
+def test_a_malformed_record_is_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"benchmark": "vsp", "response": "x"}\n{"benchmark": "vsp", "index": 0, "response": "x"}\n')
+    with pytest.raises(ValueError, match="lacks \\['index'\\]"):
+        harness.read_predictions(path)
 
 
 def test_empty_and_non_utf8_files(tmp_path):

@@ -1,35 +1,41 @@
-"""Benchmark files, prompts, scoring, aggregation and re-scoring, on generated miniature TSVs."""
+"""The nine benchmark tasks: their files, prompts, scoring and figures, and `opsd eval` over
+them, on generated miniature TSVs."""
 
 from __future__ import annotations
 
-import base64
-import csv
-import io
 import json
 import math
 
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
-from opsd_core.cli import cli
-from opsd_core.evaluation import harness
-from opsd_core.evaluation.benchmarks import (
-    BENCHMARKS,
-    BenchmarkItem,
-    aggregate,
-    benchmark_names,
-    load_benchmark,
-    prompt,
-    read_tsv,
-    score,
-)
-from opsd_core.evaluation.miniature import write_miniature_benchmarks
+from opsd_benchmarks import tasks
+from opsd_benchmarks.plugin import BENCHMARKS
+from opsd_core.api.benchmarks import BenchmarkItem, BenchmarkTask
+from opsd_core.testing.cli import build_plugin_manager, cli, fill_registries
+from opsd_core.testing.miniature import write_miniature_benchmarks
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return write_miniature_benchmarks(tmp_path_factory.mktemp("benchmarks"), per_benchmark=4)
+
+
+def task(name: str) -> BenchmarkTask:
+    return getattr(tasks, BENCHMARKS[name][0])()
+
+
+def load_benchmark(name: str, root) -> list[BenchmarkItem]:
+    return task(name).items(root)
+
+
+def test_the_registered_tasks_are_the_nine_benchmarks_and_only_evaluate():
+    assert list(BENCHMARKS) == ["vsp", "vispuzzle", "blink-jigsaw", "sat", "blink", "chartqa", "vstar", "mmvp", "cv-bench"]
+    registry = fill_registries(build_plugin_manager()).task
+    for name in BENCHMARKS:
+        entry = registry.get(name)
+        assert entry.plugin == "benchmarks" and entry.resolve().name == name
+        assert issubclass(entry.resolve(), BenchmarkTask) and not entry.resolve().trains
 
 
 def gold_response(item: BenchmarkItem) -> str:
@@ -42,10 +48,10 @@ def gold_response(item: BenchmarkItem) -> str:
 
 
 def test_every_benchmark_reads_from_its_release_file_names(root):
-    for name, spec in BENCHMARKS.items():
+    for name in BENCHMARKS:
         items = load_benchmark(name, root)
         assert items, name
-        assert {item.source_file for item in items} == set(spec.files)
+        assert {item.source_file for item in items} == set(task(name).files)
         assert all(item.images and all(image.mode == "RGB" for image in item.images) for item in items), name
 
 
@@ -62,35 +68,36 @@ def test_list_answers_and_extra_columns(root):
     chart = load_benchmark("chartqa", root)
     assert any(isinstance(item.answer, list) for item in chart) and any(isinstance(item.answer, str) for item in chart)
     vsp = load_benchmark("vsp", root)[0]
-    assert "maze_map" in vsp.extra
+    assert "maze_map" in vsp.extra and vsp.extra["maze_size"] == 3
     cv = load_benchmark("cv-bench", root)
     assert {item.extra["source"] for item in cv} == {"ADE20K", "COCO", "Omni3D"}
 
 
 def test_multiple_choice_prompt_layout(root):
     item = load_benchmark("vispuzzle", root)[0]
-    text = prompt(item)
+    text = task("vispuzzle").prompt(item)
     assert text.startswith("Hint: Compare the pieces.\nQuestion: ")
     assert "\nOptions:\nA. option a 0\nB. option b 0\n" in text
-    assert not prompt(load_benchmark("blink", root)[0]).startswith("Hint:")  # an empty hint adds no line
+    assert not task("blink").prompt(load_benchmark("blink", root)[0]).startswith("Hint:")  # an empty hint adds no line
     assert text.endswith("Please select the correct answer from the options above. \n")
     vsp = load_benchmark("vsp", root)[0]
-    assert prompt(vsp) == vsp.question
+    assert task("vsp").prompt(vsp) == vsp.question
 
 
 def test_gold_answers_score_full_marks_and_wrong_ones_zero(root):
-    for name, spec in BENCHMARKS.items():
-        items = load_benchmark(name, root)
-        hits = [score(item, gold_response(item)).hit for item in items]
-        assert aggregate(spec, items, hits)["accuracy"] == 100.0, name
-        misses = [score(item, "<answer>no idea</answer>").hit for item in items]
-        assert aggregate(spec, items, misses)["accuracy"] == 0.0, name
+    for name in BENCHMARKS:
+        benchmark = task(name)
+        items = benchmark.items(root)
+        hits = [benchmark.verdict(item, gold_response(item)).hit for item in items]
+        assert benchmark.figures(items, hits)["accuracy"] == 100.0, name
+        misses = [benchmark.verdict(item, "<answer>no idea</answer>").hit for item in items]
+        assert benchmark.figures(items, misses)["accuracy"] == 0.0, name
 
 
 def test_circular_questions_need_every_rotation(root):
     items = load_benchmark("sat", root)
     hits = [item.index != 1_000_000 for item in items]  # question 0 fails in its rotated copy only
-    figures = aggregate(BENCHMARKS["sat"], items, hits)
+    figures = task("sat").figures(items, hits)
     assert figures["questions"] == 4
     assert figures["accuracy"] == 75.0
 
@@ -99,52 +106,61 @@ def test_cv_bench_averages_2d_sources_then_the_two_halves(root):
     items = load_benchmark("cv-bench", root)
     # 2D: COCO rows (even positions) right, ADE20K wrong -> 2D 50; 3D all right -> 100.
     hits = [(item.extra["source"] != "ADE20K") for item in items]
-    figures = aggregate(BENCHMARKS["cv-bench"], items, hits)
+    figures = task("cv-bench").figures(items, hits)
     assert figures["2d"] == 50.0 and figures["3d"] == 100.0 and figures["accuracy"] == 75.0
 
 
 def test_mmvp_reports_pair_accuracy_too(root):
     items = load_benchmark("mmvp", root)
     hits = [item.index != 1 for item in items]
-    figures = aggregate(BENCHMARKS["mmvp"], items, hits)
+    figures = task("mmvp").figures(items, hits)
     assert figures["accuracy"] == 75.0 and figures["pair_accuracy"] == 50.0
 
 
 def test_vsp_simulates_the_moves(root):
-    item = load_benchmark("vsp", root)[0]
-    assert score(item, "\\boxed{D, D, R, R}").hit  # another route that avoids the hole
-    assert not score(item, "\\boxed{R, D, D, R}").hit  # through the hole
-    assert score(item, "\\boxed{R,R,D,D}").extracted == "R,R,D,D"
+    vsp = task("vsp")
+    item = vsp.items(root)[0]
+    assert vsp.verdict(item, "\\boxed{D, D, R, R}").hit  # another route that avoids the hole
+    assert not vsp.verdict(item, "\\boxed{R, D, D, R}").hit  # through the hole
+    assert vsp.verdict(item, "\\boxed{R,R,D,D}").extracted == "R,R,D,D"
 
 
-def test_unknown_names_and_missing_files_are_explained(tmp_path):
-    with pytest.raises(ValueError, match="known: vsp"):
-        benchmark_names("vsp,chartqqa")
-    assert benchmark_names("all") == list(BENCHMARKS)
+def test_chartqa_reports_each_file_and_the_named_gold_relative_option(root):
+    chart = task("chartqa")
+    items = chart.items(root)
+    hits = [item.release_part == "ChartQA_h_bar" for item in items]
+    figures = chart.figures(items, hits)
+    assert figures["ChartQA_h_bar"] == 100.0 and figures["ChartQA_v_bar"] == 0.0 and figures["accuracy"] == 50.0
+    item = next(item for item in items if item.answer == "10")
+    assert chart.verdict(item, "<answer>10.5</answer>").hit  # 5 % of the prediction, as the harness measures
+    assert not chart.verdict(item, "<answer>10.52</answer>", chartqa_gold_relative=True).hit
+
+
+def test_a_benchmark_task_serves_the_task_role(root, tmp_path):
+    from opsd_benchmarks.config import BenchmarkParams
+
+    mmvp = tasks.MmvpTask(BenchmarkParams(data_root=str(root)))
+    problems = mmvp.eval_problems(limit=2)
+    assert [problem.id for problem in problems] == ["mmvp/1", "mmvp/2"]
+    items = {item.id: item for item in mmvp.items(root, 2)}
+    scores = [mmvp.score(problem, f"The answer is {items[problem.id].answer}.") for problem in problems]
+    assert all(score.correct for score in scores)
+    assert mmvp.aggregate(problems, scores) == {"items": 2.0, "accuracy": 1.0, "pair_accuracy": 1.0}
+    with pytest.raises(ValueError, match="data_root"):
+        tasks.MmvpTask().eval_problems()
+
+
+def test_missing_files_and_a_bad_maze_size_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="ChartQA_h_bar.tsv"):
         load_benchmark("chartqa", tmp_path)
-
-
-def test_a_dangling_back_reference_is_an_error(tmp_path):
-    path = tmp_path / "VisPuzzle.tsv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t")
-        writer.writerow(["index", "image", "question", "A", "B", "answer"])
-        writer.writerow([0, "7", "q", "x", "y", "A"])
-    with pytest.raises(ValueError, match="neither base64 nor the index"):
-        read_tsv(path, "vispuzzle")
-
-
-def test_base64_jpeg_images_decode(tmp_path):
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 6), (10, 200, 30)).save(buffer, format="JPEG")
-    path = tmp_path / "VStarBench.tsv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t")
-        writer.writerow(["index", "image", "question", "A", "B", "answer", "category"])
-        writer.writerow([5, base64.b64encode(buffer.getvalue()).decode(), "q", "x", "y", "B", "relative_position"])
-    (item,) = read_tsv(path, "vstar")
-    assert item.images[0].size == (8, 6) and item.category == "relative_position" and item.options == {"A": "x", "B": "y"}
+    vsp = write_miniature_benchmarks(tmp_path, per_benchmark=1) / "VSP_maze_task_main_original.tsv"
+    header, row = vsp.read_text().splitlines()
+    vsp.write_text(f"{header}\n{row.rsplit(chr(9), 1)[0]}\ttwo\n")
+    with pytest.raises(ValueError, match=r"row 1 \(index 0\), column 'maze_size': expected an integer, got 'two'"):
+        load_benchmark("vsp", tmp_path)
+    (tmp_path / "VSP_maze_task_main_original.tsv").write_text("index\timage\tquestion\tanswer\tmaze_size\n")
+    with pytest.raises(ValueError, match="column 'maze_map' is missing"):
+        load_benchmark("vsp", tmp_path)
 
 
 def _predictions(root, path, modes=("text",), skip=()):
@@ -163,20 +179,17 @@ def test_rescoring_recorded_answers(root, tmp_path):
     _predictions(root, path, modes=("text", "vt"), skip={("vispuzzle", 0)})
     with open(path, "a") as handle:
         handle.write('{"benchmark": "vsp", "ind')  # a line cut by a crash
-    results = harness.score_predictions(harness.read_predictions(path), list(BENCHMARKS), root)[0]
+    arguments = ["eval", "--benchmarks", "all", "--data-root", str(root), "--predictions", str(path),
+                 "--mode", "text,vt", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results) == {"text", "vt"}
     assert results["text"]["vispuzzle"]["accuracy"] == 75.0  # the unanswered item counts as wrong
     assert results["text"]["vispuzzle"]["categories"] == {"demo": 75.0}
     assert results["text"]["vstar"]["categories"] == {"direct_attributes": 100.0}
     assert results["text"]["vsp"]["accuracy"] == 100.0 and results["text"]["vsp"]["tokens"] == 10
     assert math.isclose(results["text"]["average"]["accuracy"], (8 * 100 + 75) / 9)
-
-
-def test_a_malformed_record_is_refused(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"benchmark": "vsp", "response": "x"}\n{"benchmark": "vsp", "index": 0, "response": "x"}\n')
-    with pytest.raises(ValueError, match="lacks \\['index'\\]"):
-        harness.read_predictions(path)
 
 
 def test_opsd_eval_rescores_predictions_without_a_model(root, tmp_path):
@@ -201,8 +214,11 @@ def test_opsd_eval_rescores_predictions_without_a_model(root, tmp_path):
 
 def test_opsd_eval_benchmark_arguments_are_checked(root):
     runner = CliRunner()
-    result = runner.invoke(cli, ["eval", "--benchmarks", "nope", "--data-root", str(root)])
-    assert result.exit_code != 0 and "known: vsp" in result.output
+    result = runner.invoke(cli, ["eval", "--benchmarks", "vsp,chartqqa", "--data-root", str(root)])
+    assert result.exit_code != 0 and "known benchmarks: blink, blink-jigsaw, chartqa" in result.output
+    assert "Did you mean 'chartqa'?" in result.output
+    result = runner.invoke(cli, ["eval", "--benchmarks", "frozen-lake", "--data-root", str(root)])
+    assert result.exit_code != 0 and "task 'frozen-lake' is not a benchmark" in result.output
     result = runner.invoke(cli, ["eval", "--benchmarks", "vsp"])
     assert result.exit_code != 0 and "--data-root" in result.output
 

@@ -10,21 +10,16 @@ from dataclasses import fields
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
-from opsd_core.evaluation import harness
-from opsd_core.evaluation.benchmarks import (
-    BENCHMARKS,
-    BenchmarkItem,
-    aggregate,
-    load_benchmark,
-    score,
-)
-from opsd_core.evaluation.miniature import (
-    write_miniature_benchmarks,
-    write_miniature_parquet,
-)
-from opsd_core.evaluation.parquet import RELEASES
+from opsd_benchmarks import tasks
+from opsd_benchmarks.plugin import BENCHMARKS
+from opsd_benchmarks.releases import BLINK_SUBTASKS, RELEASES
+from opsd_core.api.benchmarks import BenchmarkItem, BenchmarkTask
+from opsd_core.testing import miniature
+from opsd_core.testing.cli import cli
+from opsd_core.testing.miniature import write_miniature_benchmarks, write_miniature_parquet
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -33,6 +28,19 @@ IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 def roots(tmp_path_factory):
     base = tmp_path_factory.mktemp("formats")
     return write_miniature_benchmarks(base / "tsv", per_benchmark=4), write_miniature_parquet(base / "parquet", per_benchmark=4)
+
+
+def task(name: str) -> BenchmarkTask:
+    return getattr(tasks, BENCHMARKS[name][0])()
+
+
+def load_benchmark(name: str, root) -> list[BenchmarkItem]:
+    return task(name).items(root)
+
+
+def test_each_release_belongs_to_its_task_and_the_miniature_writes_every_blink_subtask():
+    assert {name: task(name).release for name in RELEASES} == RELEASES
+    assert miniature.BLINK_SUBTASKS == BLINK_SUBTASKS
 
 
 def _png(color=(200, 10, 10), size=(6, 5)) -> bytes:
@@ -88,9 +96,10 @@ def test_parquet_and_tsv_copies_score_identically(roots, tmp_path):
     for label, root in (("tsv", tsv_root), ("parquet", parquet_root)):
         figures[label] = {}
         for name in RELEASES:
-            items = load_benchmark(name, root)
-            hits = [score(item, _responses(item, i)).hit for i, item in enumerate(items)]
-            figures[label][name] = aggregate(BENCHMARKS[name], items, hits)
+            benchmark = task(name)
+            items = benchmark.items(root)
+            hits = [benchmark.verdict(item, _responses(item, i)).hit for i, item in enumerate(items)]
+            figures[label][name] = benchmark.figures(items, hits)
     assert figures["parquet"] == figures["tsv"]
     assert figures["tsv"]["sat"]["accuracy"] < 100 and figures["tsv"]["cv-bench"]["2d"] < 100
 
@@ -99,10 +108,15 @@ def test_parquet_and_tsv_copies_score_identically(roots, tmp_path):
     with open(path, "w") as handle:
         for name in RELEASES:
             handle.writelines(json.dumps({"benchmark": name, "index": item.index, "response": _responses(item, i)}) + "\n" for i, item in enumerate(load_benchmark(name, tsv_root)))
-    records = harness.read_predictions(path)
-    assert harness.score_predictions(records, list(RELEASES), parquet_root) == harness.score_predictions(
-        records, list(RELEASES), tsv_root
-    )
+    rescored = {}
+    for label, root in (("tsv", tsv_root), ("parquet", parquet_root)):
+        out = tmp_path / label
+        arguments = ["eval", "--benchmarks", ",".join(RELEASES), "--data-root", str(root), "--predictions", str(path),
+                     "--out", str(out)]
+        result = CliRunner().invoke(cli, arguments)
+        assert result.exit_code == 0, result.output
+        rescored[label] = json.loads((out / "results.json").read_text())
+    assert rescored["parquet"] == rescored["tsv"]
 
 
 def test_the_tsv_file_is_preferred_when_both_are_there(tmp_path):
@@ -151,7 +165,7 @@ def test_sat_rotations_cover_every_option(tmp_path):
     assert all(item.options[item.answer] == "y" and len(item.images) == 2 for item in items)
     assert sorted(item.answer for item in items) == ["A", "B", "C", "D"]
     hits = [item.index != 2_000_000 for item in items]
-    assert aggregate(BENCHMARKS["sat"], items, hits)["accuracy"] == 0.0  # one wrong rotation fails the question
+    assert task("sat").figures(items, hits)["accuracy"] == 0.0  # one wrong rotation fails the question
 
 
 def test_missing_blink_subtasks_are_listed(tmp_path):

@@ -1,0 +1,1 @@
+"""The paper's nine evaluation benchmarks as evaluation-only opsd tasks."""
