@@ -39,7 +39,14 @@ from opsd_thinkmorph.config import CHECKPOINT, DEBUG, ThinkMorphParams
 from opsd_thinkmorph.images import ImageTransform
 from opsd_thinkmorph.model import Bagel, KVCache, SiglipAttention
 from opsd_thinkmorph.packing import TextItem, ViTItem, lay_out, pack_rows
-from opsd_thinkmorph.runtime import DecoderCache, FixedShapeDecoder, cache_bucket, forward_rows, is_shard, is_sharded
+from opsd_thinkmorph.runtime import (
+    DecoderCache,
+    FixedShapeDecoder,
+    cache_bucket,
+    forward_rows,
+    is_shard,
+    is_sharded,
+)
 from opsd_thinkmorph.tokenizer import load_tokenizer
 
 # The projections one-row decode steps with kernels multiply by directly (one_row_layer).
