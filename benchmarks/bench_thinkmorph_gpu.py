@@ -340,8 +340,10 @@ def main() -> None:
         decoding(backend, model, results, batch, steps=64, image_side=448)
         print(json.dumps(results[f"decode_batch_{batch}"]), flush=True)
         if args.attention_baseline:
+            # A backend of its own: the decoders ours keeps were captured with the current attention.
+            copying = ThinkMorphBackend(params.model_copy(update={"kept_decoders": 0})).place(args.device, dtype)
             with repeated_kv_heads():
-                side_by_side(backend, model, results, batch, backend, "repeated_kv")
+                side_by_side(backend, model, results, batch, copying, "repeated_kv")
         if args.compile_baseline:
             eager = ThinkMorphBackend(params.model_copy(update={"compile_decoding": False})).place(args.device, dtype)
             side_by_side(backend, model, results, batch, eager, "not_compiled")
