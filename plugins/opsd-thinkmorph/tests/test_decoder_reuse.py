@@ -140,3 +140,22 @@ def test_the_cache_keeps_at_most_its_size():
         for batch in (1, 2, 3, 1):
             backend.start_decoding(model, questions(batch), 4)
     assert len(backend.decoders) == 2 and backend.decoders.builds == 4
+
+
+def test_a_kept_decoder_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    backend = debug_backend()
+    model = backend.build_model().eval()
+    with torch.no_grad():
+        backend.start_decoding(model, questions(1), 4)
+    assert len(backend.decoders) == 1
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    other = backend.build_model().eval()
+    with torch.no_grad():
+        backend.start_decoding(other, questions(1), 4)
+    assert len(backend.decoders) == 1 and backend.decoders.builds == 2

@@ -102,7 +102,8 @@ class FixedShapeDecoder:
         self, model: Bagel, cache: KVCache, batch: int, capture: bool, compile: bool = False, kernels: bool = False
     ):
         device = cache.valid.device
-        self.model, self.cache = model, cache
+        self._model = weakref.ref(model)  # a kept decoder does not keep its model alive
+        self.cache = cache
         self.one_row = kernels and batch == 1
         run_layer = one_row_layer if self.one_row else call_layer
         self.run_layer = compiled_decode_layer(run_layer) if compile else run_layer
@@ -137,6 +138,11 @@ class FixedShapeDecoder:
         if self.capture and self.graph is None:
             self._capture()
         return hidden
+
+    @property
+    def model(self) -> Bagel | None:
+        """The model whose steps this decoder takes (None once nothing else holds it)."""
+        return self._model()
 
     def claim(self, owner: object) -> None:
         """Mark this decoder as in use while ``owner`` (the decoding state it steps) lives."""
@@ -205,7 +211,8 @@ class DecoderCache:
     A decoder is kept per (model, batch size, cache capacity) and handed out again while the
     model's weights stay where the captured step reads them (:func:`weight_addresses`); a
     decoder still claimed by a living decoding state is never handed out twice (a second state
-    of the same shape gets one of its own, not kept). ``builds`` counts the decoders built.
+    of the same shape gets one of its own, not kept). Decoders hold their model weakly: those
+    of a model nothing else holds are dropped. ``builds`` counts the decoders built.
     """
 
     def __init__(self, size: int):
@@ -218,10 +225,12 @@ class DecoderCache:
 
     def decoder(self, model: Bagel, batch: int, capacity: int, build: Callable[[], FixedShapeDecoder]) -> FixedShapeDecoder:
         """A kept decoder of ``model`` for ``batch`` rows and ``capacity`` positions, or ``build()``'s."""
+        for dead in [k for k, (_, decoder) in self._kept.items() if decoder.model is None]:
+            del self._kept[dead]
         key = (id(model), batch, capacity)
         weights = weight_addresses(model)
         kept = self._kept.get(key)
-        if kept is not None and kept[0] == weights:
+        if kept is not None and kept[1].model is model and kept[0] == weights:
             if kept[1].in_use:
                 return self._build(build)
             self._kept.move_to_end(key)
