@@ -95,7 +95,8 @@ class FixedShapeDecoder:
 
     One decoder serves batch after batch of ``batch`` rows (:meth:`prefill` empties its cache
     in place), so the compile and the capture are paid once. The captured step reads the
-    model's weights where they are; updates in place are seen by the next replay.
+    model's weights where they are; updates in place are seen by the next replay. The model is
+    held weakly: a kept decoder never keeps it alive.
     """
 
     def __init__(
@@ -127,7 +128,7 @@ class FixedShapeDecoder:
             raise ValueError(f"{positions} positions asked of a decoder whose cache holds {cache.capacity}")
         cache.valid.zero_()
         for layer in cache.layers:
-            # Zeros, as in a new cache: masked slots of finite values leave the attention unchanged.
+            # Zeros, as in a new cache: a reused decoder computes exactly what a new one would.
             layer.keys.zero_()
             layer.values.zero_()
             layer.length, layer.slot = 0, None
