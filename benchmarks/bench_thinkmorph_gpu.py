@@ -3,11 +3,18 @@
 Measures, with the ``thinkmorph`` backend's ``7b-random`` flavour:
 * student forward + backward on a ~4k-token teacher pack (time and peak memory);
 * KV-cached decoding tokens/s at batch 1 and batch 16 (the on-policy sampler's inner loop);
-* visual-thought drawing time per 512x512 image (50 flow points, three-context guidance).
+* visual-thought drawing time per 512x512 image (50 flow points, three-context guidance);
+* ``--only latency``: a batch-1 text answer through the evaluation sampler (greedy, up to
+  ``--text-tokens``) warm, beside prefill plus as many decode steps of the backend's decoder
+  (the ratio; the target is 1.3 or less), the cold first answer (building, compiling and
+  capturing its decoder) and an answer with no decoder kept (``kept_decoders = 0``, a new one
+  per answer) apart; batched evaluation throughput (answers/s at ``--eval-batches``); and,
+  unless ``--skip-vt``, the text vs visual-thought latency of the paper's comparison.
 
 Weights are random, so what the model says is meaningless; the arithmetic is the real model's.
 
-    python benchmarks/bench_thinkmorph_gpu.py [--json out.json] [--skip-vt]
+    python benchmarks/bench_thinkmorph_gpu.py [--json out.json] [--skip-vt] [--only latency]
+    python benchmarks/bench_thinkmorph_gpu.py --only latency --flavour debug --device cpu --text-tokens 24 --eval-batches 2 4
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -113,6 +121,7 @@ def decoding(backend, model, results: dict, batch: int, steps: int, image_side: 
     feed = torch.full((batch,), 65, dtype=torch.long, device=backend.device)
     for _ in range(4):  # warm-up inside the same cache
         backend.decode_step(state, feed)
+    del state  # its decoder is kept: the timed state replays it
     start_prefill = time.perf_counter()
     fresh = backend.start_decoding(model, contexts, steps + 16)
     synchronize()
@@ -167,13 +176,96 @@ def visual_thought(backend, model, results: dict, side: int, batch: int) -> None
     }
 
 
+def benchmark_contexts(backend, count: int, side: int) -> list:
+    """``count`` benchmark-style contexts (system prompt, a ``side`` x ``side`` image, a
+    two-option question), each with its own image and question."""
+    from opsd_core.evaluation.benchmarks import BenchmarkItem
+    from opsd_core.evaluation.harness import item_context
+
+    return [
+        item_context(backend, BenchmarkItem(
+            "bench", i, "-", (image(side, i),), f"Question {i}: which way leads to the goal?", {"A": "left", "B": "right"}, "A",
+        ))
+        for i in range(count)
+    ]
+
+
 @torch.no_grad()
-def latency(backend, model, results: dict, text_tokens: int, vt_tokens: int, side: int) -> None:
+def text_latency(backend, model, results: dict, tokens: int, side: int, eval_batches: Sequence[int]) -> None:
+    """Batch-1 answers through the evaluation sampler (greedy, up to ``tokens``): the cold first
+    one, warm ones, one with a new decoder per answer, and prefill plus as many decode steps of
+    the backend alone (what a warm answer should cost); then answers/s of evaluation batches."""
+    from opsd_core.evaluation.evaluate import greedy_decode, greedy_sampler
+
+    contexts = benchmark_contexts(backend, max(4, 2 * max(eval_batches, default=1)), side)
+    sampler = greedy_sampler(backend, tokens)
+
+    def answer(chosen: list, sampler=sampler) -> list[list[int]]:
+        return greedy_decode(sampler, model, chosen, len(chosen))
+
+    cold = timed(lambda: answer(contexts[:1]), 1)[0]
+    builds = backend.decoders.builds
+    warm, answered = [], []
+    for context in contexts[1:4]:
+        synchronize()
+        started = time.perf_counter()
+        answered.append(len(answer([context])[0]))
+        synchronize()
+        warm.append(time.perf_counter() - started)
+    warm_builds = backend.decoders.builds - builds
+    steps = answered[-1]
+    feed = torch.full((1,), 65, dtype=torch.long, device=backend.device)
+
+    def prefill_and_steps():
+        state = backend.start_decoding(model, contexts[3:4], tokens)
+        for _ in range(steps - 1):  # the sampler's first token comes from the prefill's logits
+            backend.decode_step(state, feed)
+
+    decoder = sorted(timed(prefill_and_steps, 3))[1]
+    rebuilding = ThinkMorphBackend(backend.params.model_copy(update={"kept_decoders": 0})).place(backend.device, backend.dtype)
+    rebuilt = timed(lambda: answer(contexts[3:4], greedy_sampler(rebuilding, tokens)), 1)[0]
+    median = sorted(warm)[len(warm) // 2]
+    results["text_latency_batch_1"] = {
+        "tokens_asked": tokens,
+        "tokens_answered": answered,
+        "context_tokens": backend.context_length(contexts[3]),
+        "cold_first_answer_seconds": cold,
+        "warm_answer_seconds": warm,
+        "warm_answer_median_seconds": median,
+        "decoders_built_while_warm": warm_builds,
+        "prefill_plus_steps_seconds": decoder,
+        "decode_steps": steps - 1,
+        "warm_over_prefill_plus_steps": median / decoder,
+        "target_ratio": 1.3,
+        "new_decoder_per_answer_seconds": rebuilt,
+    }
+    for batch in eval_batches:
+        chosen = contexts[: 2 * batch]
+        greedy_decode(sampler, model, chosen[:batch], batch)  # builds (compiles, captures) this batch size's decoder
+        builds = backend.decoders.builds
+        synchronize()
+        started = time.perf_counter()
+        completions = greedy_decode(sampler, model, chosen, batch)
+        synchronize()
+        seconds = time.perf_counter() - started
+        results[f"eval_batch_{batch}"] = {
+            "answers": len(chosen),
+            "seconds": seconds,
+            "answers_per_s": len(chosen) / seconds,
+            "seconds_per_sample": seconds / len(chosen),
+            "tokens_per_s": sum(len(c) for c in completions) / seconds,
+            "mean_tokens": sum(len(c) for c in completions) / len(chosen),
+            "decoders_built_while_timed": backend.decoders.builds - builds,
+        }
+
+
+@torch.no_grad()
+def vt_latency(backend, model, results: dict, text_tokens: int, vt_tokens: int, side: int) -> None:
     """Seconds per sample at batch 1: answering in text (``text_tokens`` decoded) against drawing a
     ``side`` x ``side`` visual thought first and answering with it (``vt_tokens`` decoded), the
     paper's latency comparison (10.0 s vs 142.8 s for ThinkMorph on its hardware)."""
-    from opsd_core.evaluation.harness import item_context
     from opsd_core.evaluation.benchmarks import BenchmarkItem
+    from opsd_core.evaluation.harness import item_context
 
     item = BenchmarkItem("bench", 0, "-", (image(side, 0),), "Which way leads to the goal?", {"A": "left", "B": "right"}, "A")
     feed = torch.full((1,), 65, dtype=torch.long, device=backend.device)
@@ -210,6 +302,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--profile-decode", action="store_true", help="print a torch profile of decode steps")
     parser.add_argument("--only", choices=["all", "decode", "vt", "latency"], default="all")
+    parser.add_argument("--text-tokens", type=int, default=200, help="latency: tokens of a text answer at most")
+    parser.add_argument("--eval-batches", type=int, nargs="*", default=[8, 32], help="latency: evaluation batch sizes")
     parser.add_argument(
         "--attention-baseline", action="store_true",
         help="also decode with the KV heads copied per query head (the previous attention), side by side",
@@ -246,8 +340,10 @@ def main() -> None:
         decoding(backend, model, results, batch, steps=64, image_side=448)
         print(json.dumps(results[f"decode_batch_{batch}"]), flush=True)
         if args.attention_baseline:
+            # A backend of its own: the decoders ours keeps were captured with the current attention.
+            copying = ThinkMorphBackend(params.model_copy(update={"kept_decoders": 0})).place(args.device, dtype)
             with repeated_kv_heads():
-                side_by_side(backend, model, results, batch, backend, "repeated_kv")
+                side_by_side(backend, model, results, batch, copying, "repeated_kv")
         if args.compile_baseline:
             eager = ThinkMorphBackend(params.model_copy(update={"compile_decoding": False})).place(args.device, dtype)
             side_by_side(backend, model, results, batch, eager, "not_compiled")
@@ -255,8 +351,12 @@ def main() -> None:
         visual_thought(backend, model, results, side=512, batch=1)
         print(json.dumps(results["visual_thought_batch_1"]), flush=True)
     if args.only in ("all", "latency"):
-        latency(backend, model, results, text_tokens=200, vt_tokens=450, side=512)
-        print(json.dumps(results["latency"]), flush=True)
+        text_latency(backend, model, results, args.text_tokens, side=512, eval_batches=args.eval_batches)
+        for key in ("text_latency_batch_1", *(f"eval_batch_{batch}" for batch in args.eval_batches)):
+            print(json.dumps({key: results[key]}), flush=True)
+        if not args.skip_vt:
+            vt_latency(backend, model, results, text_tokens=args.text_tokens, vt_tokens=450, side=512)
+            print(json.dumps(results["latency"]), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -107,3 +107,25 @@ def test_batched_sampling_with_fixed_seeds_equals_each_row_alone_on_cuda():
     together = sampler.sample(model, contexts, seeds=[5, 6, 7])
     for row in range(3):
         assert sampler.sample(model, contexts[row : row + 1], seeds=[5 + row]).token_lists()[0] == together.token_lists()[row]
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_kept_graphs_answer_exactly_as_new_ones_on_cuda(compile):
+    """Captured decoders replayed for later answers give the logits of a decoder captured per
+    answer, bit for bit, before and after an in-place weight update."""
+    from test_backend import debug_backend
+    from test_decoder_reuse import questions
+
+    kept, new = debug_backend(device="cuda", compile_decoding=compile), debug_backend(device="cuda", kept_decoders=0, compile_decoding=compile)
+    model = kept.build_model().eval()
+    for rows in (1, 3):
+        completions = BatchedSampler(new, 1.0, 6, max_image_skips=0).sample(model, questions(rows), seeds=list(range(rows)))
+        for offset in range(3):
+            if offset == 2:
+                with torch.no_grad():
+                    model.language_model.lm_head.weight.mul_(1.5)
+            with torch.no_grad():
+                contexts = questions(rows, offset)
+                reused = decode_logits(kept, model, contexts, completions)
+                assert torch.equal(reused, decode_logits(new, model, contexts, completions))
+    assert kept.decoders.builds == 2

@@ -33,10 +33,11 @@ def visual_token(code: int) -> str:
     return f"<|visual token {code:06d}|>"
 
 
-def debug_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: ids 0-255 are bytes, then the specials, then the visual tokens."""
+def debug_tokenizer(codebook: int = DEBUG_CODEBOOK) -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: ids 0-255 are bytes, then the specials, then ``codebook`` visual
+    tokens (the real VQ-VAE's 32,768 for full-size random models in the timing scripts)."""
     vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    added = [*SPECIAL, *(visual_token(code) for code in range(DEBUG_CODEBOOK))]
+    added = [*SPECIAL, *(visual_token(code) for code in range(codebook))]
     for name in added:
         vocab[name] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))

@@ -39,7 +39,14 @@ from opsd_thinkmorph.config import CHECKPOINT, DEBUG, ThinkMorphParams
 from opsd_thinkmorph.images import ImageTransform
 from opsd_thinkmorph.model import Bagel, KVCache, SiglipAttention
 from opsd_thinkmorph.packing import TextItem, ViTItem, lay_out, pack_rows
-from opsd_thinkmorph.runtime import FixedShapeDecoder, forward_rows, is_shard, is_sharded
+from opsd_thinkmorph.runtime import (
+    DecoderCache,
+    FixedShapeDecoder,
+    cache_bucket,
+    forward_rows,
+    is_shard,
+    is_sharded,
+)
 from opsd_thinkmorph.tokenizer import load_tokenizer
 
 # The projections one-row decode steps with kernels multiply by directly (one_row_layer).
@@ -105,6 +112,7 @@ class ThinkMorphBackend(Backend):
         self.vit_transform = ImageTransform(p.vit_max_size, p.vit_min_size, config.vit.patch_size, p.vit_max_pixels)
         self.vae_transform = ImageTransform(p.vae_max_size, p.vae_min_size, config.latent_downsample)
         self._vae = None
+        self.decoders = DecoderCache(p.kept_decoders)
         if len(self.tokenizer) > config.llm.vocab_size:
             raise ValueError(
                 f"tokenizer has {len(self.tokenizer)} tokens but the model only {config.llm.vocab_size} rows"
@@ -278,24 +286,44 @@ class ThinkMorphBackend(Backend):
 
     @torch.no_grad()
     def start_decoding(self, model: Bagel, contexts: Sequence[Context], max_new_tokens: int) -> ThinkMorphDecodeState:
+        """Prefill ``contexts``; with ``fixed_shape_decoding``, into a kept decoder of their batch
+        size whose cache holds at least their width plus ``max_new_tokens`` (:func:`cache_bucket`)."""
         rows = self._rows(contexts, None)
         parameter = next(model.parameters())
-        width = rows.token_ids.shape[1]
-        cache = KVCache(self.config.llm, len(contexts), width + max_new_tokens, parameter.device, parameter.dtype)
-        hidden = forward_rows(model, rows, cache)  # (B, T, D)
+        positions = rows.token_ids.shape[1] + max_new_tokens
+        fixed = None
+        if self.params.fixed_shape_decoding:
+            fixed = self._fixed_decoder(model, len(contexts), positions)
+            cache = fixed.cache
+            hidden = fixed.prefill(rows, positions)  # (B, T, D)
+        else:
+            cache = KVCache(self.config.llm, len(contexts), positions, parameter.device, parameter.dtype)
+            hidden = forward_rows(model, rows, cache)  # (B, T, D)
         last = (rows.lengths - 1).to(hidden.device)
         logits = model.lm_logits(hidden[torch.arange(len(contexts), device=hidden.device), last])  # (B, V)
         state = ThinkMorphDecodeState(model, cache, rows.next_positions.to(parameter.device), logits)
-        if self.params.fixed_shape_decoding:
-            compile = self.params.compile_decoding and parameter.is_cuda and not is_sharded(model)
+        if fixed is not None:
+            fixed.claim(state)
+            state.fixed = fixed
+        return state
+
+    def _fixed_decoder(self, model: Bagel, batch: int, positions: int) -> FixedShapeDecoder:
+        """A fixed-shape decoder for ``batch`` rows and ``positions`` positions: kept ones are
+        reused; a sharded model's gathered weights move at every gathering, so it gets a new one."""
+        parameter = next(model.parameters())
+        sharded = is_sharded(model)
+        capacity = cache_bucket(positions)
+
+        def build() -> FixedShapeDecoder:
+            cache = KVCache(self.config.llm, batch, capacity, parameter.device, parameter.dtype)
+            compile = self.params.compile_decoding and parameter.is_cuda and not sharded
             # one_row_layer reads the layers' weights without calling the layers, so it needs them
             # whole: unsharded, or gathered, as the trainer gathers a sharded model for sampling.
             layer = model.language_model.model.layers[0]
             kernels = self.params.decode_kernels and not is_shard(layer.mlp.down_proj.weight)
-            state.fixed = FixedShapeDecoder(
-                model, cache, len(contexts), capture=parameter.is_cuda, compile=compile, kernels=kernels
-            )
-        return state
+            return FixedShapeDecoder(model, cache, batch, capture=parameter.is_cuda, compile=compile, kernels=kernels)
+
+        return build() if sharded else self.decoders.decoder(model, batch, capacity, build)
 
     @torch.no_grad()
     def decode_step(self, state: ThinkMorphDecodeState, tokens: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,16 @@ class ThinkMorphParams(PluginParams):
         "seconds on first use and once more when batch or cache shapes change; models sharded by FSDP "
         "decode without it.",
     )
+    kept_decoders: int = Field(
+        4,
+        description="Fixed-shape decoders kept between sampling calls (evaluation answers, training "
+        "steps), least recently used dropped first. One is kept per batch size and cache bucket (the "
+        "positions needed rounded up: at least 256, then four buckets per doubling), so the warm-up, "
+        "compile and CUDA-graph capture are paid once per bucket, not once per call; each keeps its KV "
+        "cache (batch x bucket positions) allocated between calls. 0 builds a decoder per call and "
+        "frees its cache afterwards.",
+        ge=0,
+    )
     decode_kernels: bool = Field(
         True,
         description="Fixed-shape decode steps of one row run each decoder layer in four weight passes "
