@@ -259,6 +259,12 @@ class Backend(ABC):
         Rows the sampler has finished still receive a (pad) token; their logits are ignored.
         """
 
+    def release_decoding_memory(self) -> None:
+        """Drop what the backend keeps between decoding calls (decoders and their KV caches
+        kept for the next answer). The trainer calls it around each step's sampling, so the
+        teacher's and the student's forwards never share the GPU with caches kept for later;
+        evaluation and ``opsd infer`` keep them between answers. The default keeps nothing."""
+
     def image_skip_tokens(self, completion: Sequence[int]) -> list[int] | None:
         """Tokens to inject when a round ended by EOS while asking for an image.
 

@@ -313,8 +313,12 @@ class Trainer:
         contexts = [context for _, students, _, _ in micro_batches for context in students]
         seeds = [seed for *_, part in micro_batches for seed in part]
         self.student.eval()
+        # Decoders kept by evaluation go before sampling, and this step's after it: the forwards
+        # that follow (and the memory planner's stages) hold no decoding cache.
+        self.backend.release_decoding_memory()
         with sharding.gathered(self.student):
             completions = self.sampler.sample(self.student, contexts, seeds=seeds)
+        self.backend.release_decoding_memory()
         self.student.train()
         parts, first = [], 0
         for _, students, teachers, _ in micro_batches:

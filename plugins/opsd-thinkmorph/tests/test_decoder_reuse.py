@@ -159,3 +159,20 @@ def test_a_kept_decoder_does_not_keep_its_model_alive():
     with torch.no_grad():
         backend.start_decoding(other, questions(1), 4)
     assert len(backend.decoders) == 1 and backend.decoders.builds == 2
+
+
+def test_a_training_step_keeps_no_decoder_past_its_sampling(tmp_path):
+    """Evaluation keeps decoders between answers; a training step drops them (and its own)
+    around its sampling, so the teacher and student forwards share the GPU with no cache."""
+    from opsd_core.testing import fsdp
+    from opsd_core.testing.trainer import Ranks
+
+    config = fsdp.comparison_config(steps=1, checkpoint_every=0)
+    trainer = fsdp.make_trainer(debug_backend, tmp_path, Ranks(), config)
+    with torch.no_grad():
+        answers(trainer.backend, trainer.student.eval(), [questions(2)], 0.0)
+    assert len(trainer.backend.decoders) == 1
+    builds = trainer.backend.decoders.builds
+    trainer.train_step()
+    assert trainer.backend.decoders.builds > builds, "the step sampled through a fixed-shape decoder"
+    assert len(trainer.backend.decoders) == 0

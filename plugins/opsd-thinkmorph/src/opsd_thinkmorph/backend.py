@@ -285,6 +285,10 @@ class ThinkMorphBackend(Backend):
         return reads
 
     @torch.no_grad()
+    def release_decoding_memory(self) -> None:
+        """Drop the kept fixed-shape decoders and their KV caches (``backend.kept_decoders``)."""
+        self.decoders.clear()
+
     def start_decoding(self, model: Bagel, contexts: Sequence[Context], max_new_tokens: int) -> ThinkMorphDecodeState:
         """Prefill ``contexts``; with ``fixed_shape_decoding``, into a kept decoder of their batch
         size whose cache holds at least their width plus ``max_new_tokens`` (:func:`cache_bucket`)."""

@@ -83,8 +83,8 @@ class ThinkMorphParams(PluginParams):
     )
     kept_decoders: int = Field(
         4,
-        description="Fixed-shape decoders kept between sampling calls (evaluation answers, training "
-        "steps), least recently used dropped first. One is kept per batch size and cache bucket (the "
+        description="Fixed-shape decoders kept between sampling calls (evaluation answers, `opsd infer`; "
+        "a training step drops them around its sampling), least recently used dropped first. One is kept per batch size and cache bucket (the "
         "positions needed rounded up: at least 256, then four buckets per doubling), so the warm-up, "
         "compile and CUDA-graph capture are paid once per bucket, not once per call; each keeps its KV "
         "cache (batch x bucket positions) allocated between calls. 0 builds a decoder per call and "

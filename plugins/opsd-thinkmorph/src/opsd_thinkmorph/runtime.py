@@ -245,6 +245,10 @@ class DecoderCache:
                 self._kept.popitem(last=False)
         return decoder
 
+    def clear(self) -> None:
+        """Drop every kept decoder (a decoder a living state still uses stays with that state)."""
+        self._kept.clear()
+
     def _build(self, build: Callable[[], FixedShapeDecoder]) -> FixedShapeDecoder:
         self.builds += 1
         return build()
