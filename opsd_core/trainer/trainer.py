@@ -574,20 +574,22 @@ class Trainer:
         def write_weights(directory: Path) -> None:
             if self.ranks.distributed:  # complete models, every rank its own shards
                 sharded_state.save_sharded(directory, self.student, self.teacher, self.optimizer)
-            elif not self._frozen:
+            elif self.lora is None and not self._frozen:
                 self.backend.save_pretrained(self.student, directory / "student")
                 self.backend.save_pretrained(self.teacher, directory / "teacher")
             else:
                 if self.lora is not None:  # the adapters; the base is the start model's
                     lora.save_adapters(self.student, directory / "student")
                     lora.save_adapters(self.teacher, directory / "teacher")
+                    frozen = {name for name, parameter in self.student.named_parameters() if not parameter.requires_grad}
                 else:
                     checkpoint.write_trainable(self.student, self._frozen, directory / "student")
                     checkpoint.write_trainable(self.teacher, self._frozen, directory / "teacher")
+                    frozen = self._frozen
                 if self._start_record is None:  # hashing a large start checkpoint takes a while: once
                     backend_section = self.config.backend.model_dump(mode="json")
                     start = self.backend.start_checkpoint()
-                    self._start_record = checkpoint.start_record(start, self._frozen, backend_section)
+                    self._start_record = checkpoint.start_record(start, frozen, backend_section)
                 (directory / checkpoint.START_RECORD).write_text(json.dumps(self._start_record, indent=1))
 
         return checkpoint.save_checkpoint(

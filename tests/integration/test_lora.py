@@ -174,7 +174,8 @@ def test_a_lora_checkpoint_names_its_start_and_refuses_another(tmp_path, monkeyp
     record = json.loads((directory / START_RECORD).read_text())
     start = trainer.backend.start_checkpoint()
     assert record["path"] == str(start.resolve()) and record["sha256"] == path_sha256(start)
-    assert record["frozen"] == sorted(name for name, _ in start_model.named_parameters())  # the whole base
+    assert record["frozen"] == sorted(n for n, p in trainer.student.named_parameters() if not p.requires_grad)
+    assert len(record["frozen"]) == len(list(start_model.parameters()))  # the whole base, under adapters
 
     # What `opsd eval --checkpoint` and `opsd export` load: the start model, adapters merged.
     adapters = lora_settings(trainer.config)
