@@ -206,6 +206,12 @@ class EvalSection(Section):
     max_completion_tokens: int | None = Field(
         None, description="Completion cap at evaluation (None: sampling.max_completion_tokens).", ge=1
     )
+    latency_problems: int = Field(
+        4,
+        description="Problems answered one at a time, in the text and in the visual-thought context, after each "
+        "evaluation, for the batch-1 latency in results.json and report.md (0: not measured).",
+        ge=0,
+    )
 
 
 class DiagnosticsSection(Section):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from opsd_core.diagnostics.report import format_markdown
+from opsd_core.diagnostics.report import format_markdown, format_number
 from opsd_core.diagnostics.rows import END_OF_COMPLETION, RowScores
 from opsd_core.interfaces import Backend, Task
 from opsd_core.rundir import write_atomic
@@ -136,19 +136,15 @@ def per_token_analysis(draws: Iterable[tuple[CompletionBatch, RowScores]], backe
     }
 
 
-def _number(value: float | None, pattern: str) -> str:
-    return "-" if value is None else pattern.format(value)
-
-
 def _table(groups: list[dict[str, Any]], first: str, extra: tuple[tuple[str, str, str], ...] = ()) -> str:
     header = [first, *(title for title, _, _ in extra), "rows", "mean KL", "share of KL"]
     body = [
         [
             group["name"].replace("|", "\\|") or "(empty)",
-            *(_number(group.get(key), pattern) for _, key, pattern in extra),
+            *(format_number(group.get(key), pattern) for _, key, pattern in extra),
             str(group["rows"]),
-            _number(group["mean_kl"], "{:.4f}"),
-            _number(None if group["share"] is None else 100 * group["share"], "{:.1f}%"),
+            format_number(group["mean_kl"], "{:.4f}"),
+            format_number(None if group["share"] is None else 100 * group["share"], "{:.1f}%"),
         ]
         for group in groups
     ]
@@ -161,10 +157,10 @@ def per_token_markdown(analysis: dict[str, Any], title: str) -> str:
         f"# {title}",
         "",
         f"KL(teacher with the VT || student) on {analysis['rows']} rows of the student's own completions: "
-        f"{_number(analysis['mean_kl'], '{:.4f}')} nats per row (the KL diagnostic's figure). A row is "
+        f"{format_number(analysis['mean_kl'], '{:.4f}')} nats per row (the KL diagnostic's figure). A row is "
         f"attributed to the token it predicts; {END_OF_COMPLETION} is the row that predicts the end. The "
         f"top 20 % of rows by the student's entropy (the forking rows) carry "
-        f"{_number(None if analysis['forking_share'] is None else 100 * analysis['forking_share'], '{:.1f}%')} of the KL.",
+        f"{format_number(None if analysis['forking_share'] is None else 100 * analysis['forking_share'], '{:.1f}%')} of the KL.",
         "",
         "## By the student's entropy (quantiles of rows, lowest first)",
         "",
