@@ -90,7 +90,8 @@ def on_policy_draws(
             teachers = contexts_for("noise" if noise else "teacher", backend, batch, generator)
             seeds = [sample_seed(seed, start + index) for index in range(len(batch))]
             completions = sampler.sample(sampling_model, students, seeds=seeds)
-            yield completions, score_rows(backend, teacher_model, student_model, teachers, students, completions, entropy)
+            scores = score_rows(backend, teacher_model, student_model, teachers, students, completions, entropy)
+            yield completions, scores
 
 
 def kl_estimate(draws: Iterable[tuple[CompletionBatch, RowScores]]) -> KlEstimate:

@@ -74,7 +74,9 @@ def _group(name: str, kl: torch.Tensor, total: float, **extra: Any) -> dict[str,
     }
 
 
-def per_token_analysis(draws: Iterable[tuple[CompletionBatch, RowScores]], backend: Backend, task: Task) -> dict[str, Any]:
+def per_token_analysis(
+    draws: Iterable[tuple[CompletionBatch, RowScores]], backend: Backend, task: Task
+) -> dict[str, Any]:
     """The analysis of ``draws`` (from :func:`~opsd_core.diagnostics.kl.on_policy_draws` with
     ``entropy=True``) as JSON-ready figures: ``rows``, ``kl_sum`` and ``mean_kl`` (nats per row,
     the KL diagnostic's figure), and the tables ``by_token`` (largest share first),
@@ -93,17 +95,18 @@ def per_token_analysis(draws: Iterable[tuple[CompletionBatch, RowScores]], backe
 
     classes = {token: class_of(token) for token in token_text}
     by_token = [
-        _group(token_text[token], kl[rows["token"] == token], total, token_id=None if token < 0 else token, token_class=classes[token])
-        for token in token_text
+        _group(text, kl[rows["token"] == token], total, token_id=token if token >= 0 else None,
+               token_class=classes[token])
+        for token, text in token_text.items()
     ]
     by_token.sort(key=lambda group: -group["kl_sum"])
 
     by_class = []
     if any(name is not None for token, name in classes.items() if token >= 0):
-        row_classes = [classes[token] or UNCLASSED for token in rows["token"].tolist()]
-        for name in sorted(set(row_classes), key=lambda name: (name == END_CLASS, name == UNCLASSED, name)):
-            chosen = torch.tensor([value == name for value in row_classes], dtype=torch.bool)
-            by_class.append(_group(name, kl[chosen], total))
+        names = {name or UNCLASSED for name in classes.values()}
+        for name in sorted(names, key=lambda name: (name == END_CLASS, name == UNCLASSED, name)):
+            members = torch.tensor([token for token, value in classes.items() if (value or UNCLASSED) == name])
+            by_class.append(_group(name, kl[torch.isin(rows["token"], members)], total))
 
     width = max(1, math.ceil((int(rows["position"].max()) + 1) / POSITION_BUCKETS)) if count else 1
     bucket_of_row = rows["position"] // width
@@ -136,6 +139,10 @@ def per_token_analysis(draws: Iterable[tuple[CompletionBatch, RowScores]], backe
     }
 
 
+def _percent(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
 def _table(groups: list[dict[str, Any]], first: str, extra: tuple[tuple[str, str, str], ...] = ()) -> str:
     header = [first, *(title for title, _, _ in extra), "rows", "mean KL", "share of KL"]
     body = [
@@ -144,7 +151,7 @@ def _table(groups: list[dict[str, Any]], first: str, extra: tuple[tuple[str, str
             *(format_number(group.get(key), pattern) for _, key, pattern in extra),
             str(group["rows"]),
             format_number(group["mean_kl"], "{:.4f}"),
-            format_number(None if group["share"] is None else 100 * group["share"], "{:.1f}%"),
+            format_number(_percent(group["share"]), "{:.1f}%"),
         ]
         for group in groups
     ]
@@ -160,11 +167,12 @@ def per_token_markdown(analysis: dict[str, Any], title: str) -> str:
         f"{format_number(analysis['mean_kl'], '{:.4f}')} nats per row (the KL diagnostic's figure). A row is "
         f"attributed to the token it predicts; {END_OF_COMPLETION} is the row that predicts the end. The "
         f"top 20 % of rows by the student's entropy (the forking rows) carry "
-        f"{format_number(None if analysis['forking_share'] is None else 100 * analysis['forking_share'], '{:.1f}%')} of the KL.",
+        f"{format_number(_percent(analysis['forking_share']), '{:.1f}%')} of the KL.",
         "",
         "## By the student's entropy (quantiles of rows, lowest first)",
         "",
-        _table(analysis["by_entropy"], "entropy quantile", (("entropy from", "entropy_min", "{:.3f}"), ("to", "entropy_max", "{:.3f}"))),
+        _table(analysis["by_entropy"], "entropy quantile",
+               (("entropy from", "entropy_min", "{:.3f}"), ("to", "entropy_max", "{:.3f}"))),
         "",
         "## By position in the completion",
         "",

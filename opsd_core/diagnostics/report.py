@@ -1,7 +1,9 @@
 """The run report: a results table (markdown and terminal) and PNG plots.
 
 Owns: turning ``results.json`` and ``metrics.jsonl`` into ``report.md`` (with the answer lengths
-and the batch-1 text-vs-VT latency, and the before/after gallery of the media problems), ``accuracy.png``, ``loss.png`` and ``kl.png``.
+and the batch-1 text-vs-VT latency, and the before/after gallery of the media problems),
+``accuracy.png``, ``loss.png`` and ``kl.png``; the number and table formatting the other
+diagnostic pages share.
 Does not know: how the figures were produced.
 """
 
