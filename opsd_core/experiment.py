@@ -2,7 +2,8 @@
 
 Owns: the phases and their order (KL diagnostic and evaluation of the start checkpoint ->
 OPSD -> evaluation -> noise control from the same start -> evaluation -> optional shuffled-VT
-and SFT controls), what each phase records in ``results.json`` and hands the loggers (results,
+and SFT controls), what each phase records in ``results.json`` (the batch-1 text-vs-VT latency
+among it) and hands the loggers (results,
 and the media of the start checkpoint and of each trained student for the report's gallery),
 and resuming an interrupted run phase by phase. The files themselves belong to
 :class:`~opsd_core.rundir.RunDirectory`. In a multi-process run every rank runs every phase
@@ -26,6 +27,7 @@ from opsd_core.diagnostics.kl import gap_closure, gap_closure_standard_error, kl
 from opsd_core.diagnostics.media import media_samples, render_html
 from opsd_core.evaluation import evaluate
 from opsd_core.evaluation.periodic import benchmark_probe
+from opsd_core.evaluation.evaluate import answer_latency
 from opsd_core.images import save_png
 from opsd_core.loggers.group import Loggers
 from opsd_core.memory_census import refuse_unfit
@@ -111,6 +113,19 @@ class Experiment:
         )
         return {name: result.summary() for name, result in results.items()}
 
+    def latency(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Batch-1 answer time and length in the text and the VT context on the first
+        ``eval.latency_problems`` evaluation problems (:func:`~opsd_core.evaluation.evaluate.answer_latency`)."""
+        evaluation = self.config.eval
+        return answer_latency(
+            self.backend,
+            model,
+            self.eval_problems[: evaluation.latency_problems],
+            self.components.evaluation_sampler(),
+            evaluation.max_completion_tokens or self.config.sampling.max_completion_tokens,
+            seed=self.config.run.seed,
+        )
+
     def kl(
         self, name: str, sampler: torch.nn.Module, teacher: torch.nn.Module, student: torch.nn.Module, noise: bool = False
     ) -> dict[str, Any]:
@@ -181,6 +196,7 @@ class Experiment:
                 **self.kl("kl", start, start, start),
                 **self.kl("kl_noise", start, start, start, noise=True),
                 "eval": self.evaluate(start, ("student", "teacher", "noise")),
+                "latency": self.latency(start),
                 "media": self.media("start", 0, start, start),
             }
         record["wall_s"] = time.perf_counter() - started
@@ -230,6 +246,7 @@ class Experiment:
         with sharding.gathered(student):
             record = {
                 "eval": self.evaluate(student, ("student", "teacher")),
+                "latency": self.latency(student),
                 "teacher_eval": teacher_eval,
                 **self.kl("kl", student, student, student),
             }

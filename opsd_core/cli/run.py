@@ -330,18 +330,43 @@ def _model(experiment_config, checkpoint: str | None, backend_only: bool = False
 @click.command("diagnose")
 @_config_argument
 @_checkpoint_option
-def diagnose_command(config_path: str | None, overrides: tuple[str, ...], checkpoint: str | None) -> None:
-    """KL(teacher ctx || student ctx) and the noise-VT KL on on-policy samples (paper Eq. 4)."""
-    from opsd_core.diagnostics.kl import kl_gap
+@click.option("--per-token", is_flag=True,
+              help="Also break the KL down by token, position, token class and the student's entropy: "
+              "per_token.json, per_token.md and per_token.png in --out.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Where --per-token writes (default: per-token-start, or per-token-<checkpoint directory name>).")
+def diagnose_command(
+    config_path: str | None, overrides: tuple[str, ...], checkpoint: str | None, per_token: bool, out_dir: str | None
+) -> None:
+    """KL(teacher ctx || student ctx) and the noise-VT KL on on-policy samples (paper Eq. 4).
 
+    With --per-token, the same draws are broken down: which tokens of the student's own
+    completions carry the KL, at which positions, in which token classes (where the task
+    defines them) and at which levels of the student's entropy (the share of the top 20 %,
+    the forking rows).
+    """
+    from opsd_core.diagnostics.kl import kl_estimate, kl_gap, on_policy_draws
+
+    if out_dir is not None and not per_token:
+        raise click.BadParameter("--out goes with --per-token", param_hint="--out")
     config = _load(config_path, overrides)
     components, model = _model(config, checkpoint)
     problems = list(components.task.eval_problems(config.diagnostics.kl_samples))
     common = dict(batch_size=config.diagnostics.batch_size, seed=config.diagnostics.seed, sampler=components.sampler_with())
-    kl = kl_gap(components.backend, model, model, model, problems, **common)
+    draws = list(on_policy_draws(components.backend, model, model, model, problems, entropy=per_token, **common))
+    kl = kl_estimate(draws)
     kl_noise = kl_gap(components.backend, model, model, model, problems, noise=True, **common)
     figures = {"samples": len(problems), "kl": kl.mean, "kl_se": kl.standard_error,
                "kl_noise": kl_noise.mean, "kl_noise_se": kl_noise.standard_error}  # fmt: skip
+    if per_token:
+        from opsd_core.diagnostics.per_token import per_token_analysis, write_per_token
+
+        label = "start" if checkpoint is None else Path(checkpoint).resolve().name
+        directory = Path(out_dir or f"per-token-{label}")
+        analysis = per_token_analysis(draws, components.backend, components.task)
+        title = f"Per-token KL(teacher || student), {label} checkpoint, {len(problems)} samples"
+        write_per_token(directory, analysis, title)
+        figures |= {"forking_share": analysis["forking_share"], "per_token": str(directory)}
     click.echo(json.dumps(figures, indent=2))
 
 

@@ -237,6 +237,12 @@ class EvalSection(Section):
         if self.benchmarks and self.data_root is None:
             raise ValueError("benchmarks are named but data_root is not; set eval.data_root to the benchmarks' files")
         return self
+    latency_problems: int = Field(
+        4,
+        description="Problems answered one at a time, in the text and in the visual-thought context, after each "
+        "evaluation, for the batch-1 latency in results.json and report.md (0: not measured).",
+        ge=0,
+    )
 
 
 class DiagnosticsSection(Section):

@@ -6,7 +6,8 @@ row per completion token plus the EOS row; the paper's code compared misaligned 
 averaging KL(p_teacher || p_student) over those rows, and the uncertainty of that average and
 of the gap closure: each sample's draws are keyed by its seed and its place in the problem list,
 so two models estimated on the same problems with the same seed are paired sample by sample,
-and the gap closure's standard error is a paired one over those samples.
+and the gap closure's standard error is a paired one over those samples. The draws themselves
+(:func:`on_policy_draws`) are what the per-token analysis breaks down.
 Does not know: training, or any model family's internals.
 """
 
@@ -14,16 +15,16 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from opsd_core.divergences import kl_divergence
+from opsd_core.diagnostics.rows import RowScores, evaluating, score_rows
 from opsd_core.evaluation.evaluate import contexts_for
 from opsd_core.interfaces import Backend, OnPolicySampler
 from opsd_core.sampling import BatchedSampler, sample_seed
-from opsd_core.types import Problem
+from opsd_core.types import CompletionBatch, Problem
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def _standard_error(influences: Sequence[float]) -> float:
 
 
 @torch.no_grad()
-def kl_gap(
+def on_policy_draws(
     backend: Backend,
     sampling_model: torch.nn.Module,
     teacher_model: torch.nn.Module,
@@ -70,39 +71,53 @@ def kl_gap(
     temperature: float = 1.0,
     seed: int = 0,
     sampler: OnPolicySampler | None = None,
-) -> KlEstimate:
-    """KL(teacher_model in the teacher context || student_model in the student context) in nats
-    per completion row, over completions sampled from ``sampling_model`` in the student context.
-    Sample i draws with the seed ``sample_seed(seed, i)``, whatever the batch. With ``noise`` the
-    teacher context's VT is N(0, 1) noise (drawn from a generator seeded by ``seed``). ``sampler``
-    (a run's own ``[sampler]`` kind) replaces the built-in one of ``temperature`` and ``max_tokens``."""
+    entropy: bool = False,
+) -> Iterator[tuple[CompletionBatch, RowScores]]:
+    """The diagnostic's draws, a batch of ``problems`` at a time: completions sampled from
+    ``sampling_model`` in the student context, scored by ``teacher_model`` in the teacher context
+    and ``student_model`` in the student context (:func:`~opsd_core.diagnostics.rows.score_rows`;
+    ``entropy``: with the student's entropy per row). Sample i draws with the seed
+    ``sample_seed(seed, i)``, whatever the batch. With ``noise`` the teacher context's VT is
+    N(0, 1) noise (drawn from a generator seeded by ``seed``). ``sampler`` (a run's own
+    ``[sampler]`` kind) replaces the built-in one of ``temperature`` and ``max_tokens``. The
+    models are in eval mode until the last batch has been drawn."""
     generator = torch.Generator().manual_seed(seed)
     sampler = sampler or BatchedSampler(backend, temperature=temperature, max_completion_tokens=max_tokens)
-    per_sample: list[tuple[float, int]] = []
-    models = (sampling_model, teacher_model, student_model)
-    were_training = [model.training for model in models]
-    for model in models:
-        model.eval()
-    try:
+    with evaluating(sampling_model, teacher_model, student_model):
         for start in range(0, len(problems), batch_size):
             batch = problems[start : start + batch_size]
             students = contexts_for("student", backend, batch)
             teachers = contexts_for("noise" if noise else "teacher", backend, batch, generator)
             seeds = [sample_seed(seed, start + index) for index in range(len(batch))]
             completions = sampler.sample(sampling_model, students, seeds=seeds)
-            teacher_rows = backend.completion_logits(teacher_model, teachers, completions)
-            student_rows = backend.completion_logits(student_model, students, completions)
-            per_row = kl_divergence(
-                student_rows.logits, teacher_rows.logits, direction="forward", mask=student_rows.mask, reduction="none"
-            )  # (B, N + 1)
-            sums = per_row.double().sum(dim=1).tolist()
-            rows = student_rows.mask.sum(dim=1).tolist()
-            per_sample += [(float(total), int(count)) for total, count in zip(sums, rows)]
-    finally:
-        for model, training in zip(models, were_training):
-            model.train(training)
+            scores = score_rows(backend, teacher_model, student_model, teachers, students, completions, entropy)
+            yield completions, scores
+
+
+def kl_estimate(draws: Iterable[tuple[CompletionBatch, RowScores]]) -> KlEstimate:
+    """The mean row KL of ``draws`` (:func:`on_policy_draws`) and its standard error."""
+    per_sample: list[tuple[float, int]] = []
+    for _, scores in draws:
+        sums = scores.kl.double().sum(dim=1).tolist()
+        rows = scores.mask.sum(dim=1).tolist()
+        per_sample += [(float(total), int(count)) for total, count in zip(sums, rows)]
     mean, influences = _linearised(per_sample)
     return KlEstimate(mean, _standard_error(influences), per_sample)
+
+
+def kl_gap(
+    backend: Backend,
+    sampling_model: torch.nn.Module,
+    teacher_model: torch.nn.Module,
+    student_model: torch.nn.Module,
+    problems: Sequence[Problem],
+    **draws,
+) -> KlEstimate:
+    """KL(teacher_model in the teacher context || student_model in the student context) in nats
+    per completion row, over completions sampled from ``sampling_model`` in the student context;
+    ``draws`` are :func:`on_policy_draws`' keywords (``noise``, ``batch_size``, ``max_tokens``,
+    ``temperature``, ``seed``, ``sampler``)."""
+    return kl_estimate(on_policy_draws(backend, sampling_model, teacher_model, student_model, problems, **draws))
 
 
 def gap_closure(kl_before: float, kl_after: float) -> float:

@@ -19,14 +19,12 @@ from collections.abc import Sequence
 
 import torch
 
-from opsd_core.divergences import kl_divergence
+from opsd_core.diagnostics.rows import END_OF_COMPLETION, evaluating, score_rows
 from opsd_core.evaluation.evaluate import contexts_for
 from opsd_core.images import to_pil
 from opsd_core.interfaces import Backend, OnPolicySampler, Task
 from opsd_core.interfaces.logger import MediaSample
 from opsd_core.types import Problem
-
-END_OF_COMPLETION = "⏎"
 
 
 @torch.no_grad()
@@ -44,22 +42,11 @@ def media_samples(
     is shown as ``END_OF_COMPLETION``."""
     if not problems:
         return []
-    models = (student, teacher)
-    were_training = [model.training for model in models]
-    for model in models:
-        model.eval()
-    try:
+    with evaluating(student, teacher):
         students = contexts_for("student", backend, problems)
         teachers = contexts_for("teacher", backend, problems)
         completions = sampler.sample(student, students)
-        teacher_rows = backend.completion_logits(teacher, teachers, completions)
-        student_rows = backend.completion_logits(student, students, completions)
-        per_row = kl_divergence(
-            student_rows.logits, teacher_rows.logits, direction="forward", mask=student_rows.mask, reduction="none"
-        )  # (B, N + 1)
-    finally:
-        for model, training in zip(models, were_training):
-            model.train(training)
+        per_row = score_rows(backend, teacher, student, teachers, students, completions).kl  # (B, N + 1)
     samples = []
     for row, (problem, tokens) in enumerate(zip(problems, completions.token_lists())):
         response = backend.decode(tokens)

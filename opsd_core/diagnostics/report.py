@@ -1,7 +1,9 @@
 """The run report: a results table (markdown and terminal) and PNG plots.
 
-Owns: turning ``results.json`` and ``metrics.jsonl`` into ``report.md`` (with the before/after
-gallery of the media problems), ``accuracy.png``, ``loss.png`` and ``kl.png``.
+Owns: turning ``results.json`` and ``metrics.jsonl`` into ``report.md`` (with the answer lengths
+and the batch-1 text-vs-VT latency, and the before/after gallery of the media problems),
+``accuracy.png``, ``loss.png`` and ``kl.png``; the number and table formatting the other
+diagnostic pages share.
 Does not know: how the figures were produced.
 """
 
@@ -135,6 +137,55 @@ def write_plots(directory: Path, results: dict[str, Any]) -> list[str]:
     return written
 
 
+VT_SOURCES = {
+    "stored": "the task's stored visual thought (this backend cannot draw one, so the VT time is that of "
+    "answering after an image, not of drawing it)",
+    "drawn": "a visual thought the model draws first, drawing included in the time",
+    "interleaved": "the model family's own interleaved inference, which draws visual thoughts mid-answer",
+}
+
+
+def format_number(value: float | None, pattern: str) -> str:
+    """``value`` formatted with ``pattern``, or ``-`` when there is none."""
+    return "-" if value is None else pattern.format(value)
+
+
+def length_and_latency(results: dict[str, Any], task: str) -> list[str]:
+    """The answer length per context (``eval.<context>.tokens_per_sample``: the paper's Table 4
+    measure) and the batch-1 answer time in the text and the VT context (``latency``) of the
+    start checkpoint and each trained student."""
+    records = [("start checkpoint", results["start"])]
+    records += [(title, results[phase]) for phase, title in PHASE_TITLES.items() if phase in results]
+    rows = [["model", "text tokens/answer", "VT tokens/answer", "batch-1 text s", "batch-1 VT s", "VT / text time"]]
+    for title, record in records:
+        evaluation, latency = record["eval"], record.get("latency", {})
+        text_s, vt_s = latency.get("text_s"), latency.get("vt_s")
+        rows.append([
+            title,
+            format_number(evaluation["student"]["tokens_per_sample"], "{:.1f}"),
+            format_number(evaluation.get("teacher", {}).get("tokens_per_sample"), "{:.1f}"),
+            format_number(text_s, "{:.3f}"),
+            format_number(vt_s, "{:.3f}"),
+            format_number(vt_s / text_s if text_s and vt_s is not None else None, "{:.2f}x"),
+        ])  # fmt: skip
+    latency = results["start"].get("latency", {})
+    lines = [
+        f"## Answer length and latency (task `{task}`)",
+        "",
+        format_markdown(rows),
+        "",
+        "Tokens per answer are the greedy evaluation's means over all evaluation problems: text = the student "
+        "context (no visual thought), VT = the teacher context.",
+    ]
+    if latency.get("problems"):
+        lines.append(
+            f"Batch-1 times are the mean seconds per answer over the first {latency['problems']} evaluation "
+            f"problems answered one at a time after one warm-up answer; the VT context uses "
+            f"{VT_SOURCES.get(latency['vt_source'], latency['vt_source'])}."
+        )
+    return lines + [""]
+
+
 def _cell(text: str) -> str:
     return "`" + text.replace("|", "\\|").replace("`", "'").replace("\n", " ") + "`" if text else "(empty)"
 
@@ -198,7 +249,7 @@ def write_report(directory: Path, results: dict[str, Any], config: Any) -> Path:
         "",
     ]
     lines += [f"![{name}]({name})" for name in plots]
-    lines += ["", *gallery(results)]
+    lines += ["", *length_and_latency(results, config.task.name), *gallery(results)]
     path = RunDirectory(directory).report_path
     write_atomic(path, "\n".join(lines) + "\n")
     return path

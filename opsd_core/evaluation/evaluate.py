@@ -2,14 +2,15 @@
 
 Owns: building each evaluation context (``student``: no VT; ``teacher``: with the
 VT; ``noise``: with an N(0, 1) VT), batched greedy decoding through the Backend interface,
-scoring with the task, and the accuracy / tokens / latency figures.
+scoring with the task, the accuracy / tokens / latency figures, and the batch-1 answer time in
+the text and the visual-thought context (:func:`answer_latency`).
 Does not know: training; any model family's internals.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -129,3 +130,82 @@ def evaluate(
             aggregates=task.aggregate(problems, scores),
         )
     return results
+
+
+def _timed(answer: Callable[[Problem], tuple[list[int], int]], problem: Problem) -> tuple[float, int, int]:
+    """(seconds, tokens, images drawn) of ``answer(problem)``, which returns the answer's tokens
+    as a list (so the device has finished) and the images it drew."""
+    started = time.perf_counter()
+    tokens, images = answer(problem)
+    return time.perf_counter() - started, len(tokens), images
+
+
+def visual_thought_source(backend: Backend) -> str:
+    """How :func:`answer_latency` answers in the VT context: ``interleaved`` (the family's own
+    inference draws VTs mid-answer), ``drawn`` (the model draws the VT, then answers after it)
+    or ``stored`` (the task's stored VT; the backend cannot draw)."""
+    if backend.capabilities.interleaved_answers:
+        return "interleaved"
+    return "drawn" if backend.capabilities.visual_thoughts else "stored"
+
+
+@torch.no_grad()
+def answer_latency(
+    backend: Backend,
+    model: torch.nn.Module,
+    problems: Sequence[Problem],
+    sampler: OnPolicySampler,
+    max_tokens: int,
+    seed: int = 0,
+) -> dict[str, float | int | str | None]:
+    """Batch-1 greedy answer time, one problem at a time, in the text context (the student
+    context) and in the VT context (see :func:`visual_thought_source`; ``max_tokens`` caps the
+    interleaved answer), after one untimed answer in each to warm up; the two contexts take
+    turns, problem by problem. Returns ``problems``, ``vt_source``, and per answer the means
+    ``text_s``, ``vt_s`` (seconds, drawing included), ``text_tokens``, ``vt_tokens`` and
+    ``vt_images`` (images drawn); the figures are None without problems, and the VT ones where
+    the backend cannot draw and a problem has no stored VT."""
+    source = visual_thought_source(backend)
+    builder = backend.context_builder()
+    generator = torch.Generator().manual_seed(seed)
+
+    def text(problem: Problem) -> tuple[list[int], int]:
+        return sampler.sample(model, [builder.student_context(problem)]).token_lists()[0], 0
+
+    def with_visual_thought(problem: Problem) -> tuple[list[int], int]:
+        if source == "interleaved":
+            [(tokens, images)] = backend.answer_with_visual_thoughts(
+                model, [builder.student_context(problem)], [problem], max_tokens, generator
+            )
+            return tokens, images
+        if source == "drawn":
+            [drawn] = backend.generate_visual_thought(model, [problem], generator)
+            context = builder.teacher_context(problem, drawn)
+        else:
+            context = builder.teacher_context(problem, problem.visual_thought)
+        return sampler.sample(model, [context]).token_lists()[0], int(source == "drawn")
+
+    answers = {"text": text}
+    if source != "stored" or all(problem.visual_thought is not None for problem in problems):
+        answers["vt"] = with_visual_thought
+    figures: dict[str, float | int | str | None] = {"problems": len(problems), "vt_source": source}
+    figures |= dict.fromkeys(("text_s", "text_tokens", "vt_s", "vt_tokens", "vt_images"))
+    if not problems:
+        return figures
+    was_training = model.training
+    model.eval()
+    try:
+        for answer in answers.values():
+            answer(problems[0])  # warm-up: first-call costs are not latency
+        timings: dict[str, list[tuple[float, int, int]]] = {mode: [] for mode in answers}
+        for problem in problems:  # the contexts take turns, so a drift in the machine's load hits both alike
+            for mode, answer in answers.items():
+                timings[mode].append(_timed(answer, problem))
+    finally:
+        model.train(was_training)
+    for mode, timed in timings.items():
+        figures[f"{mode}_s"] = sum(seconds for seconds, _, _ in timed) / len(timed)
+        figures[f"{mode}_tokens"] = sum(tokens for _, tokens, _ in timed) / len(timed)
+    if "vt" in timings:
+        figures["vt_images"] = sum(images for _, _, images in timings["vt"]) / len(timings["vt"])
+    return figures

@@ -2,8 +2,9 @@
 
 Owns: problems (image, question, optional reference answer, optional text-only reasoning trace
 for the SFT control, optional stored VT), the order in which training problems stream, scoring
-a response text, and the task-level figures computed from all scores (a benchmark's circular
-groups, pairs, per-file or per-split accuracies).
+a response text, the task-level figures computed from all scores (a benchmark's circular
+groups, pairs, per-file or per-split accuracies), and optionally the class of a completion
+token's text (the per-token KL analysis groups by it).
 Evaluation-only tasks (benchmarks) have no training problems and say so in :attr:`Task.trains`.
 Does not know: models, tokenizers or contexts.
 """
@@ -53,3 +54,11 @@ class Task(ABC):
         only if all its circular copies are, pairs right together, accuracy per file or split.
         """
         return {"accuracy": sum(score.correct for score in scores) / max(len(scores), 1)}
+
+    def token_class(self, token: str) -> str | None:
+        """The class of one completion token, given as its decoded text (e.g. ``"move"`` or
+        ``"cell"``), for the per-token KL analysis (``opsd diagnose --per-token``); None when
+        the token belongs to no class. The default defines no classes, and the analysis then
+        has no by-class table. The text is what the backend decodes the single token to, so a
+        task over subword tokenizers sees pieces of words."""
+        return None

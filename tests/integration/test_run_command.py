@@ -50,6 +50,18 @@ def test_run_writes_the_run_directory(finished_run):
     assert (directory / "opsd" / "checkpoints" / "step-0000002" / "manifest.json").is_file()
 
 
+def test_run_records_answer_lengths_and_batch_1_latency(finished_run):
+    directory, _ = finished_run
+    results = json.loads((directory / "results.json").read_text())
+    for phase in ("start", "opsd", "noise", "shuffled", "sft"):
+        latency = results[phase]["latency"]
+        assert latency["vt_source"] == "stored" and latency["problems"] == 4
+        assert latency["text_s"] > 0 and latency["vt_s"] > 0 and latency["text_tokens"] > 0
+    report = (directory / "report.md").read_text()
+    assert "## Answer length and latency (task `frozen-lake`)" in report
+    assert "stored visual thought" in report
+
+
 def test_run_writes_media_pages_and_the_report_gallery(finished_run):
     directory, _ = finished_run
     for phase, step in (("start", 0), ("opsd", 2), ("noise", 2), ("shuffled", 2), ("sft", 2)):
@@ -173,6 +185,11 @@ def test_diagnose_eval_and_infer(finished_run, tmp_path):
     assert diagnosed.exit_code == 0, diagnosed.output
     figures = json.loads(diagnosed.output)
     assert figures["kl"] > 0 and figures["samples"] == 8
+    per_token = tmp_path / "per-token"
+    analysed = runner.invoke(cli, ["diagnose", *common, "--checkpoint", checkpoint, "--per-token", "--out", str(per_token)])
+    assert analysed.exit_code == 0, analysed.output
+    assert json.loads(analysed.output)["kl"] == figures["kl"]  # the same draws, broken down
+    assert json.loads((per_token / "per_token.json").read_text())["mean_kl"] == pytest.approx(figures["kl"])
     evaluated = runner.invoke(cli, ["eval", *common, "--contexts", "student,teacher"])
     rows = json.loads(evaluated.output)
     assert [row["context"] for row in rows] == ["student", "teacher"] and rows[0]["count"] == 8

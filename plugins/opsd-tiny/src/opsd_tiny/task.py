@@ -4,7 +4,8 @@ reference traces and the scorer.
 Owns: map generation (holes, start S, goal G, shortest path within bounds), the canonical
 shortest path (the first optimal move in the order R > D > L > U) and its trace (the reference
 answer and the SFT control's reasoning trace), detour traces for pretraining, rendering, the completion format ``R c7 D c12 ...`` (each move followed by the
-cell it reaches) and scoring a response by walking its moves.
+cell it reaches), scoring a response by walking its moves, and the classes of completion tokens
+(moves, cells, and the prompt words and specials a completion should not contain).
 Does not know: models, tokenizers or contexts. Problem i of a stream depends only on (seed, i),
 so a stream can restart at any position.
 """
@@ -23,7 +24,7 @@ import torch
 from opsd_core.api import Problem, Score, Task
 from opsd_tiny.config import FrozenLakeParams
 from opsd_tiny.context import QUESTION
-from opsd_tiny.vocab import MOVES, cell_token
+from opsd_tiny.vocab import MOVES, PROMPT_WORDS, SPECIALS, cell_token
 
 Cell = tuple[int, int]
 Step = tuple[str, Cell]  # a move and the cell it reaches
@@ -265,3 +266,17 @@ class FrozenLakeTask(Task):
             return Score(correct=False, value=0.0, extracted=result.failure)
         extra = len(result.moves) - problem.metadata["optimal_moves"]
         return Score(correct=True, value=1.0, extracted="optimal" if extra == 0 else f"+{extra} moves")
+
+    def token_class(self, token: str) -> str | None:
+        """``move`` (R, D, L, U: the decisions), ``cell`` (c0, c1, ...: where a move lands, which
+        the map determines once the move is made), ``prompt word`` or ``special`` (words that have
+        no place in a completion), None for anything else."""
+        if token in STEPS:
+            return "move"
+        if token.startswith("c") and token[1:].isdigit():
+            return "cell"
+        if token in PROMPT_WORDS:
+            return "prompt word"
+        if token in SPECIALS:
+            return "special"
+        return None
