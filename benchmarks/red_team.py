@@ -1,7 +1,7 @@
 """The red-team catalogue: bad input and injected faults against the real command line, each
 case classified automatically, with a counts table and a JSON of every outcome.
 
-Every case runs ``python -m opsd_core ...`` in a subprocess on a fresh temporary directory
+Every case runs the ``opsd`` command line in a process of its own on a fresh temporary directory
 (the embedded default with a shortened config: 4 optimizer steps, checkpoints at 2 and 4, the
 noise control off, so a run takes seconds; a trained run is made once and copied where a case
 needs one). A case says whether an error is due; the outcome is
@@ -17,10 +17,12 @@ needs one). A case says whether an error is due; the outcome is
   behind, or the run directory misdescribes the run;
 - ``refused``: no error was due, yet the command refused.
 
-Faults the operating system would cause (a full disk, a read-only directory) and CUDA running
-out of memory are injected in the child process through an audit hook (``sitecustomize``
-installed from a temporary folder put first on ``PYTHONPATH``) that raises at the first file
-operation matching a pattern.
+Each case's process is forked from one that imported torch and ``opsd_core`` once (the
+import takes seconds; a case then costs what its command does) and runs ``opsd``'s entry point
+with the case's arguments, working directory and environment, its stdout and stderr captured;
+``--spawn`` starts ``python -m opsd_core`` afresh instead. Faults the operating system would
+cause (a full disk, a read-only directory) and CUDA running out of memory are injected in that
+process through an audit hook that raises at the first file operation matching a pattern.
 
 Usage::
 
@@ -659,6 +661,58 @@ def classify(case: Case, code: int | None, stderr: str, before: dict, after: dic
     return "clear", "succeeded"
 
 
+SPAWN = [False]
+
+
+def forked(arguments: list[str], w: Path, env: dict[str, str], timeout: float) -> tuple[int | None, str]:
+    """Run ``opsd arguments`` in a child forked from this process (which imported torch and
+    ``opsd_core``): (exit code or None on a timeout, stderr)."""
+    out, err = w.parent / f"{w.name}.stdout", w.parent / f"{w.name}.stderr"
+    pid = os.fork()
+    if pid == 0:  # the child: the command line as `python -m opsd_core` would run it
+        code = 1
+        try:
+            os.chdir(w)
+            os.environ.clear()
+            os.environ.update(env)
+            for descriptor, path in ((1, out), (2, err)):
+                handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(handle, descriptor)
+                os.close(handle)
+            sys.stdin = open(os.devnull)
+            exec(INJECTOR, {})
+            sys.argv = ["opsd", *arguments]
+            from opsd_core.cli import main as opsd_main
+
+            try:
+                opsd_main()
+                code = 0
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None, err.read_text(errors="replace")
+        time.sleep(0.05)
+    stderr = err.read_text(errors="replace")
+    out.unlink(missing_ok=True)
+    err.unlink(missing_ok=True)
+    return os.waitstatus_to_exitcode(status), stderr
+
+
 def run_case(case: Case, cache: Cache, injector: Path, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="opsd-red-team-") as folder:
         w = Path(folder)
@@ -674,9 +728,11 @@ def run_case(case: Case, cache: Cache, injector: Path, timeout: float) -> dict:
         try:
             if case.runner:
                 code, stderr = case.runner(w, case, timeout)
-            else:
+            elif SPAWN[0]:
                 done = subprocess.run(opsd(*case.argv(w)), capture_output=True, text=True, timeout=timeout, cwd=w, env=env)
                 code, stderr = done.returncode, done.stderr
+            else:
+                code, stderr = forked(case.argv(w), w, env, timeout)
         except subprocess.TimeoutExpired:
             code, stderr = None, ""
         finally:
@@ -709,7 +765,12 @@ def main() -> None:
     parser.add_argument("-k", dest="only", help="run only the cases whose family or name contains this")
     parser.add_argument("--timeout", type=float, default=180, help="seconds one case may take")
     parser.add_argument("--list", action="store_true", help="list the cases and stop")
+    parser.add_argument("--spawn", action="store_true", help="start python afresh for every case (slower)")
     args = parser.parse_args()
+    SPAWN[0] = args.spawn
+    if not args.spawn:  # imported once here, inherited by every forked case
+        import opsd_core.cli  # noqa: F401
+        import opsd_core.experiment  # noqa: F401
     with tempfile.TemporaryDirectory(prefix="opsd-red-team-cache-") as folder:
         cache = Cache(Path(folder))
         from opsd_core.config import load_config, to_toml
