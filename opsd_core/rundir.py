@@ -227,11 +227,15 @@ class RunDirectory:
 
         An advisory ``flock`` on ``.lock``: the operating system releases it when the holder
         exits, however it exits, so a crash never leaves the directory locked. A second
-        process is refused with the holder's pid and host.
+        process is refused with the holder's pid and host. When no run came to be in the
+        directory (no ``config.toml``), the lock file and the folders this call made are removed.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = (self.path / LOCK).open("a+", encoding="utf-8")
+        made = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]  # innermost first
+        lock_path = self.path / LOCK
+        made_lock, handle = not lock_path.exists(), None
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = lock_path.open("a+", encoding="utf-8")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -246,4 +250,11 @@ class RunDirectory:
             handle.flush()
             yield
         finally:
-            handle.close()
+            if handle is not None:
+                handle.close()
+            if not self.holds_run():  # no run came to be here: leave the folders as they were
+                if made_lock:
+                    lock_path.unlink(missing_ok=True)
+                for folder in made:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
