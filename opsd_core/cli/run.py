@@ -228,6 +228,11 @@ def run_command(
             config_path = str(backend_config_path(backend))
         else:
             overrides = (f"backend.name={json.dumps(backend)}", *overrides)
+    if resume_dir is not None and config_path is not None:
+        raise click.UsageError(
+            f"--resume continues with the run's own {CONFIG}, so CONFIG ({config_path}) would be ignored; drop it "
+            "(change fields with --set and --allow-changes)"
+        )
     if resume_dir is not None:
         saved = Path(resume_dir) / CONFIG
         if not saved.is_file():

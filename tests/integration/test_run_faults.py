@@ -1,12 +1,14 @@
 """Faults the machine causes while `opsd run` works: a read-only output directory and CUDA
 running out of memory end in one line, leave nothing half-written and keep the last good
-checkpoint."""
+checkpoint; a resume that was allowed to change the learning rate trains with it."""
 
 from __future__ import annotations
 
 import errno
+import json
 import pathlib
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from opsd_core.cli import cli
+from opsd_core.rundir import MetricsLog
 from opsd_core.trainer.trainer import Trainer
 
 QUICKSTART = str(Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml")
@@ -96,3 +99,16 @@ def test_a_runtime_error_saying_cuda_out_of_memory_counts_as_one(tmp_path, monke
     line = _error_line(result.output)
     assert "CUDA ran out of memory in start-up" in line or "CUDA ran out of memory in the start" in line, line
     Path(re.search(r"full traceback in (\S+\.log)", line).group(1)).unlink()
+
+
+def test_an_allowed_lr_change_on_resume_takes_effect(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(cli, _short(tmp_path) + ["--set", "train.keep_checkpoints=2", "--set", "train.log_every=1"]).exit_code == 0
+    directory = tmp_path / "quickstart"
+    shutil.rmtree(directory / "opsd" / "checkpoints" / "step-0000004")  # as a kill after step 2's save leaves it
+    results = json.loads((directory / "results.json").read_text())
+    (directory / "results.json").write_text(json.dumps({"start": results["start"]}))
+    resumed = runner.invoke(cli, ["run", "--resume", str(directory), "--no-progress", "--set", "optim.lr=1e-3", "--allow-changes"])
+    assert resumed.exit_code == 0, resumed.output
+    rates = {r["step"]: r["lr"] for r in MetricsLog(directory / "metrics.jsonl").read("opsd") if "lr" in r}
+    assert rates[2] == pytest.approx(4.5e-4) and rates[3] == pytest.approx(1e-3 * 0.75)  # cosine at 1 of 3 steps
