@@ -226,7 +226,7 @@ class Trainer:
             loss_total += float(loss.detach())
 
         grad_norm = self._clip_gradients()
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # what this step's update uses
         metrics = {"loss": loss_total, "grad_norm": grad_norm, "lr": lr}
         if not self.phase.sft:
             metrics["kl"] = kl_total
