@@ -12,6 +12,9 @@ needs one). A case says whether an error is due; the outcome is
   command succeeded with the run directory describing what happened;
 - ``traceback``: a traceback or a long dump instead of one line (or no answer within the time
   limit);
+- ``unexpected``: one line, but the command line's line for an exception nobody raised on
+  purpose ("unexpected TypeError ... full traceback in ..."), where the input deserved a message
+  naming what is wrong with it;
 - ``silent``: exit 0 where an error was due;
 - ``data-loss``: a file the user had was changed or removed, a failed command left files
   behind, or the run directory misdescribes the run;
@@ -67,7 +70,9 @@ SHORT = {
     "experiment.noise_control": "false",
     "logging.media_problems": "0",
 }
-OUTCOMES = ("clear", "traceback", "silent", "data-loss", "refused")
+OUTCOMES = ("clear", "traceback", "unexpected", "silent", "data-loss", "refused")
+# The command line's line for an exception nobody raised on purpose (it admits a likely bug).
+UNEXPECTED = "Error: unexpected "
 # Files a command may rewrite without changing anything the user had: the lock's holder note.
 VOLATILE = {".lock"}
 
@@ -651,6 +656,8 @@ def classify(case: Case, code: int | None, stderr: str, before: dict, after: dic
             return "traceback", lines[-1] if lines else ""
         if len(lines) > 3 or not any(line.startswith("Error:") for line in lines):
             return "traceback", f"{len(lines)} lines: " + (lines[-1] if lines else "")
+        if any(line.startswith(UNEXPECTED) for line in lines):
+            return "unexpected", lines[-1]
         if changed:
             return "data-loss", f"changed {changed[:3]}"
         if new and not case.allow_new:
@@ -661,6 +668,8 @@ def classify(case: Case, code: int | None, stderr: str, before: dict, after: dic
     if code != 0:
         if "Traceback" in stderr or len(lines) > 3:
             return "traceback", lines[-1] if lines else ""
+        if any(line.startswith(UNEXPECTED) for line in lines):
+            return "unexpected", lines[-1]
         return "refused", lines[-1] if lines else f"exit {code}"
     if problem:
         return "data-loss", problem

@@ -60,6 +60,16 @@ class RunDirectoryError(OpsdError):
     """A run directory that cannot be used as asked (held by another process, malformed files)."""
 
 
+def _read_text(path: Path) -> str:
+    """A run file's UTF-8 text; bytes that are not UTF-8 are a :class:`RunDirectoryError`."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RunDirectoryError(
+            f"{path}: not UTF-8 text (byte {error.start}); it was damaged outside opsd: restore it from a copy"
+        ) from None
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` in one rename, so readers see the old or the new file whole."""
     temporary = path.with_name(f".{path.name}.tmp")
@@ -78,7 +88,7 @@ class MetricsLog:
         left out; a malformed line anywhere else is a :class:`RunDirectoryError`."""
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        lines = _read_text(self.path).splitlines()
         records = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -214,9 +224,15 @@ class RunDirectory:
         if not self.results_path.exists():
             return {}
         try:
-            return json.loads(self.results_path.read_text(encoding="utf-8"))
+            results = json.loads(_read_text(self.results_path))
         except json.JSONDecodeError as error:
             raise RunDirectoryError(f"{self.results_path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+        if not isinstance(results, dict):
+            raise RunDirectoryError(f"{self.results_path}: expected an object of phase records, got a {type(results).__name__}")
+        for phase, record in results.items():
+            if not isinstance(record, dict | int | float):
+                raise RunDirectoryError(f"{self.results_path}: {phase!r} is a {type(record).__name__}, not a phase record")
+        return results
 
     def write_results(self, results: dict[str, Any]) -> None:
         write_atomic(self.results_path, json.dumps(results, indent=2))
