@@ -319,7 +319,8 @@ def interrupted_then_resumed(w: Path, case: Case, timeout: float) -> tuple[int, 
     stderr = process.stderr.read()
     if "Traceback" in stderr:
         return 1, stderr
-    done = subprocess.run(opsd(*resume()(w)), capture_output=True, text=True, timeout=timeout, cwd=w)
+    again = resume()(w) if (run_dir(w) / "config.toml").is_file() else short_run()(w)  # stopped before it wrote anything
+    done = subprocess.run(opsd(*again), capture_output=True, text=True, timeout=timeout, cwd=w)
     return done.returncode, done.stderr
 
 
