@@ -572,7 +572,7 @@ def catalogue(cache: Cache) -> list[Case]:
         ("disk full writing a checkpoint", "open|*/.tmp-step-*/manifest.json|ENOSPC", unfinished, resume(), True),
         ("disk full creating a checkpoint", "os.mkdir|*/.tmp-step-0000004*|ENOSPC", unfinished, resume(), True),
         ("disk full writing results.json", "open|*/.results.json.tmp|ENOSPC", unfinished, resume(), True),
-        ("disk full writing the report", "open|*/report.md*|ENOSPC", unfinished, resume(), True),
+        ("disk full writing the report", "open|*report.md*|ENOSPC", unfinished, resume(), True),
         ("read-only rescore --out", "os.mkdir|*/rescored|EACCES", predictions([GOOD_PREDICTION]), rescore(), False),
         ("read-only export --out", "os.mkdir|*/exported*|EACCES", finished,
          lambda w: ["export", str(step_dir(w, 4)), "--out", str(w / "exported")], False),
@@ -600,7 +600,7 @@ def catalogue(cache: Cache) -> list[Case]:
              steps(predictions([GOOD_PREDICTION]), write("rescored/results.json", "{}"))))  # fmt: skip
     image = base64.b64encode(b"not a png").decode()
     for label, change in [
-        ("answer column missing", lambda rows: [row.pop() for row in rows]),
+        ("answer column missing", lambda rows: [row.pop(rows[0].index("answer")) for row in rows[::-1]]),
         ("index not an integer", set_cell(1, "index", "zero")),
         ("image not base64", set_cell(1, "image", "!!!")),
         ("image not an image", set_cell(1, "image", image)),
@@ -620,18 +620,34 @@ HOLDERS: list[subprocess.Popen] = []
 
 
 # ---------------------------------------------------------------------------------- running
-def snapshot(w: Path) -> dict[str, str]:
-    """sha256 of every file under ``w`` (symlinks by their target), by relative path."""
+def snapshot(w: Path) -> dict[str, bytes]:
+    """What every file under ``w`` holds (a symlink: its target; a file over 1 MB: its sha256),
+    by relative path; directories as ``path/``."""
     found = {}
     for path in sorted(w.rglob("*")):
         relative = str(path.relative_to(w))
         if path.is_symlink():
-            found[relative] = "->" + os.readlink(path)
+            found[relative] = b"->" + os.fsencode(os.readlink(path))
         elif path.is_file():
-            found[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+            data = path.read_bytes()
+            found[relative] = data if len(data) <= 2**20 else hashlib.sha256(data).hexdigest().encode()
         elif path.is_dir():
-            found[relative + "/"] = "dir"
+            found[relative + "/"] = b"dir"
     return found
+
+
+def changed_files(before: dict[str, bytes], after: dict[str, bytes], appending: bool) -> list[str]:
+    """Files of ``before`` that ``after`` removed or changed; with ``appending`` (a run that
+    started and continued), a file that only grew at its end (metrics.jsonl) is not changed."""
+    changed = []
+    for path, old in before.items():
+        new = after.get(path)
+        if Path(path).name in VOLATILE or new == old:
+            continue
+        if appending and new is not None and len(old) <= 2**20 and new.startswith(old):
+            continue
+        changed.append(path)
+    return sorted(changed)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -646,7 +662,7 @@ def error_lines(stderr: str) -> list[str]:
 def classify(case: Case, code: int | None, stderr: str, before: dict, after: dict, w: Path) -> tuple[str, str]:
     if code is None:
         return "traceback", "no answer within the time limit"
-    changed = sorted(p for p in before if Path(p).name not in VOLATILE and before[p] != after.get(p))
+    changed = changed_files(before, after, case.allow_new)
     new = sorted(p for p in after if p not in before and not p.endswith("/"))
     lines = error_lines(stderr)
     problem = case.check(w) if case.check else None
