@@ -316,7 +316,10 @@ def run_command(
                 if is_out_of_memory(error):  # the checkpoints written so far stay for a resume
                     where = experiment.where() if experiment is not None else "start-up (building the models)"
                     log = log_traceback()
-                    message = out_of_memory_message(config, where, ranks.world_size)
+                    try:
+                        message = out_of_memory_message(config, where, ranks.world_size)
+                    except Exception as planning:  # the plan is advice: its failure must not hide the cause
+                        message = f"CUDA ran out of memory in {where} (no memory plan: {planning}); see `opsd plan`"
                     raise GpuOutOfMemoryError(f"{message}; full traceback in {log}") from None
                 raise
     echo("")
