@@ -636,18 +636,29 @@ def snapshot(w: Path) -> dict[str, bytes]:
     return found
 
 
-def changed_files(before: dict[str, bytes], after: dict[str, bytes], appending: bool) -> list[str]:
-    """Files of ``before`` that ``after`` removed or changed; with ``appending`` (a run that
-    started and continued), a file that only grew at its end (metrics.jsonl) is not changed."""
+def changed_files(before: dict[str, bytes], after: dict[str, bytes], continuing: bool) -> list[str]:
+    """Files of ``before`` that ``after`` removed or changed. With ``continuing`` (a run that
+    went on), what a run adds to is not a change: a file that only grew at its end
+    (metrics.jsonl), a results.json that keeps every earlier phase record, a config.toml that
+    records an allowed change."""
     changed = []
     for path, old in before.items():
         new = after.get(path)
         if Path(path).name in VOLATILE or new == old:
             continue
-        if appending and new is not None and len(old) <= 2**20 and new.startswith(old):
+        if continuing and new is not None and _continued(Path(path).name, old, new):
             continue
         changed.append(path)
     return sorted(changed)
+
+
+def _continued(name: str, old: bytes, new: bytes) -> bool:
+    if new.startswith(old):
+        return True
+    if name == "results.json":
+        earlier, later = json.loads(old), json.loads(new)
+        return all(later.get(key) == value for key, value in earlier.items() if key != "total_wall_s")
+    return name == "config.toml" and new.startswith(b"# changed on resume")
 
 
 def error_lines(stderr: str) -> list[str]:

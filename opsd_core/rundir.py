@@ -228,10 +228,11 @@ class RunDirectory:
         except json.JSONDecodeError as error:
             raise RunDirectoryError(f"{self.results_path}: not valid JSON ({error.msg}, line {error.lineno})") from None
         if not isinstance(results, dict):
-            raise RunDirectoryError(f"{self.results_path}: expected an object of phase records, got a {type(results).__name__}")
-        for phase, record in results.items():
-            if not isinstance(record, dict | int | float):
-                raise RunDirectoryError(f"{self.results_path}: {phase!r} is a {type(record).__name__}, not a phase record")
+            raise RunDirectoryError(f"{self.results_path}: expected an object of phase records, got an array or a value")
+        for key, record in results.items():  # phase records, and wall times in seconds
+            if not isinstance(record, dict) and not (key.endswith("_s") and isinstance(record, int | float)):
+                kind = {str: "a string", list: "an array", bool: "a boolean"}.get(type(record), "a number")
+                raise RunDirectoryError(f"{self.results_path}: {key!r} is {kind}, not a phase record")
         return results
 
     def write_results(self, results: dict[str, Any]) -> None:

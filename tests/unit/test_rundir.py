@@ -109,8 +109,9 @@ def test_an_unstarted_run_is_discarded_and_a_started_one_kept(tmp_path):
     ("content", "message"),
     [
         (b"\xff{}", r"results.json: not UTF-8 text \(byte 0\)"),
-        (b"[1, 2]", "results.json: expected an object of phase records, got a list"),
-        (b'{"start": 3, "opsd": "done"}', "results.json: 'opsd' is a str, not a phase record"),
+        (b"[1, 2]", "results.json: expected an object of phase records, got an array"),
+        (b'{"total_wall_s": 3, "opsd": "done"}', "results.json: 'opsd' is a string, not a phase record"),
+        (b'{"start": 3}', "results.json: 'start' is a number, not a phase record"),
     ],
 )
 def test_damaged_results_are_one_line_naming_the_file(tmp_path, content, message):
