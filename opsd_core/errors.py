@@ -8,6 +8,9 @@ the class that fits and puts the field, the bad value and the fix in the message
 from __future__ import annotations
 
 import difflib
+import os
+import tempfile
+import traceback
 from collections.abc import Iterable
 
 
@@ -66,6 +69,26 @@ class NonFiniteError(OpsdError):
 
 class CapabilityError(OpsdError):
     """A backend was asked for something it cannot do (e.g. image generation, a long context)."""
+
+
+class GpuOutOfMemoryError(OpsdError):
+    """A run needed more GPU memory than the device had; the message says where and what fits."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is CUDA running out of memory (``torch.cuda.OutOfMemoryError``, or a
+    ``RuntimeError`` saying so), told apart without importing torch."""
+    return type(error).__name__ == "OutOfMemoryError" or (
+        isinstance(error, RuntimeError) and "CUDA out of memory" in str(error)
+    )
+
+
+def log_traceback() -> str:
+    """Write the exception being handled to a new file in the temporary directory; its path."""
+    handle, path = tempfile.mkstemp(prefix="opsd-error-", suffix=".log")
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        traceback.print_exc(file=stream)
+    return path
 
 
 def closest_match(name: str, candidates: Iterable[str]) -> str | None:

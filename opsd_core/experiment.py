@@ -67,6 +67,7 @@ class Experiment:
         loggers: Loggers | None = None,
     ):
         self.ranks = ranks or runtime.Ranks()
+        self._stage, self._trainer = "start-up (building the models)", None
         main = self.ranks.is_main
         if loggers is None:
             loggers = Loggers.of_metrics(run_dir.metrics) if main else Loggers()
@@ -188,6 +189,7 @@ class Experiment:
         """KL diagnostic and three-context evaluation of the start checkpoint."""
         if "start" in self.results:
             return self.results["start"]
+        self._stage = "the start checkpoint's diagnosis"
         self.echo("Diagnosing the start checkpoint: KL(teacher || student) and greedy accuracy...")
         started = time.perf_counter()
         start = self.start_model()
@@ -208,6 +210,7 @@ class Experiment:
         """Train ``phase`` from the start checkpoint, then evaluate it."""
         if phase.name in self.results:
             return self.results[phase.name]
+        self._stage = f"phase {phase.name!r}, start-up"
         self.echo(f"Phase {phase.name!r}: training {self.config.schedule.total_steps} steps from the start checkpoint...")
         if self.lora is not None:  # the trainer adds adapters to the frozen start's tensors
             student = lora.base_sharing_copy(self.start_model())
@@ -231,7 +234,9 @@ class Experiment:
         )
         self.echo(f"Student: {trainer.parameter_counts.describe()}.")
         started = time.perf_counter()
+        self._trainer = trainer
         trainer.fit(progress=self.progress)
+        self._trainer, self._stage = None, f"phase {phase.name!r}, evaluation"
         train_s = time.perf_counter() - started
         started = time.perf_counter()
         trainer.release_optimizer()
@@ -261,6 +266,14 @@ class Experiment:
         del trainer, student, start
         self.park_start()
         return record
+
+    def where(self) -> str:
+        """What the experiment is doing now, for an error message: the phase and, while it
+        trains, the optimizer steps it has taken."""
+        if self._trainer is not None:
+            trainer = self._trainer
+            return f"phase {trainer.phase.name!r} after {trainer.step} of {self.config.schedule.total_steps} optimizer steps"
+        return self._stage
 
     def _sampler_throughput(self, phase: str) -> float | None:
         """Completion tokens sampled per second of sampling, over the phase's logged steps."""
@@ -292,6 +305,7 @@ class Experiment:
             })  # fmt: skip
         self.results["total_wall_s"] = self.results.get("total_wall_s", 0.0) + time.perf_counter() - started
         self._save()
+        self._stage = "the report"
         if self.ranks.is_main:
             write_report(self.run_dir.path, self.results, self.config)
         return self.results

@@ -60,6 +60,16 @@ class RunDirectoryError(OpsdError):
     """A run directory that cannot be used as asked (held by another process, malformed files)."""
 
 
+def _read_text(path: Path) -> str:
+    """A run file's UTF-8 text; bytes that are not UTF-8 are a :class:`RunDirectoryError`."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RunDirectoryError(
+            f"{path}: not UTF-8 text (byte {error.start}); it was damaged outside opsd: restore it from a copy"
+        ) from None
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` in one rename, so readers see the old or the new file whole."""
     temporary = path.with_name(f".{path.name}.tmp")
@@ -78,7 +88,7 @@ class MetricsLog:
         left out; a malformed line anywhere else is a :class:`RunDirectoryError`."""
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        lines = _read_text(self.path).splitlines()
         records = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -214,9 +224,16 @@ class RunDirectory:
         if not self.results_path.exists():
             return {}
         try:
-            return json.loads(self.results_path.read_text(encoding="utf-8"))
+            results = json.loads(_read_text(self.results_path))
         except json.JSONDecodeError as error:
             raise RunDirectoryError(f"{self.results_path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+        if not isinstance(results, dict):
+            raise RunDirectoryError(f"{self.results_path}: expected an object of phase records, got an array or a value")
+        for key, record in results.items():  # phase records, and wall times in seconds
+            if not isinstance(record, dict) and not (key.endswith("_s") and isinstance(record, int | float)):
+                kind = {str: "a string", list: "an array", bool: "a boolean"}.get(type(record), "a number")
+                raise RunDirectoryError(f"{self.results_path}: {key!r} is {kind}, not a phase record")
+        return results
 
     def write_results(self, results: dict[str, Any]) -> None:
         write_atomic(self.results_path, json.dumps(results, indent=2))
@@ -227,16 +244,21 @@ class RunDirectory:
 
 
 @contextlib.contextmanager
-def exclusive_lock(directory: Path, advice: str) -> Iterator[None]:
+def exclusive_lock(directory: Path, advice: str, kept_if: str = CONFIG) -> Iterator[None]:
     """Hold ``directory`` as its only writer for the block.
 
     An advisory ``flock`` on ``.lock``: the operating system releases it when the holder
     exits, however it exits, so a crash never leaves the directory locked. A second
-    process is refused with the holder's pid and host, and ``advice``.
+    process is refused with the holder's pid and host, and ``advice``. When the block leaves
+    no ``kept_if`` file in the directory (nothing came to be there), the lock file and the
+    folders this call made are removed.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    handle = (directory / LOCK).open("a+", encoding="utf-8")
+    made = [folder for folder in (directory, *directory.parents) if not folder.exists()]  # innermost first
+    lock_path = directory / LOCK
+    made_lock, handle = not lock_path.exists(), None
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = lock_path.open("a+", encoding="utf-8")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -249,4 +271,11 @@ def exclusive_lock(directory: Path, advice: str) -> Iterator[None]:
         handle.flush()
         yield
     finally:
-        handle.close()
+        if handle is not None:
+            handle.close()
+        if not (directory / kept_if).is_file():  # nothing came to be here: leave the folders as they were
+            if made_lock:
+                lock_path.unlink(missing_ok=True)
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()

@@ -364,8 +364,7 @@ def open_sweep(
 
 def hold_sweep(directory: Path):
     """The lock that keeps a second ``opsd sweep`` out of ``directory`` while one runs there."""
-    directory.mkdir(parents=True, exist_ok=True)
-    return exclusive_lock(directory, "wait for that sweep to end or choose another --out")
+    return exclusive_lock(directory, "wait for that sweep to end or choose another --out", kept_if=MANIFEST)
 
 
 def finished_runs(sweep: Sweep) -> list[PlannedRun]:

@@ -7,10 +7,7 @@ Does not know: torch or model code at import time; commands import what they nee
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
-import traceback
 
 import click
 
@@ -18,7 +15,7 @@ from opsd_core.cli.builtin import add_builtin_commands
 from opsd_core.cli.plan import plan_command
 from opsd_core.cli.run import add_run_commands
 from opsd_core.cli.sweep import add_sweep_commands
-from opsd_core.errors import OpsdError
+from opsd_core.errors import OpsdError, is_out_of_memory, log_traceback
 
 
 def register_builtin_commands(cli: click.Group) -> None:
@@ -59,25 +56,22 @@ class _OpsdGroup(click.Group):
             raise
         except OSError as error:
             where = f" ({error.filename})" if error.filename else ""
-            log = _log_traceback()
+            log = log_traceback()
             raise click.ClickException(
                 f"{error.strerror or error}{where}: the operating system refused a file operation (a read-only "
                 f"or full disk, a missing directory, permissions); full traceback in {log}"
             ) from None
         except Exception as error:
-            log = _log_traceback()
+            log = log_traceback()
+            if is_out_of_memory(error):
+                raise click.ClickException(
+                    f"CUDA ran out of memory: the model and its batches do not fit this GPU; lower the batch size or "
+                    f"see `opsd plan` for what fits; full traceback in {log}"
+                ) from None
             raise click.ClickException(
                 f"unexpected {type(error).__name__}: {error}. Unless the message points at your input or data, "
                 f"this is a bug in opsd or a plugin: please report it with the full traceback, written to {log}"
             ) from None
-
-
-def _log_traceback() -> str:
-    """Write the exception being handled to a file in the temporary directory; its path."""
-    handle, path = tempfile.mkstemp(prefix="opsd-error-", suffix=".log")
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        traceback.print_exc(file=stream)
-    return path
 
 
 @click.group(cls=_OpsdGroup, context_settings={"help_option_names": ["-h", "--help"]})

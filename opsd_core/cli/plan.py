@@ -1,7 +1,8 @@
 """``opsd plan``: will a run fit the GPUs and host at hand, and which switches would make it fit.
 
-Owns: the command's options (GPU count, memory per GPU and per host, their validation) and
-printing the plan.
+Owns: the command's options (GPU count, memory per GPU and per host, their validation),
+printing the plan, and the plan's one line when a run did run out of GPU memory
+(:func:`out_of_memory_message`, what ``opsd run`` ends with then).
 Does not know: torch at import time, or the estimate's formulas (``opsd_core.memory_plan``);
 the model is counted on its skeleton when the command runs (``opsd_core.memory_census``).
 """
@@ -78,27 +79,68 @@ def plan_command(
         else:
             overrides = (f"backend.name={json.dumps(backend)}", *overrides)
     config = load_config(config_path or default_config_path(), overrides)
+    from opsd_core.memory_plan import format_plan
 
+    result, census = plan_for(config, gpus, gpu_memory, host_memory)
+    title = f"Memory plan: backend {config.backend.name}, {gpus} GPU{'s' if gpus > 1 else ''}"
+    click.echo(format_plan(result, census, title))
+
+
+def plan_for(config, gpus: int, gpu_memory: float | None, host_memory: float | None, built=None):
+    """(the memory plan, the parameter census) of training ``config`` in ``gpus`` processes
+    against ``gpu_memory`` / ``host_memory`` GiB (None: this machine's first GPU, if any, and
+    the host's available memory); ``built``: the backend of :func:`planned_backend`, if at hand."""
     import torch
 
-    from opsd_core.components import build_backend
     from opsd_core.memory_census import host_memory as host_bytes
     from opsd_core.memory_census import run_plan
-    from opsd_core.memory_plan import GIB, format_plan
+    from opsd_core.memory_plan import GIB
     from opsd_core.plugins import get_registries
 
     gpu_bytes = int(gpu_memory * GIB) if gpu_memory is not None else None
     if gpu_bytes is None and torch.cuda.is_available():
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory
     host = int(host_memory * GIB) if host_memory is not None else host_bytes()
-    # The plan counts the model on its meta-device skeleton (or a CPU copy): a machine without
-    # the run's GPU plans it as well.
-    built = build_backend(config.model_copy(update={"run": config.run.model_copy(update={"device": "cpu"})}))
+    built = built or planned_backend(config)
     if gpus > 1 and not built.capabilities.sharding:
         raise click.BadParameter(
             f"backend {config.backend.name!r} trains on one device only (got {gpus})", param_hint="--gpus"
         )
     fused = get_registries().of("divergence").create(config.divergence.name, config.divergence).uses_hidden_states
-    result, census = run_plan(config, built, fused, gpus, gpu_bytes, host)
-    title = f"Memory plan: backend {config.backend.name}, {gpus} GPU{'s' if gpus > 1 else ''}"
-    click.echo(format_plan(result, census, title))
+    return run_plan(config, built, fused, gpus, gpu_bytes, host)
+
+
+def planned_backend(config):
+    """``config``'s backend built on the CPU: the plan counts the model on its meta-device
+    skeleton (or a CPU copy), so a machine without the run's GPU plans it as well."""
+    from opsd_core.components import build_backend
+
+    return build_backend(config.model_copy(update={"run": config.run.model_copy(update={"device": "cpu"})}))
+
+
+def out_of_memory_message(config, where: str, gpus: int) -> str:
+    """What ``opsd run`` says when CUDA ran out of memory in ``where``: the memory planner's
+    estimate of ``config`` in ``gpus`` processes on this machine's GPU, and what it suggests."""
+    from opsd_core.memory_plan import GIB, switches_for
+
+    message = f"CUDA ran out of memory in {where}"
+    built = planned_backend(config)
+    if not built.capabilities.meta_skeleton:
+        return message + "; `opsd plan` with this config estimates what the run needs and which switches make it fit"
+    result, _census = plan_for(config, gpus, None, None, built)
+    estimate = result.estimate
+    message += f"; the memory planner estimates {estimate.gpu_peak / GIB:.1f} GiB per GPU"
+    message += f" (peak during {estimate.peak_stage})" if estimate.peak_stage else ""
+    message += f" of the {result.gpu_memory / GIB:.1f} GiB this GPU has" if result.gpu_memory is not None else ""
+    if result.fitting_switches:
+        return message + "; it fits with " + " and ".join(switch.setting for switch in result.fitting_switches)
+    if result.more_gpus is not None:
+        count, settings = result.more_gpus
+        needed = " with " + " and ".join(switch.setting for switch in settings) if settings else ""
+        return message + f"; it fits on {count} GPUs (--nproc-per-node {count}){needed}"
+    if result.gpu_memory is not None and not result.fits():
+        return message + "; no memory saver makes it fit: a GPU with more memory, more GPUs or a smaller model"
+    off = ", ".join(switch.setting for switch in switches_for(config, gpus))
+    return message + (f"; memory savers still off: {off}" if off else "; every memory saver is on") + (
+        ", or more GPUs (--nproc-per-node)"
+    )

@@ -3,7 +3,7 @@
 Owns: argument handling, the default config, printing results, and re-launching ``opsd run``
 through torchrun for multi-process training: on one machine (``--nproc-per-node``) or on
 several, which meet at a c10d rendezvous (``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``:
-:class:`Rendezvous`).
+:class:`Rendezvous`; a rendezvous that never completes is one line, ``opsd_core.cli.launch``).
 Does not know: torch at import time; each command imports the experiment code when run.
 """
 
@@ -21,8 +21,10 @@ from pathlib import Path
 
 import click
 
+from opsd_core.cli.launch import launch_node, mark_started
+from opsd_core.cli.plan import out_of_memory_message
 from opsd_core.cli.shipped import backend_config_path, default_config_path
-from opsd_core.errors import ConfigError, OpsdError
+from opsd_core.errors import ConfigError, GpuOutOfMemoryError, OpsdError, is_out_of_memory, log_traceback
 
 _SET_HELP = "Override a config value: section.field=value (value parsed as a TOML literal). Repeatable."
 # What each torchrun worker runs: the same CLI, with the arguments that follow.
@@ -217,7 +219,6 @@ def run_command(
     With --nnodes N > 1, each of N machines runs this command and they train as one job.
     """
     from opsd_core.config import config_changes, load_config, to_toml
-    from opsd_core.experiment import Experiment
     from opsd_core.rundir import CONFIG, LAUNCH_FIELDS, RunDirectory
 
     changes: dict = {}
@@ -227,6 +228,11 @@ def run_command(
             config_path = str(backend_config_path(backend))
         else:
             overrides = (f"backend.name={json.dumps(backend)}", *overrides)
+    if resume_dir is not None and config_path is not None:
+        raise click.UsageError(
+            f"--resume continues with the run's own {CONFIG}, so CONFIG ({config_path}) would be ignored; drop it "
+            "(change fields with --set and --allow-changes)"
+        )
     if resume_dir is not None:
         saved = Path(resume_dir) / CONFIG
         if not saved.is_file():
@@ -252,6 +258,8 @@ def run_command(
     loggers = get_registries().logger
     check_loggers(config.logging.loggers, loggers)  # a missing tracker package: one line, before anything runs
     launched = "WORLD_SIZE" in os.environ
+    if launched:
+        mark_started()  # tells a multi-node launcher that its rendezvous completed
     rendezvous = None
     if nnodes is not None and nnodes > 1:
         rendezvous = Rendezvous.parse(nnodes, node_rank, rdzv_endpoint, rdzv_timeout)
@@ -262,8 +270,9 @@ def run_command(
     if rendezvous is not None:  # the config is valid: meet the other nodes and start this one's processes
         if rendezvous.node_rank > 0:
             rendezvous.wait_for_host()
-        arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes)
-        raise SystemExit(subprocess.call(torchrun_command(nproc_per_node or 1, arguments, rendezvous, config.run.name)))
+        arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes, skip_memory_check)
+        command = torchrun_command(nproc_per_node or 1, arguments, rendezvous, config.run.name)
+        raise SystemExit(launch_node(command, rendezvous.endpoint, rendezvous.nodes, rendezvous.timeout_s))
     if nproc_per_node is not None and nproc_per_node > 1 and not launched:  # the config is valid: start them
         arguments = _run_arguments(config_path, overrides, resume_dir, no_progress, allow_changes, skip_memory_check)
         raise SystemExit(subprocess.call(torchrun_command(nproc_per_node, arguments)))
@@ -278,30 +287,40 @@ def run_command(
 
     from opsd_core import runtime
     from opsd_core.diagnostics.report import format_terminal, results_table
+    from opsd_core.experiment import Experiment
     from opsd_core.runtime import resolve_device
 
     run_dir = RunDirectory.of(config)
     with runtime.process_group(config, resolve_device(config.run.device)) as ranks:
         # Rank 0 writes the directory and holds it for the whole run; a second run is refused.
         with run_dir.lock() if ranks.is_main else contextlib.nullcontext():
-            if ranks.is_main:
-                run_dir.create(to_toml(config), resume=resume_dir is not None)
-                if resume_dir is not None and changes:
-                    run_dir.record_changes(changes, to_toml(config))
-            ranks.barrier()
             echo = click.echo if ranks.is_main else lambda *_: None
-            echo(f"Run directory: {run_dir.path}")
+            fresh, experiment = resume_dir is None and not run_dir.holds_run(), None
             try:
+                if ranks.is_main:
+                    run_dir.create(to_toml(config), resume=resume_dir is not None)
+                    if resume_dir is not None and changes:
+                        run_dir.record_changes(changes, to_toml(config))
+                ranks.barrier()
+                echo(f"Run directory: {run_dir.path}")
                 with open_loggers(config, run_dir.path, loggers, ranks.is_main) as group:
                     experiment = Experiment(
                         config, run_dir, echo=click.echo, progress=not no_progress, ranks=ranks, loggers=group,
                         memory_check=not skip_memory_check,
                     )  # fmt: skip
                     results = experiment.run()
-            except BaseException:
+            except BaseException as error:
                 # A new run that failed before writing anything leaves no directory behind.
-                if ranks.is_main and resume_dir is None and run_dir.discard_if_unstarted():
+                if ranks.is_main and fresh and run_dir.discard_if_unstarted():
                     echo(f"Nothing was written; removed {run_dir.path}")
+                if is_out_of_memory(error):  # the checkpoints written so far stay for a resume
+                    where = experiment.where() if experiment is not None else "start-up (building the models)"
+                    log = log_traceback()
+                    try:
+                        message = out_of_memory_message(config, where, ranks.world_size)
+                    except Exception as planning:  # the plan is advice: its failure must not hide the cause
+                        message = f"CUDA ran out of memory in {where} (no memory plan: {planning}); see `opsd plan`"
+                    raise GpuOutOfMemoryError(f"{message}; full traceback in {log}") from None
                 raise
     echo("")
     echo(format_terminal(results_table(results)))

@@ -52,7 +52,8 @@ def _linearised(per_sample: Sequence[tuple[float, int]]) -> tuple[float, list[fl
 
 
 def _standard_error(influences: Sequence[float]) -> float:
-    if len(influences) < 2:
+    """NaN for fewer than two samples or a non-finite one (a diverged model's KL is infinite)."""
+    if len(influences) < 2 or not all(math.isfinite(value) for value in influences):
         return float("nan")
     return statistics.stdev(influences) / math.sqrt(len(influences))
 

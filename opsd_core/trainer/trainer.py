@@ -231,7 +231,7 @@ class Trainer:
             loss_total += float(loss.detach())
 
         grad_norm = self._clip_gradients()
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # what this step's update uses
         metrics = {"loss": loss_total, "grad_norm": grad_norm, "lr": lr}
         if not self.phase.sft:
             metrics["kl"] = kl_total
@@ -647,12 +647,25 @@ class Trainer:
         if self.state_offload is not None:
             self.state_offload.to_host()
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_configured_optimizer()
         self._restore_rng_states(state)
         self.step, self.position = int(state["step"]), int(state["position"])
         self._problems = None
         if main:
             self.metrics.truncate(self.phase.name, self.step)
         return True
+
+
+    def _apply_configured_optimizer(self) -> None:
+        """After loading a checkpoint: the config's peak lr and AdamW settings replace the saved
+        ones. They are equal (and the lr the same float) unless the resume changed them with
+        ``--allow-changes``, which must then take effect from the next step."""
+        optim = self.config.optim
+        self.scheduler.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(lr=optim.lr * factor, initial_lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                         weight_decay=optim.weight_decay)  # fmt: skip
 
 
 def recompute_layers(backend, model: torch.nn.Module) -> None:

@@ -27,6 +27,7 @@ def _failing(error):
         (RuntimeError("index out of range in the sampler"), "unexpected RuntimeError: index out of range"),
         (PermissionError(13, "Permission denied", "/runs/x/metrics.jsonl"), "Permission denied (/runs/x/metrics.jsonl)"),
         (OSError(28, "No space left on device"), "No space left on device: the operating system refused"),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "CUDA ran out of memory: the model and its"),
     ],
 )
 def test_unexpected_failures_are_one_line_with_the_traceback_logged(monkeypatch, error, expected):
@@ -38,3 +39,10 @@ def test_unexpected_failures_are_one_line_with_the_traceback_logged(monkeypatch,
     log = Path(re.search(r"(/\S+opsd-error-\S+\.log)", lines[0]).group(1))
     assert "Traceback" in log.read_text() and type(error).__name__ in log.read_text()
     log.unlink()
+
+
+def test_a_config_given_with_resume_is_refused_not_ignored(tmp_path):
+    (tmp_path / "config.toml").write_text("")
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "other.toml"), "--resume", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--resume continues with the run's own config.toml, so CONFIG" in result.output

@@ -41,6 +41,21 @@ def test_out_of_range_values_are_one_clear_error(override, field):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.seed=true", "run.seed: Input should be a number, not true or false"),
+        ("optim.grad_clip=false", "optim.grad_clip: Input should be a number, not true or false"),
+        ("divergence.top_k=true", "divergence.top_k: Input should be a number, not true or false"),
+        ("experiment.opsd='yes'", "experiment.opsd: Input should be true or false"),
+        ("train.activation_checkpointing=1", "train.activation_checkpointing: Input should be true or false"),
+    ],
+)
+def test_booleans_are_neither_numbers_nor_strings(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICKSTART, [override])
+
+
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "latin1.toml"
     path.write_bytes('[run]\nname = "caf\xe9"\n'.encode("latin-1"))

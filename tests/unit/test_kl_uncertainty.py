@@ -52,3 +52,8 @@ def test_the_paired_closure_error_matches_a_jackknife_and_beats_an_unpaired_one(
 def test_paired_estimates_need_the_same_samples():
     with pytest.raises(ValueError, match="same samples"):
         gap_closure_standard_error([(1.0, 2)] * 3, [(1.0, 2)] * 4)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_diverged_sample_makes_the_error_nan_not_a_crash(bad):
+    assert math.isnan(_standard_error([0.1, bad, 0.3]))

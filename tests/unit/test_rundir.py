@@ -103,3 +103,38 @@ def test_an_unstarted_run_is_discarded_and_a_started_one_kept(tmp_path):
     run.create("x = 1\n", resume=False)
     run.metrics.append({"phase": "opsd", "step": 1})
     assert not run.discard_if_unstarted() and run.holds_run()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff{}", r"results.json: not UTF-8 text \(byte 0\)"),
+        (b"[1, 2]", "results.json: expected an object of phase records, got an array"),
+        (b'{"total_wall_s": 3, "opsd": "done"}', "results.json: 'opsd' is a string, not a phase record"),
+        (b'{"start": 3}', "results.json: 'start' is a number, not a phase record"),
+    ],
+)
+def test_damaged_results_are_one_line_naming_the_file(tmp_path, content, message):
+    run = RunDirectory(tmp_path)
+    run.results_path.write_bytes(content)
+    with pytest.raises(RunDirectoryError, match=message):
+        run.read_results()
+
+
+def test_metrics_that_are_not_utf8_are_one_line(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.path.write_bytes(b'{"phase": "opsd", "step": 1}\n\xfe\n')
+    with pytest.raises(RunDirectoryError, match=r"metrics.jsonl: not UTF-8 text \(byte 29\)"):
+        log.read()
+
+
+def test_a_lock_on_a_folder_where_no_run_came_to_be_leaves_nothing(tmp_path):
+    run = RunDirectory(tmp_path / "out" / "run")
+    with run.lock():
+        pass
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with RunDirectory(tmp_path / "mine").lock():
+        pass
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
