@@ -252,6 +252,8 @@ def _read_rows(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
             f"{path}: column {absent[0]!r} is missing; this benchmark's TSV needs {', '.join(columns)} "
             f"(the header has {', '.join(header)})"
         )
+    if not rows:
+        raise BenchmarkDataError(f"{path}: the header is there but no row follows; the benchmark would score nothing")
     return rows
 
 

@@ -169,8 +169,37 @@ def read_predictions(path: Path) -> list[dict]:
             raise BenchmarkDataError(f"{path}, line {number}: index {index!r} is not an integer")
         if not isinstance(record["response"], str) or not isinstance(record["benchmark"], str):
             raise BenchmarkDataError(f"{path}, line {number}: benchmark and response must be strings")
+        if record.get("mode", "text") not in MODES:
+            raise BenchmarkDataError(
+                f"{path}, line {number}: mode {record['mode']!r} is not one of {', '.join(MODES)} (no mode means text)"
+            )
         records.append(record | {"index": int(index)})
     return records
+
+
+def _check_benchmarks_named(records: Sequence[dict], tasks: dict[str, BenchmarkTask]) -> None:
+    """BenchmarkDataError for a record of a benchmark that no installed plugin provides (records
+    of installed benchmarks left out of ``--benchmarks`` are skipped, as asked)."""
+    known = set(benchmark_tasks("all")) | set(tasks)
+    for record in records:
+        if record["benchmark"] not in known:
+            raise BenchmarkDataError(
+                f"a prediction (index {record['index']}) names benchmark {record['benchmark']!r}, which is not "
+                f"installed (known: {', '.join(sorted(known))})"
+            )
+
+
+def _check_indices_known(records: Sequence[dict], items_of: dict[str, list[BenchmarkItem]]) -> None:
+    """BenchmarkDataError for a record whose index none of its benchmark's items has (answers of
+    another version of the data set would otherwise be dropped without a word)."""
+    indices = {name: {item.index for item in items} for name, items in items_of.items()}
+    for record in records:
+        known = indices.get(record["benchmark"])
+        if known is not None and int(record["index"]) not in known:
+            raise BenchmarkDataError(
+                f"a prediction names {record['benchmark']} index {record['index']}, which its data has no item "
+                "with; were the answers made on another version of its files?"
+            )
 
 
 def score_predictions(
@@ -200,12 +229,16 @@ def score_predictions(
     ``{"model", "replies"}``, and each benchmark's figures add ``judged`` (those items) and
     ``accuracy_exact`` (the accuracy exact matching alone gives).
     """
+    records = list(records)
     by_mode: dict[str, dict[tuple[str, int], dict]] = {}
     for record in records:
         by_mode.setdefault(record.get("mode", "text"), {})[(record["benchmark"], int(record["index"]))] = record
     # Each benchmark is read (its images decoded) once, whatever the number of modes.
     tasks = benchmark_tasks(names)
+    _check_benchmarks_named(records, tasks)
     items_of = {name: task.items(data_root, limit) for name, task in tasks.items()} if by_mode else {}
+    if limit is None:  # every item is read: a record of none of them names another data set
+        _check_indices_known(records, items_of)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     item_records: list[dict] = []
     for mode, answered in by_mode.items():

@@ -179,3 +179,29 @@ def test_items_jsonl_and_the_rescoring_directory(root, tmp_path, monkeypatch):
     into_run = CliRunner().invoke(cli, [*arguments, "--out", str(training_run), "--force"])
     assert into_run.exit_code != 0 and "training run directory" in into_run.output
     assert (training_run / "results.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"benchmark": "vps", "index": 0, "response": "A"}, "benchmark 'vps', which is not installed"),
+        ({"benchmark": "vsp", "index": 987654, "response": "A"}, "vsp index 987654, which its data has no item with"),
+        ({"benchmark": "vsp", "index": 0, "response": "A", "mode": "image"}, "mode 'image' is not one of text, vt"),
+    ],
+)
+def test_predictions_the_data_cannot_place_are_one_line_not_dropped(root, tmp_path, record, message):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps({"benchmark": "vsp", "index": 0, "response": "x"}) + "\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["eval", "--benchmarks", "all", "--data-root", str(root), "--predictions", str(path), "--out", str(out)]
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert message in result.output, result.output
+    assert not (out / "results.json").exists()
+
+
+def test_a_header_without_rows_is_refused(tmp_path):
+    _tsv(tmp_path / "VStarBench.tsv", MCQ)
+    with pytest.raises(BenchmarkDataError, match="the header is there but no row follows"):
+        load_benchmark("vstar", tmp_path)
