@@ -42,9 +42,17 @@ METRICS: dict[str, tuple[str, float, int, str]] = {
     "student_tokens": ("student tokens", 1, 1, ""),
     "teacher_tokens": ("teacher-ctx tokens", 1, 1, ""),
     "noise_tokens": ("noise-ctx tokens", 1, 1, ""),
+    "text_latency": ("text answer, batch 1", 1, 3, " s"),
+    "vt_latency": ("VT answer, batch 1", 1, 3, " s"),
 }
-START_COLUMNS = ("student_accuracy", "teacher_accuracy", "noise_accuracy", "kl", "kl_noise", "student_tokens", "teacher_tokens")
-PHASE_COLUMNS = ("student_accuracy", "gain", "gap_closure", "kl_t0", "ema_teacher_accuracy", "student_tokens", "teacher_tokens")
+START_COLUMNS = (
+    "student_accuracy", "teacher_accuracy", "noise_accuracy", "kl", "kl_noise", "student_tokens", "teacher_tokens",
+    "text_latency", "vt_latency",
+)  # fmt: skip
+PHASE_COLUMNS = (
+    "student_accuracy", "gain", "gap_closure", "kl_t0", "ema_teacher_accuracy", "student_tokens", "teacher_tokens",
+    "text_latency", "vt_latency",
+)  # fmt: skip
 # Plots of every phase per grid point: file -> (metric, y label); "start" adds the start checkpoint.
 _BAR_PLOTS = {
     "sweep-accuracy.png": ("student_accuracy", "student greedy accuracy (%)"),
@@ -69,6 +77,13 @@ def _tokens(evaluation: dict[str, Any], context: str) -> float | None:
     return evaluation.get(context, {}).get("tokens_per_sample")
 
 
+def _latency(record: dict[str, Any]) -> dict[str, float | None]:
+    """Batch-1 seconds per answer in the text and the visual-thought context (``latency`` of
+    a phase record; absent in runs recorded before it was measured)."""
+    latency = record.get("latency") or {}
+    return {"text_latency": latency.get("text_s"), "vt_latency": latency.get("vt_s")}
+
+
 def run_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Phase ("start", "opsd", "noise", ...) -> metric -> value, of one run's ``results.json``;
     metrics a run did not record (answer lengths of older runs) are left out."""
@@ -82,6 +97,7 @@ def run_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
             "kl": start["kl"],
             "kl_noise": start.get("kl_noise"),
             **{f"{context}_tokens": _tokens(start["eval"], context) for context in ("student", "teacher", "noise")},
+            **_latency(start),
         }
     }
     for phase in PHASE_TITLES:
@@ -98,6 +114,7 @@ def run_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
             "teacher_accuracy": record["eval"]["teacher"]["accuracy"],
             "ema_teacher_accuracy": record["teacher_eval"]["teacher"]["accuracy"],
             **{f"{context}_tokens": _tokens(record["eval"], context) for context in ("student", "teacher")},
+            **_latency(record),
         }
     return {phase: {k: v for k, v in values.items() if v is not None} for phase, values in metrics.items()}
 
@@ -195,7 +212,9 @@ def comparison_markdown(report: dict[str, Any], plots: Sequence[str], notes: Seq
         "Each cell is the mean ± one standard error over the seeds of its grid point (sample standard "
         "deviation / sqrt(n); no ± for a single seed). Accuracies and gains are in percent points of greedy "
         "accuracy; KL in nats per completion token; gap closure is 1 - KL(start teacher || trained student) "
-        "/ KL(start teacher || start student); answer lengths are mean completion tokens per evaluation problem.",
+        "/ KL(start teacher || start student); answer lengths are mean completion tokens per evaluation problem; "
+        "batch-1 answer times are seconds per answer in the text and the visual-thought context (compare only "
+        "runs made on equally loaded machines).",
         *notes,
         "",
         "## Start checkpoint",

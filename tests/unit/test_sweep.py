@@ -187,3 +187,16 @@ def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path):
     assert result.exit_code != 0 and "is in use by pid" in result.output
     assert "wait for that sweep to end or choose another --out" in result.output
     assert not list(tmp_path.glob("divergence*"))
+
+
+def test_the_comparison_reads_batch_1_latency_where_recorded():
+    from opsd_core.diagnostics.comparison import run_metrics
+
+    evaluation = {"student": {"accuracy": 0.5, "tokens_per_sample": 9.0}, "teacher": {"accuracy": 0.9}}
+    results = {
+        "start": {"eval": evaluation, "kl": 0.3, "latency": {"text_s": 0.02, "vt_s": 0.05}},
+        "opsd": {"eval": evaluation, "kl": 0.2, "kl_t0": 0.25, "teacher_eval": {"teacher": {"accuracy": 0.8}}},
+    }
+    metrics = run_metrics(results)
+    assert metrics["start"]["text_latency"] == 0.02 and metrics["start"]["vt_latency"] == 0.05
+    assert "text_latency" not in metrics["opsd"]  # not measured in that phase: left out, not zero
