@@ -6,7 +6,8 @@ in float64 computes one micro-batch's fused loss (student and a perturbed teache
 top-K support, the paper's entry clip) and its backward: each of the 2 processes takes one of
 the 2 samples, the single process both. The loss summed over ranks and every gradient of the
 student (the ``lm_head``'s included, gathered whole) must equal the single-process ones: to
-float64 rounding on CPU (gloo), and on 2 CUDA GPUs (NCCL, ``pytest -m gpu``) with bf16 mixed
+float64 rounding on CPU (gloo), and on CUDA (``pytest -m gpu``: 2 GPUs through NCCL, or both
+processes on one GPU through gloo) with bf16 mixed
 precision and fp32 master weights within the bf16 tolerance of ``tests/gpu/test_fused_jsd_gpu.py``
 (the single process runs the same fp32 weights under bf16 autocast, as a one-GPU run does).
 Then whole training runs with the fused loss (3 OPSD steps of the comparison harness, FSDP with
@@ -19,6 +20,7 @@ workers cannot import a test module collected by pytest.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -88,11 +90,28 @@ def fused_step(backend, student, teacher, indices: range, samples_per_rank: int,
     return fsdp.fused_loss_step(backend, student, teacher, (students, teachers), batch, samples_per_rank, SETTINGS[device.type][1])
 
 
+@contextlib.contextmanager
+def two_processes_on_one_gpu():
+    """Both processes on the one CUDA device, joined through gloo (NCCL refuses two ranks on one
+    GPU): the sharding, the bf16 products and the gathered ``lm_head`` are the GPU's; only the
+    collectives go through host memory."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.distributed.init_process_group("gloo")
+    torch.cuda.set_device(0)
+    try:
+        mesh = init_device_mesh("cuda", (2,), mesh_dim_names=("shard",))
+        yield Ranks(torch.distributed.get_rank(), 2, mesh, torch.device("cuda", 0))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def worker(out: Path, device: torch.device) -> None:
     """What each of the 2 torchrun processes runs: its own sample on the sharded models."""
     torch.set_num_threads(1)
     config = fsdp.comparison_config()
-    with process_group(config, device) as ranks:
+    one_gpu = device.type == "cuda" and torch.cuda.device_count() == 1
+    with two_processes_on_one_gpu() if one_gpu else process_group(config, device) as ranks:
         backend = debug_backend()
         student, teacher = models(backend, ranks.device)
         precision = SETTINGS[device.type][1]
@@ -156,8 +175,10 @@ def test_training_with_the_fused_loss_in_two_processes_equals_one(on_cpu, varian
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_loss_on_two_gpus_in_bf16_stays_within_the_bf16_tolerance(tmp_path):
+    """On 2 or more GPUs the processes use NCCL, one GPU each; on one GPU both share it through
+    gloo (:func:`two_processes_on_one_gpu`)."""
     single, sharded = single_and_sharded(tmp_path, torch.device("cuda"))
     torch.testing.assert_close(sharded["loss"], single["loss"], rtol=2e-2, atol=1e-3)
     for name, gradient in single["gradients"].items():
