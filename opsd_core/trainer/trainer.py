@@ -4,8 +4,9 @@ Owns: one optimizer step, read top to bottom: sample on-policy in the student co
 teacher forward in the privileged context under no_grad -> student forward -> divergence ->
 backward; then clipping, AdamW, the schedule and the teacher update. Also the noise, shuffled-VT
 and SFT controls (flags of the same loop), the step's scalars, the student's accuracy on the
-``eval.benchmarks`` subsets every ``eval.every`` steps and periodic media for the loggers, and resumable checkpoints (of the adapters alone when ``[backend.lora]`` puts LoRA
-adapters on the student, see ``opsd_core.lora``). In a multi-process
+``eval.benchmarks`` subsets every ``eval.every`` steps and periodic media for the loggers, and
+resumable checkpoints (of the adapters alone when ``[backend.lora]`` puts LoRA adapters on the
+student, see ``opsd_core.lora``). In a multi-process
 run every rank runs this same loop on its share of each step's problems, with the student and
 teacher sharded by the backend (``opsd_core.runtime`` holds what the ranks exchange, ``sharding.py`` the sharded models).
 Does not know: any model, task or divergence; everything goes through the role interfaces.
