@@ -29,7 +29,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from opsd_core.config import load_config, parse_override
+from opsd_core.config import flat_fields, load_config, parse_override
 from opsd_core.errors import ConfigError, closest_match
 from opsd_core.rundir import CONFIG, RunDirectory, exclusive_lock, write_atomic
 
@@ -136,17 +136,8 @@ class PlannedRun:
         return [*self.common, *(f"{key}={value}" for key, value in self.raw.items()), f"run.seed={self.seed}"]
 
 
-def _flat_fields(table: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(table, dict):
-        return {prefix: table}
-    fields: dict[str, Any] = {}
-    for key, value in table.items():
-        fields |= _flat_fields(value, f"{prefix}.{key}" if prefix else key)
-    return fields
-
-
 def _check_keys(axes: Sequence[GridAxis], base: Any, config_path: Path) -> None:
-    fields = _flat_fields(base.model_dump(mode="json"))
+    fields = flat_fields(base.model_dump(mode="json"))
     for axis in axes:
         if axis.key in _SWEEP_OWNED:
             raise ConfigError(f"--grid {axis.key}: not a grid key; {_SWEEP_OWNED[axis.key]}")

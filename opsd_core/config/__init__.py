@@ -4,6 +4,7 @@ from opsd_core.config.base import PluginParams, Section
 from opsd_core.config.loader import (
     apply_overrides,
     config_changes,
+    flat_fields,
     load_config,
     parse_override,
     read_toml,
@@ -31,6 +32,7 @@ from opsd_core.config.sections import (
 
 __all__ = [
     "config_changes",
+    "flat_fields",
     "PLUGIN_SECTIONS",
     "DiagnosticsSection",
     "EvalSection",

@@ -97,18 +97,19 @@ def load_config(
     return validate_config(data, registries, source=str(path) if path is not None else "config")
 
 
+def flat_fields(table: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config table as ``{"section.field": value}`` (nested sections joined by dots)."""
+    if not isinstance(table, dict):
+        return {prefix: table}
+    fields: dict[str, Any] = {}
+    for key, value in table.items():
+        fields |= flat_fields(value, f"{prefix}.{key}" if prefix else key)
+    return fields
+
+
 def config_changes(before: BaseModel, after: BaseModel) -> dict[str, tuple[Any, Any]]:
     """``{"section.field": (old, new)}`` for every resolved value that differs between two configs."""
-
-    def flat(table: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(table, dict):
-            return {prefix: table}
-        items: dict[str, Any] = {}
-        for key, value in table.items():
-            items |= flat(value, f"{prefix}.{key}" if prefix else key)
-        return items
-
-    old, new = flat(before.model_dump(mode="json")), flat(after.model_dump(mode="json"))
+    old, new = flat_fields(before.model_dump(mode="json")), flat_fields(after.model_dump(mode="json"))
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)}
 
 

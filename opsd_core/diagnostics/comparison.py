@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opsd_core.config import read_toml
+from opsd_core.config import flat_fields, read_toml
 from opsd_core.diagnostics.report import PHASE_COLOURS, PHASE_TITLES
 from opsd_core.errors import ConfigError
 from opsd_core.rundir import CONFIG, LAUNCH_FIELDS, RunDirectory, write_atomic
@@ -307,15 +307,6 @@ def write_comparison(directory: Path, report: dict[str, Any], notes: Sequence[st
     return path
 
 
-def _flat(table: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(table, dict):
-        return {prefix: table}
-    items: dict[str, Any] = {}
-    for key, value in table.items():
-        items |= _flat(value, f"{prefix}.{key}" if prefix else key)
-    return items
-
-
 def read_runs(directories: Sequence[Path], keys: Sequence[str] | None = None) -> tuple[list[ComparedRun], list[str]]:
     """Finished runs and their grid keys: ``keys``, or else the config fields whose resolved
     values differ between the runs (launch settings, names and the seed apart); a ConfigError
@@ -328,7 +319,7 @@ def read_runs(directories: Sequence[Path], keys: Sequence[str] | None = None) ->
         found = run_dir.read_results()
         if "total_wall_s" not in found or not run_dir.report_path.is_file():
             raise ConfigError(f"{directory}: the run has not finished; finish it with `opsd run --resume {directory}`")
-        configs.append(_flat(read_toml(run_dir.config_path)))
+        configs.append(flat_fields(read_toml(run_dir.config_path)))
         results.append(found)
     if keys is None:
         fields = sorted(set().union(*configs) - _NOT_COMPARED) if configs else []
